@@ -1,0 +1,204 @@
+"""The SEAL update: one optimisation step of the data selector's bilevel problem.
+
+    min_ω  f(θ*(ω))   s.t.  θ*(ω) = argmin_θ g(θ, ω),   g(θ, ω) = mean_i σ_i(ω) ℓ_i(θ)
+
+f is the loss on a safe batch (harmful prompts → refusals), ℓ_i the loss of fine-tuning
+example i, σ(ω) the selector's weights. SEAL solves it with a first-order penalty method:
+
+    min_{θ, ω}  f(θ) + γ (g(θ, ω) − g(θ', ω)),   θ' ≈ argmin g(·, ω)
+
+Algorithm 1 (`penalty_step`), per step:
+    θ' ← θ' − η ∇θ' g(θ', ω)                      θ' tracks the lower-level optimum
+    θ  ← θ  − η ∇θ [f(θ) + γ g(θ, ω)]             θ fits the data under the safety objective
+    ω  ← ω  − η_ω ∇ω γ [g(θ, ω) − g(θ', ω)]       examples θ fits worse than θ' lose weight
+Algorithm 2 (`memory_efficient_step`) drops θ': ω ← ω − η_ω ∇ω γ g(θ, ω).
+
+θ and θ' are two LoRA adapters on one frozen base. Each forward pass is used once: the
+per-example losses ℓ_i(θ) feed both θ's and ω's gradients, ℓ_i(θ') both θ''s and ω's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from sealft.losses import per_example_loss
+from sealft.selector import Selector
+
+THETA, THETA_PRIME = "theta", "theta_prime"
+Batch = dict[str, torch.Tensor]
+
+
+class VisitedRMSUpdate:
+    """The selector's optimiser: step only the logits of the examples in the batch, scaled by a
+    running RMS of the selector gradient shared by all examples.
+
+    Why not Adam on all logits (the reference implementation)? Through the global softmax every
+    logit gets a tiny gradient at every step, and Adam rescales each coordinate to a step of
+    about lr: unvisited logits all drift together, so the final ranking mostly reflects *when*
+    an example was last visited. Updating only visited logits removes the drift; one shared
+    scale (instead of Adam's per-coordinate one) keeps relative gradient sizes, which are the
+    ranking signal, while keeping `lr` meaning "typical change of a logit per visit".
+    """
+
+    def __init__(self, selector: Selector, lr: float, beta: float = 0.99, eps: float = 1e-12):
+        self.selector, self.lr, self.beta, self.eps = selector, lr, beta, eps
+        self.mean_square = torch.zeros(())
+        self.steps = torch.zeros((), dtype=torch.long)
+
+    @torch.no_grad()
+    def step(self, visited: torch.Tensor) -> None:
+        grad = self.selector.logits.grad
+        if grad is None:
+            return
+        local = grad[visited]
+        square = local.pow(2).mean()
+        if square <= self.eps:  # γ = 0: nothing to learn yet
+            return
+        self.steps += 1
+        self.mean_square.mul_(self.beta).add_((1 - self.beta) * square)
+        unbiased = self.mean_square / (1 - self.beta ** self.steps.item())
+        self.selector.logits[visited] -= self.lr * local / (unbiased.sqrt() + self.eps)
+
+    def zero_grad(self) -> None:
+        self.selector.logits.grad = None
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {"mean_square": self.mean_square.clone(), "steps": self.steps.clone()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.mean_square.copy_(state["mean_square"])
+        self.steps.copy_(state["steps"])
+
+
+class DenseAdamUpdate:
+    """The paper's selector optimiser: Adam on the full (dense) gradient of all logits."""
+
+    def __init__(self, selector: Selector, lr: float):
+        self.selector = selector
+        self.adam = torch.optim.Adam(selector.parameters(), lr=lr)
+
+    def step(self, visited: torch.Tensor) -> None:
+        if self.selector.logits.grad is not None:
+            self.adam.step()
+
+    def zero_grad(self) -> None:
+        self.adam.zero_grad(set_to_none=True)
+
+    def state_dict(self):
+        return self.adam.state_dict()
+
+    def load_state_dict(self, state) -> None:
+        self.adam.load_state_dict(state)
+
+
+SELECTOR_OPTIMIZERS = {"visited-rms": VisitedRMSUpdate, "adam": DenseAdamUpdate}
+
+
+@dataclass
+class BilevelParts:
+    """Everything a step touches; built once by the selection stage."""
+
+    model: torch.nn.Module
+    """PEFT model with adapters `theta` (and `theta_prime` for Algorithm 1) on one frozen base."""
+    selector: Selector
+    theta_optimizer: torch.optim.Optimizer
+    selector_optimizer: VisitedRMSUpdate | DenseAdamUpdate
+    theta_prime_optimizer: torch.optim.Optimizer | None = None
+    sync_gradients: Callable[[list[torch.nn.Parameter]], None] = lambda params: None
+    """All-reduces gradients across processes (identity on one process)."""
+
+
+def _rows(batch: Batch) -> torch.Tensor:
+    return batch["positions"]
+
+
+def _safety_backward(parts: BilevelParts, safe_batches: list[Batch], safe_total: int) -> float:
+    """Backward of f(θ) = mean safe-set loss; returns its value."""
+    total = 0.0
+    for batch in safe_batches:
+        losses = per_example_loss(parts.model, batch)
+        (losses.sum() / safe_total).backward()
+        total += losses.detach().sum().item()
+    return total / safe_total
+
+
+def _step_and_clear(optimizer: torch.optim.Optimizer, parts: BilevelParts) -> None:
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    parts.sync_gradients(params)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def _step_selector(parts: BilevelParts, ft_batches: list[Batch]) -> None:
+    parts.sync_gradients([parts.selector.logits])
+    visited = torch.cat([_rows(b) for b in ft_batches])
+    parts.selector_optimizer.step(visited)
+    parts.selector_optimizer.zero_grad()
+
+
+def penalty_step(
+    parts: BilevelParts, ft_batches: list[Batch], safe_batches: list[Batch],
+    gamma: float, ft_total: int, safe_total: int,
+) -> dict[str, float]:
+    """Algorithm 1. `*_total` are the effective (all-process) batch sizes the means divide by."""
+    model, selector = parts.model, parts.selector
+
+    model.set_adapter(THETA_PRIME)
+    losses_prime, g_prime = [], 0.0
+    for batch in ft_batches:
+        weights = selector.weights(_rows(batch)).detach()
+        losses = per_example_loss(model, batch)
+        (weights * losses).sum().div(ft_total).backward()
+        losses_prime.append(losses.detach())
+        g_prime += (weights * losses.detach()).sum().item() / ft_total
+    _step_and_clear(parts.theta_prime_optimizer, parts)
+
+    model.set_adapter(THETA)
+    f_value = _safety_backward(parts, safe_batches, safe_total)
+    g_value = 0.0
+    for batch, loss_prime in zip(ft_batches, losses_prime, strict=True):
+        weights = selector.weights(_rows(batch))
+        losses = per_example_loss(model, batch)
+        # One backward gives θ the gradient of γ·g(θ, ω) and ω the gradient of
+        # γ·(g(θ, ω) − g(θ', ω)): ℓ(θ') is a constant here, so it only reaches ω.
+        (gamma * (weights * (losses - loss_prime)).sum() / ft_total).backward()
+        g_value += (weights.detach() * losses.detach()).sum().item() / ft_total
+    _step_and_clear(parts.theta_optimizer, parts)
+    _step_selector(parts, ft_batches)
+    return {"f_safe": f_value, "g_theta": g_value, "g_theta_prime": g_prime,
+            "penalty": g_value - g_prime, "gamma": gamma}
+
+
+def memory_efficient_step(
+    parts: BilevelParts, ft_batches: list[Batch], safe_batches: list[Batch],
+    gamma: float, ft_total: int, safe_total: int,
+) -> dict[str, float]:
+    """Algorithm 2: no θ'; θ on f + γ·g(θ, ω) and ω on γ·g(θ, ω), from one backward."""
+    model, selector = parts.model, parts.selector
+    model.set_adapter(THETA)
+    f_value = _safety_backward(parts, safe_batches, safe_total)
+    g_value = 0.0
+    for batch in ft_batches:
+        weights = selector.weights(_rows(batch))
+        losses = per_example_loss(model, batch)
+        (gamma * (weights * losses).sum() / ft_total).backward()
+        g_value += (weights.detach() * losses.detach()).sum().item() / ft_total
+    _step_and_clear(parts.theta_optimizer, parts)
+    _step_selector(parts, ft_batches)
+    return {"f_safe": f_value, "g_theta": g_value, "gamma": gamma}
+
+
+ALGORITHMS = {"penalty": penalty_step, "memory-efficient": memory_efficient_step}
+
+
+def gamma_at(schedule: str, start: float, increment: float, epoch: int, progress: float) -> float:
+    """Penalty weight γ. `epoch`: +increment per finished epoch (the paper: 0, 0.03, 0.06);
+    `linear`: grows continuously with `progress` in epochs; `constant`: start."""
+    if schedule == "epoch":
+        return start + increment * epoch
+    if schedule == "linear":
+        return start + increment * progress
+    return start

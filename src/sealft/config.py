@@ -1,0 +1,167 @@
+"""Stage arguments: one dataclass per stage, documented field by field, loaded from YAML plus
+`--flag value` options and `key=value` overrides (later wins: defaults < YAML < flags < key=value).
+
+The CLI is derived from the dataclasses: a field's docstring (the string literal under it) is
+its `--help` text, so documentation and options cannot drift apart. argparse is used rather than
+a CLI framework because the `key=value` override syntax users know from Hydra/litgpt is a few
+lines on top of it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import dataclasses
+import inspect
+import textwrap
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from sealft.errors import ConfigError
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """Docstrings written under dataclass fields (and inherited ones)."""
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(klass):
+            continue
+        try:
+            tree = ast.parse(textwrap.dedent(inspect.getsource(klass)))
+        except (OSError, TypeError):
+            continue
+        body = tree.body[0].body  # type: ignore[attr-defined]
+        for node, following in zip(body, body[1:], strict=False):
+            if (
+                isinstance(node, ast.AnnAssign)
+                and isinstance(node.target, ast.Name)
+                and isinstance(following, ast.Expr)
+                and isinstance(following.value, ast.Constant)
+                and isinstance(following.value.value, str)
+            ):
+                docs[node.target.id] = " ".join(following.value.value.split())
+    return docs
+
+
+def _base_type(annotation: Any) -> tuple[type, bool]:
+    """(scalar type, is_sequence) for the annotations stage dataclasses use."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        return _base_type(args[0])
+    if origin in (tuple, list):
+        return typing.get_args(annotation)[0], True
+    if origin is typing.Literal:
+        return type(typing.get_args(annotation)[0]), False
+    return annotation, False
+
+
+def _convert(cls: type, name: str, raw: Any) -> Any:
+    hints = typing.get_type_hints(cls)
+    kind, is_seq = _base_type(hints[name])
+    if raw is None or (isinstance(raw, str) and raw.lower() in ("none", "null")):
+        return None
+    try:
+        if is_seq:
+            items = raw.split(",") if isinstance(raw, str) else list(raw)
+            return tuple(kind(item.strip() if isinstance(item, str) else item) for item in items)
+        if kind is bool:
+            if isinstance(raw, bool):
+                return raw
+            if str(raw).lower() in ("1", "true", "yes", "on"):
+                return True
+            if str(raw).lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(raw)
+        return kind(raw)
+    except (TypeError, ValueError):
+        raise ConfigError(
+            f"--{name.replace('_', '-')}: cannot read {raw!r} as {kind.__name__}"
+        ) from None
+
+
+def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
+    docs = field_docs(cls)
+    hints = typing.get_type_hints(cls)
+    for field in dataclasses.fields(cls):
+        default = field.default if field.default is not dataclasses.MISSING else (
+            field.default_factory() if field.default_factory is not dataclasses.MISSING else None
+        )
+        kind, _ = _base_type(hints[field.name])
+        help_text = docs.get(field.name, "")
+        help_text += f" (default: {default!r})" if default not in (None, "") else ""
+        flag = "--" + field.name.replace("_", "-")
+        if kind is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction,
+                                default=argparse.SUPPRESS, help=help_text)
+        else:
+            parser.add_argument(flag, default=argparse.SUPPRESS, help=help_text,
+                                metavar=field.name.upper())
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    try:
+        with open(path, encoding="utf-8") as handle:
+            data = yaml.safe_load(handle) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"--config {path}: file not found") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"--config {path}: invalid YAML: {err}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"--config {path}: expected a mapping of option: value")
+    return data
+
+
+def parse_overrides(items: list[str]) -> dict[str, str]:
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r}: expected key=value (e.g. keep_ratio=0.9)")
+        out[key.strip().lstrip("-").replace("-", "_")] = value
+    return out
+
+
+def build(cls: type, *layers: dict[str, Any]):
+    """Instantiate `cls` from layered option dicts; unknown keys are an error naming them."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    values: dict[str, Any] = {}
+    for layer in layers:
+        for key, raw in layer.items():
+            key = key.replace("-", "_")
+            if key not in names:
+                close = [n for n in names if key in n or n in key]
+                hint = f"; did you mean {', '.join(sorted(close))}?" if close else ""
+                raise ConfigError(f"unknown option {key!r} for {cls.__name__}{hint}")
+            values[key] = _convert(cls, key, raw)
+    try:
+        return cls(**values)
+    except TypeError as err:
+        raise ConfigError(f"{cls.__name__}: {err}") from None
+
+
+def from_namespace(cls: type, namespace: argparse.Namespace):
+    """Merge `--config` YAML, explicit flags and `key=value` overrides into a `cls`."""
+    given = vars(namespace)
+    yaml_layer = load_yaml(given["config"]) if given.get("config") else {}
+    names = {f.name for f in dataclasses.fields(cls)}
+    flag_layer = {k: v for k, v in given.items() if k in names}
+    override_layer = parse_overrides(given.get("overrides") or [])
+    return build(cls, yaml_layer, flag_layer, override_layer)
+
+
+def to_dict(args: Any) -> dict[str, Any]:
+    def plain(value: Any) -> Any:
+        return list(value) if isinstance(value, tuple) else value
+
+    return {f.name: plain(getattr(args, f.name)) for f in dataclasses.fields(args)}
+
+
+def require(condition: bool, flag: str, message: str) -> None:
+    """Validation helper for `__post_init__`: the error names the flag users typed."""
+    if not condition:
+        raise ConfigError(f"--{flag.replace('_', '-')}: {message}")

@@ -1,0 +1,302 @@
+"""Read fine-tuning / safety data in the usual formats and normalise it to chat examples.
+
+Every example becomes `{"id": str, "messages": [{"role", "content"}, ...], "meta": {...}}`.
+The last message is the assistant response the loss is computed on; everything before it is the
+prompt. Ids are the row's own `id` field, else a hash of the normalised messages, so scores learned
+on one copy of a dataset apply to any other copy (or re-ordering) of it.
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import hashlib
+import json
+import re
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from sealft.errors import DataError
+
+Message = dict[str, str]
+Example = dict[str, Any]
+
+FORMATS = ("messages", "sharegpt", "prompt_completion", "alpaca", "orca", "hh")
+
+# Fields that identify a format, checked in this order: the first match wins.
+_SIGNATURES: list[tuple[str, tuple[str, ...]]] = [
+    ("messages", ("messages",)),
+    ("sharegpt", ("conversations",)),
+    ("prompt_completion", ("prompt", "completion")),
+    ("alpaca", ("instruction", "output")),
+    ("orca", ("question", "response")),
+    ("hh", ("chosen",)),
+]
+_CONTENT_FIELDS = {"messages", "conversations", "prompt", "completion", "instruction", "input",
+                   "output", "system", "system_prompt", "question", "response", "chosen",
+                   "rejected", "id"}
+
+
+def read_rows(source: str, split: str = "train") -> list[dict[str, Any]]:
+    """Rows of a JSONL / JSON / Parquet / CSV file (optionally .gz), a saved dataset folder,
+    or a Hugging Face dataset id."""
+    path = Path(source).expanduser()
+    name = path.name.lower()
+    if path.is_file():
+        if name.endswith((".jsonl", ".jsonl.gz", ".ndjson")):
+            return _read_jsonl(path)
+        if name.endswith((".json", ".json.gz")):
+            return _read_json(path)
+        if name.endswith(".parquet"):
+            import pyarrow.parquet as pq
+
+            return pq.read_table(path).to_pylist()
+        if name.endswith((".csv", ".csv.gz")):
+            with _open_text(path) as handle:
+                return list(csv.DictReader(handle))
+        raise DataError(
+            f"{path}: unknown file type; use .jsonl, .json, .parquet or .csv (optionally .gz)"
+        )
+    if path.is_dir():
+        import datasets
+
+        try:
+            loaded = datasets.load_from_disk(str(path))
+        except FileNotFoundError:
+            raise DataError(f"{path}: a folder, but not a dataset saved with save_to_disk") from None
+        if isinstance(loaded, datasets.DatasetDict):
+            loaded = loaded[split]
+        return loaded.to_list()
+    if re.fullmatch(r"[\w.-]+/[\w.-]+", source) and not source.endswith(_FILE_SUFFIXES):
+        return _read_hub_dataset(source, split)
+    raise DataError(f"data file {source} does not exist (checked relative to {Path.cwd()})")
+
+
+_FILE_SUFFIXES = (".json", ".jsonl", ".parquet", ".csv", ".gz")
+
+
+def _read_hub_dataset(name: str, split: str) -> list[dict[str, Any]]:
+    import datasets
+
+    try:
+        return datasets.load_dataset(name, split=split).to_list()
+    except Exception as err:  # datasets raises many types for "not found / offline"
+        raise DataError(
+            f"cannot load dataset {name!r} (split {split!r}) from the hub: {err}. "
+            "Pass a local file instead, or check the id and your connection"
+        ) from None
+
+
+def _open_text(path: Path):
+    if path.name.lower().endswith(".gz"):
+        return gzip.open(path, "rt", encoding="utf-8")
+    return open(path, encoding="utf-8", newline="")
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    rows = []
+    with _open_text(path) as handle:
+        for line_no, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise DataError(
+                    f"{path}:{line_no}: malformed JSON line ({err.msg}, column {err.colno}); "
+                    "fix or delete that line"
+                ) from None
+            if not isinstance(row, dict):
+                raise DataError(f"{path}:{line_no}: expected a JSON object per line")
+            rows.append(row)
+    return rows
+
+
+def _read_json(path: Path) -> list[dict[str, Any]]:
+    with _open_text(path) as handle:
+        text = handle.read()
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as err:
+        if err.msg == "Extra data":  # a JSON-lines file with a .json name
+            return _read_jsonl(path)
+        raise DataError(
+            f"{path}:{err.lineno}: malformed JSON ({err.msg}, column {err.colno})"
+        ) from None
+    if isinstance(data, dict):
+        lists = [v for v in data.values() if isinstance(v, list)]
+        if len(lists) != 1:
+            raise DataError(f"{path}: expected a list of rows (or an object holding one list)")
+        data = lists[0]
+    if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
+        raise DataError(f"{path}: expected a JSON list of objects")
+    return data
+
+
+def detect_format(row: dict[str, Any], where: str) -> str:
+    for fmt, fields in _SIGNATURES:
+        if all(f in row for f in fields):
+            return fmt
+    raise DataError(
+        f"{where}: unknown data format; fields seen: {sorted(row)}. Expected one of: "
+        "messages | conversations | prompt+completion | instruction(+input)+output | "
+        "question+response (+system_prompt) | chosen. Rename the fields or pass --format"
+    )
+
+
+def _text(row: dict[str, Any], field: str, where: str) -> str:
+    value = row.get(field)
+    if value is None:
+        raise DataError(f"{where}: missing field {field!r}; fields seen: {sorted(row)}")
+    if not isinstance(value, str):
+        raise DataError(f"{where}: field {field!r} must be a string, got {type(value).__name__}")
+    return value
+
+
+def _from_messages(row: dict[str, Any], where: str) -> list[Message]:
+    messages = row["messages"]
+    if not isinstance(messages, list) or not messages:
+        raise DataError(f"{where}: 'messages' must be a non-empty list of {{role, content}}")
+    out = []
+    for k, message in enumerate(messages):
+        if not isinstance(message, dict) or "role" not in message or "content" not in message:
+            raise DataError(f"{where}: messages[{k}] needs 'role' and 'content'")
+        out.append({"role": str(message["role"]), "content": str(message["content"] or "")})
+    return out
+
+
+_SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+                   "system": "system", "model": "assistant"}
+
+
+def _from_sharegpt(row: dict[str, Any], where: str) -> list[Message]:
+    turns = row["conversations"]
+    if not isinstance(turns, list) or not turns:
+        raise DataError(f"{where}: 'conversations' must be a non-empty list")
+    out = []
+    for k, turn in enumerate(turns):
+        role = _SHAREGPT_ROLES.get(str(turn.get("from", "")).lower())
+        if role is None or "value" not in turn:
+            raise DataError(f"{where}: conversations[{k}] needs 'from' (human/gpt/system) and 'value'")
+        out.append({"role": role, "content": str(turn["value"])})
+    return out
+
+
+def _as_messages(value: Any, role: str) -> list[Message]:
+    if isinstance(value, str):
+        return [{"role": role, "content": value}]
+    return [{"role": str(m["role"]), "content": str(m["content"])} for m in value]
+
+
+def _from_prompt_completion(row: dict[str, Any], where: str) -> list[Message]:
+    try:
+        return _as_messages(row["prompt"], "user") + _as_messages(row["completion"], "assistant")
+    except (KeyError, TypeError):
+        raise DataError(f"{where}: 'prompt'/'completion' must be strings or message lists") from None
+
+
+def _from_alpaca(row: dict[str, Any], where: str) -> list[Message]:
+    prompt = _text(row, "instruction", where)
+    extra = row.get("input") or ""
+    if extra:
+        prompt = f"{prompt}\n\n{extra}"
+    system = row.get("system") or ""
+    head = [{"role": "system", "content": system}] if system else []
+    return head + [{"role": "user", "content": prompt},
+                   {"role": "assistant", "content": _text(row, "output", where)}]
+
+
+def _from_orca(row: dict[str, Any], where: str) -> list[Message]:
+    system = row.get("system_prompt") or ""
+    head = [{"role": "system", "content": system}] if system else []
+    return head + [{"role": "user", "content": _text(row, "question", where)},
+                   {"role": "assistant", "content": _text(row, "response", where)}]
+
+
+_HH_TURN = re.compile(r"\n\n(Human|Assistant): ")
+
+
+def _from_hh(row: dict[str, Any], where: str, field: str = "chosen") -> list[Message]:
+    text = _text(row, field, where)
+    pieces = _HH_TURN.split("\n\n" + text.lstrip("\n") if not text.startswith("\n\n") else text)
+    messages = []
+    for speaker, content in zip(pieces[1::2], pieces[2::2], strict=False):
+        role = "user" if speaker == "Human" else "assistant"
+        messages.append({"role": role, "content": content.strip()})
+    if not messages:
+        raise DataError(f"{where}: {field!r} has no '\\n\\nHuman: ... \\n\\nAssistant: ...' turns")
+    return messages
+
+
+_NORMALISERS: dict[str, Callable[[dict[str, Any], str], list[Message]]] = {
+    "messages": _from_messages,
+    "sharegpt": _from_sharegpt,
+    "prompt_completion": _from_prompt_completion,
+    "alpaca": _from_alpaca,
+    "orca": _from_orca,
+    "hh": _from_hh,
+}
+
+
+def example_id(messages: list[Message]) -> str:
+    blob = json.dumps(messages, ensure_ascii=False, sort_keys=True)
+    return hashlib.sha1(blob.encode("utf-8")).hexdigest()[:16]
+
+
+def normalise(
+    rows: list[dict[str, Any]],
+    source: str = "<data>",
+    fmt: str = "auto",
+    drop_duplicates: bool = False,
+) -> list[Example]:
+    """Turn raw rows into examples with stable, unique ids. Never silently drops a row:
+    `drop_duplicates` is the one opt-in exception, for exact repeats."""
+    if not rows:
+        raise DataError(f"{source}: the dataset is empty; nothing to select or train on")
+    if fmt != "auto" and fmt not in FORMATS:
+        raise DataError(f"--format {fmt!r}: use auto or one of {', '.join(FORMATS)}")
+    fmt = detect_format(rows[0], f"{source} row 0") if fmt == "auto" else fmt
+    normaliser = _NORMALISERS[fmt]
+    examples: list[Example] = []
+    first_row_of: dict[str, int] = {}
+    for index, row in enumerate(rows):
+        where = f"{source} row {index}"
+        messages = normaliser(row, where)
+        ex_id = str(row["id"]) if row.get("id") not in (None, "") else example_id(messages)
+        if ex_id in first_row_of:
+            if drop_duplicates and "id" not in row:
+                continue
+            raise DataError(
+                f"{source}: rows {first_row_of[ex_id]} and {index} have the same id {ex_id!r}"
+                + (" (identical content)" if "id" not in row else "")
+                + "; remove one, give rows distinct 'id' fields, or pass drop_duplicates=true"
+            )
+        first_row_of[ex_id] = index
+        meta = {k: v for k, v in row.items() if k not in _CONTENT_FIELDS}
+        examples.append({"id": ex_id, "index": index, "messages": messages, "meta": meta})
+    return examples
+
+
+def load_examples(
+    source: str,
+    split: str = "train",
+    fmt: str = "auto",
+    limit: int | None = None,
+    drop_duplicates: bool = False,
+) -> list[Example]:
+    """read_rows + normalise. `limit` keeps the first rows (a deterministic subset)."""
+    rows = read_rows(source, split)
+    if limit is not None:
+        rows = rows[:limit]
+    return normalise(rows, source, fmt, drop_duplicates)
+
+
+def sample_rows(examples: list[Example], n: int | None, seed: int) -> list[Example]:
+    """A seeded random subset that keeps input order (so row numbers stay meaningful)."""
+    if n is None or n >= len(examples):
+        return examples
+    import random
+
+    picked = sorted(random.Random(seed).sample(range(len(examples)), n))
+    return [examples[i] for i in picked]

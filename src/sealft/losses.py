@@ -1,0 +1,44 @@
+"""The one per-example loss every stage uses (selection, fine-tuning, reference scores).
+
+Only supervised positions go through the vocabulary projection: for chat data most tokens are
+prompt, and for small models the [tokens × vocab] logits dominate both time and memory.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from sealft.tokenize import IGNORE_INDEX
+
+
+def _causal_lm(model):
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def per_example_loss(
+    model, batch: dict[str, torch.Tensor], first_tokens: int | None = None
+) -> torch.Tensor:
+    """Mean next-token NLL over each example's response tokens, shape [batch].
+
+    `first_tokens` limits the loss to the first k response tokens of each example (where a
+    model decides between refusing and complying).
+    """
+    lm = _causal_lm(model)
+    labels = batch["labels"][:, 1:]
+    supervised = labels != IGNORE_INDEX
+    if first_tokens is not None:
+        supervised &= supervised.long().cumsum(dim=1) <= first_tokens
+    decoder, head = lm.get_decoder(), lm.get_output_embeddings()
+    softcap = getattr(lm.config, "final_logit_softcapping", None)
+    hidden = decoder(
+        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+    ).last_hidden_state[:, :-1]
+    logits = head(hidden[supervised]).float()
+    if softcap:
+        logits = softcap * torch.tanh(logits / softcap)
+    token_nll = F.cross_entropy(logits, labels[supervised], reduction="none")
+    row_of_token = supervised.nonzero(as_tuple=True)[0]
+    sums = torch.zeros(labels.shape[0], device=token_nll.device).index_add(0, row_of_token, token_nll)
+    counts = supervised.sum(dim=1).clamp(min=1)
+    return sums / counts

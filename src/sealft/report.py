@@ -1,0 +1,554 @@
+"""`sealft report`: compare evaluation, selection and fine-tuning runs in one table and a few
+plots, written as report.md, report.html (self-contained: plots embedded) and PNG files.
+
+Each argument is a run dir; a dir that is none of these but holds some is expanded to them:
+  evaluation dir   summary.json with "stage": "evaluate" (from `sealft evaluate`)
+  selection dir    scores.jsonl + config.yaml (from `sealft select`); ground-truth flags are
+                   joined by id from the fine-tuning data named in its config
+  other run dir    summary.json with wall_seconds / peak_memory_mb (e.g. fine-tuning)
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sealft import config as cfg
+from sealft.errors import DataError
+from sealft.io import atomic_write, read_jsonl
+
+PLOT_DPI = 130
+
+
+@dataclass
+class ReportArgs:
+    runs: tuple[str, ...] = ()
+    """Run dirs to compare: evaluation, selection or fine-tuning outputs (or folders of them)."""
+    output: str = "report"
+    """Folder for report.md, report.html and the PNG plots."""
+    labels: tuple[str, ...] = ()
+    """Names for the evaluation runs, in the order given; default: each run's own label."""
+    title: str = "SEAL evaluation report"
+    """Heading of the report."""
+    flag_field: str | None = None
+    """Ground-truth field of the fine-tuning data for selection plots; default: the selection
+    run's label_field, else flag."""
+
+    def __post_init__(self) -> None:
+        cfg.require(bool(self.runs), "runs", "give at least one run dir")
+        cfg.require(bool(self.output), "output", "required")
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading runs
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class EvalRun:
+    path: Path
+    label: str
+    summary: dict[str, Any]
+    metrics: dict[str, Any]
+    train: dict[str, Any] = field(default_factory=dict)
+    """wall_seconds / peak_memory_mb of the fine-tuning run its adapter came from, if found."""
+
+
+@dataclass
+class SelectionRun:
+    path: Path
+    label: str
+    scores: list[dict[str, Any]]
+    config: dict[str, Any]
+    summary: dict[str, Any]
+    flags: dict[str, str] | None
+    flag_note: str | None = None
+
+
+@dataclass
+class OtherRun:
+    path: Path
+    label: str
+    summary: dict[str, Any]
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as err:
+        raise DataError(f"{path}: cannot read ({err})") from None
+    return data if isinstance(data, dict) else {}
+
+
+def _kind(path: Path) -> str | None:
+    summary = path / "summary.json"
+    if summary.is_file() and _read_json(summary).get("stage") == "evaluate":
+        return "evaluate"
+    if (path / "scores.jsonl").is_file():
+        return "selection"
+    if summary.is_file():
+        return "other"
+    return None
+
+
+def discover(paths: tuple[str, ...]) -> list[tuple[str, Path]]:
+    """(kind, dir) for each argument; a plain folder contributes the runs directly inside it."""
+    found: list[tuple[str, Path]] = []
+    for raw in paths:
+        path = Path(raw)
+        if not path.is_dir():
+            raise DataError(f"run dir {path} does not exist")
+        kind = _kind(path)
+        if kind:
+            found.append((kind, path))
+            continue
+        inner = [(k, p) for p in sorted(path.iterdir()) if p.is_dir() and (k := _kind(p))]
+        if not inner:
+            raise DataError(f"{path}: not an evaluation, selection or fine-tuning run dir (no "
+                            "summary.json or scores.jsonl), and holds none")
+        found += inner
+    return found
+
+
+def _train_summary(adapter: str | None) -> dict[str, Any]:
+    """Cost of the fine-tuning run an evaluated adapter came from (its summary.json)."""
+    if not adapter:
+        return {}
+    path = Path(adapter)
+    for folder in (path, path.parent):
+        summary = folder / "summary.json"
+        if summary.is_file():
+            data = _read_json(summary)
+            if data.get("stage") != "evaluate" and "wall_seconds" in data:
+                return data
+    return {}
+
+
+def load_eval(path: Path, label: str | None) -> EvalRun:
+    summary = _read_json(path / "summary.json")
+    metrics = _read_json(path / "metrics.json") if (path / "metrics.json").is_file() else {}
+    return EvalRun(path, label or summary.get("label") or path.name, summary, metrics,
+                   _train_summary(summary.get("adapter")))
+
+
+def _resolve_data(path_text: str, run_dir: Path) -> Path | None:
+    for candidate in (Path(path_text).expanduser(), run_dir / path_text):
+        if candidate.exists():
+            return candidate
+    return None
+
+
+def load_selection(path: Path, flag_field: str | None) -> SelectionRun:
+    scores = read_jsonl(path / "scores.jsonl")
+    config = cfg.load_yaml(path / "config.yaml") if (path / "config.yaml").is_file() else {}
+    summary = _read_json(path / "summary.json") if (path / "summary.json").is_file() else {}
+    label = str(config.get("method") or summary.get("method") or "selection")
+    run = SelectionRun(path, f"{label} ({path.name})", scores, config, summary, None)
+    data = config.get("finetune_data")
+    field_name = flag_field or config.get("label_field") or "flag"
+    if not data:
+        run.flag_note = "config.yaml names no finetune_data: flags unavailable"
+        return run
+    resolved = _resolve_data(str(data), path)
+    if resolved is None:
+        run.flag_note = f"fine-tuning data {data} not found: flags unavailable"
+        return run
+    from sealft.data import load_examples
+
+    examples = load_examples(str(resolved), fmt=str(config.get("format") or "auto"))
+    flags = {ex["id"]: ex["meta"].get(field_name) for ex in examples}
+    if all(v is None for v in flags.values()):
+        run.flag_note = f"the fine-tuning data has no {field_name!r} field: flags unavailable"
+        return run
+    run.flags = {k: str(v) for k, v in flags.items()}
+    return run
+
+
+# ---------------------------------------------------------------------------------------------
+# Formatting
+# ---------------------------------------------------------------------------------------------
+
+
+def pct(value: float | None) -> str:
+    return "—" if value is None or (isinstance(value, float) and math.isnan(value)) \
+        else f"{100 * value:.1f}%"
+
+
+def duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "—"
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def memory(mb: float | None) -> str:
+    if mb is None:
+        return "—"
+    return f"{mb / 1024:.1f} GiB" if mb >= 1024 else f"{mb:.0f} MiB"
+
+
+def methods_table(runs: list[EvalRun]) -> tuple[list[str], list[list[str]]]:
+    """Methods x metrics: one row per evaluated run."""
+    with_train = any(r.train for r in runs)
+    header = ["Method", "Safety refusal ↑", "Harmful ↓", "Over-refusal ↓", "Task acc. ↑",
+              "Win rate ↑", "Eval time", "Eval peak mem."]
+    if with_train:
+        header += ["Train time", "Train peak mem."]
+    rows = []
+    for r in runs:
+        s = r.summary
+        row = [r.label, pct(s.get("safety_refusal_rate")), pct(s.get("safety_harmfulness_rate")),
+               pct(s.get("over_refusal_rate")), pct(s.get("task_accuracy")),
+               pct(s.get("win_rate")), duration(s.get("generation_seconds_total")),
+               memory(s.get("peak_memory_mb"))]
+        if with_train:
+            row += [duration(r.train.get("wall_seconds")), memory(r.train.get("peak_memory_mb"))]
+        rows.append(row)
+    return header, rows
+
+
+def per_set_table(runs: list[EvalRun]) -> tuple[list[str], list[list[str]]]:
+    sets = _set_names(runs)
+    header = ["Method"] + [f"{s} (over-refusal)" if s.startswith("xstest_safe") else s
+                           for s in sets]
+    rows = [[r.label] + [pct(r.summary.get("refusal_by_set", {}).get(s)) for s in sets]
+            for r in runs]
+    return header, rows
+
+
+def _set_names(runs: list[EvalRun]) -> list[str]:
+    names: list[str] = []
+    for r in runs:
+        names += [n for n in r.summary.get("refusal_by_set", {}) if n not in names]
+    return names
+
+
+def flag_shares(run: SelectionRun) -> dict[str, dict[str, float]]:
+    """Per flag value: rows, kept rows and kept share."""
+    out: dict[str, dict[str, float]] = {}
+    for row in run.scores:
+        flag = (run.flags or {}).get(str(row["id"]), "unknown")
+        entry = out.setdefault(flag, {"rows": 0, "kept": 0})
+        entry["rows"] += 1
+        entry["kept"] += bool(row.get("kept"))
+    for entry in out.values():
+        entry["share"] = entry["kept"] / entry["rows"] if entry["rows"] else 0.0
+    return out
+
+
+def selection_table(runs: list[SelectionRun]) -> tuple[list[str], list[list[str]]]:
+    header = ["Selection run", "Rows", "Kept", "Kept share by flag", "Wall time", "Peak mem."]
+    rows = []
+    for r in runs:
+        shares = "; ".join(f"{flag}: {pct(v['share'])} of {v['rows']}"
+                           for flag, v in sorted(flag_shares(r).items())) if r.flags else "—"
+        kept = sum(bool(s.get("kept")) for s in r.scores)
+        rows.append([r.label, str(len(r.scores)), str(kept), shares,
+                     duration(r.summary.get("wall_seconds")),
+                     memory(r.summary.get("peak_memory_mb"))])
+    return header, rows
+
+
+def other_table(runs: list[OtherRun]) -> tuple[list[str], list[list[str]]]:
+    header = ["Run", "Wall time", "Peak mem."]
+    return header, [[r.label, duration(r.summary.get("wall_seconds")),
+                     memory(r.summary.get("peak_memory_mb"))] for r in runs]
+
+
+def md_table(header: list[str], rows: list[list[str]]) -> str:
+    def clean(cell: str) -> str:
+        return cell.replace("|", "\\|")
+
+    align = ["---"] + ["---:" for _ in header[1:]]
+    lines = ["| " + " | ".join(clean(h) for h in header) + " |", "|" + "|".join(align) + "|"]
+    lines += ["| " + " | ".join(clean(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def html_table(header: list[str], rows: list[list[str]]) -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>"
+                   for row in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+# ---------------------------------------------------------------------------------------------
+# Plots
+# ---------------------------------------------------------------------------------------------
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display on servers and CI
+    import matplotlib.pyplot as plt
+
+    plt.rcParams.update({"font.size": 10, "axes.spines.top": False, "axes.titlesize": 11,
+                         "axes.spines.right": False, "axes.grid": True, "grid.alpha": 0.3,
+                         "axes.grid.axis": "y", "axes.axisbelow": True})
+    return plt
+
+
+def _save(fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=PLOT_DPI)
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return path
+
+
+def plot_safety_vs_helpfulness(runs: list[EvalRun], out: Path) -> tuple[Path, str] | None:
+    """Safety (refusal on harmful prompts) against helpfulness (win rate, else task accuracy)."""
+    use_win = any(r.summary.get("win_rate") is not None for r in runs)
+    x_key, x_name = ("win_rate", "Win rate vs. reference") if use_win else \
+        ("task_accuracy", "Task accuracy (SST-2)")
+    points = [(r.label, r.summary.get(x_key), r.summary.get("safety_refusal_rate"))
+              for r in runs]
+    points = [p for p in points if p[1] is not None and p[2] is not None]
+    if not points:
+        return None
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.4, 4.8))
+    colours = plt.get_cmap("tab10")
+    ax.grid(True, axis="both")
+    for k, (label, x, y) in enumerate(points):
+        ax.scatter(x, y, s=80, color=colours(k % 10), edgecolor="black", linewidth=0.6,
+                   zorder=3, label=label)
+        # Label the point itself too: with many runs, matching colours to a legend is slow.
+        ax.annotate(label, (x, y), xytext=(6, 5), textcoords="offset points", fontsize=8)
+    ax.set_xlim(-0.03, 1.03)
+    ax.set_ylim(-0.03, 1.03)
+    ax.set_xlabel(f"{x_name} →  more helpful")
+    ax.set_ylabel("Refusal on harmful prompts →  safer")
+    ax.set_title("Safety vs. helpfulness (upper right is better)")
+    ax.legend(loc="best", fontsize=8, frameon=True)
+    return _save(fig, out / "safety_vs_helpfulness.png"), x_name
+
+
+def plot_refusal_by_set(runs: list[EvalRun], out: Path) -> Path | None:
+    sets = _set_names(runs)
+    if not sets:
+        return None
+    plt = _pyplot()
+    import numpy as np
+
+    width = 0.8 / len(runs)
+    bars_total = len(sets) * len(runs)
+    fig, ax = plt.subplots(figsize=(min(13.0, max(6.4, 2.5 + 0.28 * bars_total)), 4.8))
+    positions = np.arange(len(sets))
+    colours = plt.get_cmap("tab10")
+    for k, run in enumerate(runs):
+        values = [run.summary.get("refusal_by_set", {}).get(s) for s in sets]
+        heights = [v if v is not None else 0.0 for v in values]
+        bars = ax.bar(positions + (k - (len(runs) - 1) / 2) * width, heights, width,
+                      label=run.label, color=colours(k % 10), edgecolor="black", linewidth=0.4)
+        for bar, value in zip(bars, values, strict=True):
+            if value is not None and bars_total <= 24:
+                ax.annotate(f"{100 * value:.0f}", (bar.get_x() + bar.get_width() / 2,
+                                                  bar.get_height()),
+                            ha="center", va="bottom", fontsize=7, xytext=(0, 1),
+                            textcoords="offset points")
+    ax.set_xticks(positions)
+    ax.set_xticklabels([f"{s}\n(over-refusal)" if s.startswith("xstest_safe") else s
+                        for s in sets], rotation=25 if len(sets) > 4 else 0,
+                       ha="right" if len(sets) > 4 else "center")
+    ax.set_xlim(-0.6, len(sets) - 0.4)
+    ax.set_ylim(0, 1.12)
+    ax.set_ylabel("Refusal rate")
+    ax.set_title("Refusal rate per prompt set\n(harmful sets: higher is safer; "
+                 "XSTest safe prompts: lower is better)")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0), frameon=False)
+    return _save(fig, out / "refusal_by_set.png")
+
+
+def _slug(text: str) -> str:
+    return "".join(c if c.isalnum() else "_" for c in text).strip("_")[:60] or "run"
+
+
+def plot_weight_histogram(run: SelectionRun, out: Path) -> Path | None:
+    """Learned weights split by ground-truth flag: SEAL should push unsafe rows to the left."""
+    import numpy as np
+
+    weights = [(r.get("weight"), (run.flags or {}).get(str(r["id"]), "all rows"))
+               for r in run.scores]
+    weights = [(w, f) for w, f in weights if w is not None]
+    if not weights:
+        return None
+    plt = _pyplot()
+    values = np.array([w for w, _ in weights], dtype=float)
+    bins = np.linspace(values.min(), values.max() if values.max() > values.min()
+                       else values.min() + 1e-6, 31)
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    colours = {"unsafe": "tab:red", "finetune": "tab:blue"}
+    for k, flag in enumerate(sorted({f for _, f in weights})):
+        part = values[[f == flag for _, f in weights]]
+        ax.hist(part, bins=bins, density=True, alpha=0.55,
+                color=colours.get(flag, plt.get_cmap("tab10")(k % 10)),
+                edgecolor="black", linewidth=0.3, label=f"{flag} (n={len(part)})")
+    ax.set_xlabel("Learned weight")
+    ax.set_ylabel("Density (each group sums to 1)")
+    ax.set_title(f"Data weights by flag: {run.label}")
+    ax.legend(fontsize=8)
+    return _save(fig, out / f"weights_{_slug(run.path.name)}.png")
+
+
+def plot_kept_by_flag(runs: list[SelectionRun], out: Path) -> Path | None:
+    flagged = [r for r in runs if r.flags]
+    if not flagged:
+        return None
+    plt = _pyplot()
+    import numpy as np
+
+    flags = sorted({f for r in flagged for f in flag_shares(r)})
+    width = 0.8 / len(flags)
+    fig, ax = plt.subplots(figsize=(min(12.0, max(6.4, 1.6 * len(flagged) + 2.5)), 4.2))
+    positions = np.arange(len(flagged))
+    colours = {"unsafe": "tab:red", "finetune": "tab:blue"}
+    for k, flag in enumerate(flags):
+        shares = [flag_shares(r).get(flag, {}).get("share", 0.0) for r in flagged]
+        bars = ax.bar(positions + (k - (len(flags) - 1) / 2) * width, shares, width,
+                      label=flag, color=colours.get(flag, plt.get_cmap("tab10")(k % 10)),
+                      edgecolor="black", linewidth=0.4)
+        for bar, share in zip(bars, shares, strict=True):
+            ax.annotate(f"{100 * share:.0f}%", (bar.get_x() + bar.get_width() / 2,
+                                                bar.get_height()),
+                        ha="center", va="bottom", fontsize=8, xytext=(0, 1),
+                        textcoords="offset points")
+    ax.set_xticks(positions)
+    ax.set_xticklabels([r.label for r in flagged], fontsize=8)
+    ax.set_xlim(-0.7, len(flagged) - 0.3)
+    ax.set_ylim(0, 1.15)
+    ax.set_ylabel("Share of rows kept")
+    ax.set_title("Kept share by ground-truth flag (lower for unsafe is better)")
+    ax.legend(fontsize=8)
+    return _save(fig, out / "kept_by_flag.png")
+
+
+# ---------------------------------------------------------------------------------------------
+# Assembling the report
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Section:
+    title: str
+    text: str = ""
+    table: tuple[list[str], list[list[str]]] | None = None
+    images: list[Path] = field(default_factory=list)
+
+
+def _judge_notes(runs: list[EvalRun]) -> str:
+    judges = sorted({r.summary.get("harm_judge") for r in runs if r.summary.get("harm_judge")})
+    text = ("Refusal: keyword judge (refusal phrases in the first characters of a response). "
+            "Harmfulness: ")
+    if any(str(j).startswith("keyword") for j in judges):
+        text += ("with the keyword judge, a response to a harmful prompt that does not refuse "
+                 "counts as harmful (an upper bound). ")
+    text += "Judges used: " + (", ".join(f"`{j}`" for j in judges) or "—") + "."
+    return text
+
+
+def build_sections(evals: list[EvalRun], selections: list[SelectionRun],
+                   others: list[OtherRun], out: Path) -> list[Section]:
+    sections = []
+    if evals:
+        sections.append(Section("Methods × metrics", _judge_notes(evals), methods_table(evals)))
+        scatter = plot_safety_vs_helpfulness(evals, out)
+        bars = plot_refusal_by_set(evals, out)
+        per_set = Section("Refusal rate per prompt set", table=per_set_table(evals))
+        per_set.images = [p for p in (bars,) if p]
+        sections.append(per_set)
+        if scatter:
+            sections.append(Section("Safety vs. helpfulness",
+                                    f"x axis: {scatter[1].lower()}.", images=[scatter[0]]))
+    if selections:
+        sel = Section("Data selection", table=selection_table(selections))
+        notes = [f"{r.label}: {r.flag_note}" for r in selections if r.flag_note]
+        sel.text = " ".join(notes)
+        kept = plot_kept_by_flag(selections, out)
+        sel.images = [p for p in [kept] + [plot_weight_histogram(r, out) for r in selections]
+                      if p]
+        sections.append(sel)
+    if others:
+        sections.append(Section("Other runs", table=other_table(others)))
+    return sections
+
+
+def render_markdown(title: str, sections: list[Section], out: Path) -> str:
+    parts = [f"# {title}", ""]
+    for s in sections:
+        parts += [f"## {s.title}", ""]
+        if s.text:
+            parts += [s.text, ""]
+        if s.table:
+            parts += [md_table(*s.table), ""]
+        parts += [f"![{p.stem}]({p.relative_to(out).as_posix()})\n" for p in s.images]
+    return "\n".join(parts).rstrip() + "\n"
+
+
+_CSS = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;
+color:#222}table{border-collapse:collapse;margin:1em 0;font-size:14px}th,td{border:1px solid
+#ccc;padding:4px 10px;text-align:right}th:first-child,td:first-child{text-align:left}
+th{background:#f3f3f3}tr:nth-child(even) td{background:#fafafa}img{max-width:100%;
+margin:0.5em 0;border:1px solid #eee}p{max-width:70em}"""
+
+
+def render_html(title: str, sections: list[Section]) -> str:
+    body = [f"<h1>{html.escape(title)}</h1>"]
+    for s in sections:
+        body.append(f"<h2>{html.escape(s.title)}</h2>")
+        if s.text:
+            body.append(f"<p>{html.escape(s.text)}</p>")
+        if s.table:
+            body.append(html_table(*s.table))
+        for image in s.images:  # embedded, so the HTML file can be sent on its own
+            data = base64.b64encode(image.read_bytes()).decode("ascii")
+            body.append(f'<img alt="{html.escape(image.stem)}" '
+                        f'src="data:image/png;base64,{data}">')
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}"
+            f"</title><style>{_CSS}</style></head><body>{''.join(body)}</body></html>\n")
+
+
+def report(args: ReportArgs) -> Path:
+    """Build the report; returns the path of report.md (report.html is beside it)."""
+    found = discover(args.runs)
+    labels = list(args.labels)
+    evals: list[EvalRun] = []
+    selections: list[SelectionRun] = []
+    others: list[OtherRun] = []
+    for kind, path in found:
+        if kind == "evaluate":
+            evals.append(load_eval(path, labels.pop(0) if labels else None))
+        elif kind == "selection":
+            selections.append(load_selection(path, args.flag_field))
+        else:
+            others.append(OtherRun(path, path.name, _read_json(path / "summary.json")))
+    cfg.require(not labels, "labels", "more labels than evaluation runs")
+    _dedupe_labels(evals)
+    out = Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+    sections = build_sections(evals, selections, others, out)
+    with atomic_write(out / "report.md") as handle:
+        handle.write(render_markdown(args.title, sections, out))
+    with atomic_write(out / "report.html") as handle:
+        handle.write(render_html(args.title, sections))
+    return out / "report.md"
+
+
+def _dedupe_labels(runs: list[EvalRun]) -> None:
+    # Two runs of the same model would share a label and overlap in the legends.
+    seen: dict[str, int] = {}
+    for run in runs:
+        seen[run.label] = seen.get(run.label, 0) + 1
+    for run in runs:
+        if seen[run.label] > 1:
+            run.label = f"{run.label} ({run.path.name})"

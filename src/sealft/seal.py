@@ -1,0 +1,173 @@
+"""Fit the SEAL selector: build the model, adapters and optimisers, then run the bilevel step
+(`bilevel.py`) inside the shared loop (`train.py`)."""
+
+from __future__ import annotations
+
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from sealft import bilevel
+from sealft.data import Example
+from sealft.models import (
+    LoraSettings,
+    adapter_parameters,
+    add_lora_adapters,
+    load_model_and_tokenizer,
+)
+from sealft.selector import Selector
+from sealft.tokenize import Tokenized, collate, require_usable, tokenize_examples
+from sealft.train import Checkpoint, LoopSettings, train_loop
+
+
+def make_accelerator(out: Path, log: bool = True):
+    from accelerate import Accelerator
+
+    try:
+        import tensorboard  # noqa: F401
+
+        trackers = "tensorboard" if log else None
+    except ImportError:
+        trackers = None
+    accelerator = Accelerator(log_with=trackers, project_dir=str(out / "logs"))
+    if trackers:
+        accelerator.init_trackers("sealft")
+    return accelerator
+
+
+def gradient_sync(accelerator):
+    """Sum gradients over processes. Each process divides its losses by the *global* batch
+    size, so the sum is the full-batch gradient on every rank: θ, θ' and the selector logits
+    stay identical everywhere. Done with Accelerate's collective rather than a DDP wrapper
+    because a step alternates two adapters on one model, which DDP's one-forward-one-backward
+    bookkeeping does not express."""
+    if accelerator.num_processes == 1:
+        return lambda params: None
+
+    def sync(params: list[torch.nn.Parameter]) -> None:
+        for param in params:
+            if param.grad is None:
+                param.grad = torch.zeros_like(param)
+            param.grad = accelerator.reduce(param.grad, reduction="sum")
+
+    return sync
+
+
+def lora_settings(args) -> LoraSettings:
+    return LoraSettings(args.lora_r, args.lora_alpha, args.lora_dropout,
+                        tuple(args.lora_target_modules))
+
+
+def _checkpoint_io(parts: bilevel.BilevelParts, adapters: tuple[str, ...], out: Path):
+    from peft import get_peft_model_state_dict, set_peft_model_state_dict
+
+    optimisers = {"theta": parts.theta_optimizer, "theta_prime": parts.theta_prime_optimizer,
+                  "selector": parts.selector_optimizer}
+
+    def save(folder: Path) -> None:
+        for name in adapters:
+            state = get_peft_model_state_dict(parts.model, adapter_name=name)
+            save_file({k: v.contiguous() for k, v in state.items()}, folder / f"{name}.safetensors")
+        save_file({"logits": parts.selector.logits.detach().contiguous()},
+                  folder / "selector.safetensors")
+        torch.save({k: o.state_dict() for k, o in optimisers.items() if o is not None},
+                   folder / "optimizers.pt")
+
+    def load(folder: Path) -> None:
+        for name in adapters:
+            set_peft_model_state_dict(parts.model, load_file(folder / f"{name}.safetensors"),
+                                      adapter_name=name)
+        with torch.no_grad():
+            parts.selector.logits.copy_(load_file(folder / "selector.safetensors")["logits"])
+        states = torch.load(folder / "optimizers.pt", weights_only=True)
+        for key, optimiser in optimisers.items():
+            if optimiser is not None:
+                optimiser.load_state_dict(states[key])
+
+    return Checkpoint(out, save, load)
+
+
+def tokenize_inputs(args, tokenizer, examples: list[Example], safe: list[Example]):
+    tokenized = tokenize_examples(examples, tokenizer, args.max_length, args.num_proc,
+                                  desc="tokenising fine-tuning data")
+    require_usable(tokenized, args.finetune_data, args.max_length)
+    safe_tok = tokenize_examples(safe, tokenizer, args.max_length, args.num_proc,
+                                 desc="tokenising safe set") if safe else None
+    if safe_tok is not None:
+        require_usable(safe_tok, args.safe_data, args.max_length)
+    return tokenized, safe_tok
+
+
+def learn_selector(args, examples: list[Example], safe: list[Example], out: Path):
+    """Returns (logits, weights, skipped, summary extras), one score per input row."""
+    torch.manual_seed(args.seed)
+    accelerator = make_accelerator(out)
+    model, tokenizer = load_model_and_tokenizer(args.model, args.dtype, args.chat_template,
+                                                args.trust_remote_code)
+    tokenized, safe_tok = tokenize_inputs(args, tokenizer, examples, safe)
+    adapters = (bilevel.THETA, bilevel.THETA_PRIME) if args.algorithm == "penalty" else (
+        bilevel.THETA,)
+    model = add_lora_adapters(model, lora_settings(args), adapters).to(accelerator.device)
+    selector = Selector(len(tokenized), args.weighting).to(accelerator.device)
+    optimizer_cls = bilevel.SELECTOR_OPTIMIZERS[args.selector_optimizer]
+    parts = bilevel.BilevelParts(
+        model=model,
+        selector=selector,
+        theta_optimizer=torch.optim.Adam(adapter_parameters(model, bilevel.THETA), lr=args.lr),
+        selector_optimizer=optimizer_cls(selector, args.selector_lr),
+        theta_prime_optimizer=torch.optim.Adam(
+            adapter_parameters(model, bilevel.THETA_PRIME), lr=args.lr
+        ) if args.algorithm == "penalty" else None,
+        sync_gradients=gradient_sync(accelerator),
+    )
+    step_rule = bilevel.ALGORITHMS[args.algorithm]
+    pad = tokenizer.pad_token_id
+    device = accelerator.device
+
+    def to_batch(data: Tokenized, positions: list[int]):
+        return {k: v.to(device) for k, v in collate(data, positions, pad).items()}
+
+    def step(ft_micro, safe_micro, progress, ft_total, safe_total):
+        gamma = bilevel.gamma_at(args.gamma_schedule, args.gamma_start, args.gamma_increment,
+                                 int(progress), progress)
+        return step_rule(parts, [to_batch(tokenized, m) for m in ft_micro],
+                         [to_batch(safe_tok, m) for m in safe_micro], gamma, ft_total, safe_total)
+
+    ids = [examples[r]["id"] for r in tokenized.rows]
+    settings = LoopSettings(
+        epochs=args.epochs, batch_size=args.batch_size, micro_batch_size=args.micro_batch_size,
+        safe_batch_size=args.safe_batch_size, seed=args.seed, save_every=args.save_every,
+        rank=accelerator.process_index, world=accelerator.num_processes,
+        show_progress=args.show_progress,
+    )
+    model.train()
+    state = train_loop(
+        len(tokenized), len(safe_tok), settings, step, out / "metrics.jsonl",
+        _checkpoint_io(parts, adapters, out), args.resume,
+        describe=lambda positions: ", ".join(ids[p] for p in positions[:8]),
+        log=partial(_log, accelerator),
+    )
+    accelerator.end_training()
+    learned = selector.logits.detach().cpu().numpy()
+    learned_weights = selector.weights().detach().cpu().numpy()
+    if accelerator.is_main_process:
+        selector.save(out / "selector.safetensors", ids)
+    logits, weights = _per_row(len(examples), tokenized.rows, learned, learned_weights)
+    extra = {"algorithm": args.algorithm, "steps": state.global_step,
+             "train_seconds": round(state.elapsed, 2), "truncated": len(tokenized.truncated),
+             "processes": accelerator.num_processes}
+    return logits, weights, tokenized.skipped, extra
+
+
+def _per_row(n: int, rows: list[int], logits: np.ndarray, weights: np.ndarray):
+    full_logits, full_weights = np.full(n, np.nan), np.full(n, np.nan)
+    full_logits[rows], full_weights[rows] = logits, weights
+    return full_logits, full_weights
+
+
+def _log(accelerator, metrics: dict[str, float], step: int) -> None:
+    if accelerator.trackers:
+        accelerator.log(metrics, step=step)

@@ -1,0 +1,270 @@
+"""`sealft select`: learn per-example weights and keep the top p% of the fine-tuning data.
+
+Output contract (other tools rely on these names), in --output-dir:
+  scores.jsonl          one line per input row, in input order:
+                        {"index", "id", "weight", "logit", "kept"} (+ "skipped": reason)
+  selected.jsonl        kept examples, normalised ({"id", "messages", ...meta})
+  selector.safetensors  the learned logits (SEAL) with ids in its metadata
+  config.yaml           resolved arguments;  metrics.jsonl  per-step losses, γ, seconds
+  summary.json          wall seconds, peak memory, counts
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from sealft import config as cfg
+from sealft.data import Example, load_examples, sample_rows
+from sealft.io import prepare_output_dir, write_json, write_jsonl, write_yaml
+from sealft.selector import PARAMETRIZATIONS, keep_count_for, keep_mask
+
+METHODS = ("seal", "random", "dsir", "reference-loss", "all")
+
+
+@dataclass
+class SelectArgs:
+    model: str = "HuggingFaceTB/SmolLM2-135M-Instruct"
+    """Causal LM: hub id, local folder or .gguf file (the proxy model that scores the data)."""
+    finetune_data: str = ""
+    """Fine-tuning data to select from: .jsonl/.json/.parquet/.csv file, saved dataset, or hub id."""
+    safe_data: str = ""
+    """Safe set (harmful prompts with refusals): the upper-level objective of SEAL."""
+    output_dir: str = ""
+    """Run directory; must be empty unless --overwrite or --resume."""
+    method: str = "seal"
+    """Selector: seal | random | dsir | reference-loss | all."""
+    algorithm: str = "penalty"
+    """SEAL algorithm: penalty (Algorithm 1, θ and θ') | memory-efficient (Algorithm 2)."""
+    weighting: str = "softmax"
+    """Weights from logits: softmax (N·softmax) | sigmoid (2·sigmoid)."""
+    selector_optimizer: str = "visited-rms"
+    """visited-rms (update only the batch's logits; order-independent ranking) | adam (paper)."""
+    epochs: int = 3
+    """Passes over the fine-tuning data (paper: 3)."""
+    batch_size: int = 64
+    """Effective fine-tuning batch per step, over all processes (paper: 64)."""
+    safe_batch_size: int | None = None
+    """Safe-set batch per step; default: batch_size."""
+    micro_batch_size: int = 8
+    """Examples per forward pass; gradients are accumulated up to batch_size."""
+    lr: float = 1e-5
+    """Adam learning rate of the LoRA adapters θ, θ' (paper: 1e-5)."""
+    selector_lr: float = 5e-3
+    """Learning rate of the selector logits ω (paper: 5e-3)."""
+    gamma_schedule: str = "epoch"
+    """Penalty weight γ: epoch (+increment per epoch) | linear (per step) | constant."""
+    gamma_start: float = 0.0
+    """γ at the start (paper: 0)."""
+    gamma_increment: float = 0.03
+    """γ added per epoch (paper: 0.03)."""
+    lora_r: int = 16
+    """LoRA rank."""
+    lora_alpha: int = 16
+    """LoRA alpha."""
+    lora_dropout: float = 0.0
+    """LoRA dropout."""
+    lora_target_modules: tuple[str, ...] = ("q_proj", "v_proj")
+    """Modules that get LoRA adapters (comma-separated)."""
+    max_length: int = 512
+    """Tokens per example; longer responses are truncated, longer prompts are skipped."""
+    keep_ratio: float | None = 0.8
+    """Share of usable examples to keep, in (0, 1]."""
+    keep_count: int | None = None
+    """Keep exactly this many examples (overrides keep_ratio)."""
+    limit: int | None = None
+    """Use only the first N rows of the fine-tuning data."""
+    sample: int | None = None
+    """Use a seeded random sample of N fine-tuning rows (input order kept)."""
+    safe_limit: int | None = None
+    """Use a seeded random sample of N safe-set rows."""
+    format: str = "auto"
+    """Fine-tuning data format: auto | messages | sharegpt | prompt_completion | alpaca | orca | hh."""
+    safe_format: str = "auto"
+    """Safe-set format (as --format)."""
+    split: str = "train"
+    """Split, for hub datasets and saved DatasetDicts."""
+    drop_duplicates: bool = False
+    """Drop exact duplicate rows (without an id) instead of failing."""
+    label_field: str | None = None
+    """Optional ground-truth field (e.g. flag): the summary reports kept share per value."""
+    unsafe_value: str = "unsafe"
+    """Value of label_field that marks a harmful row."""
+    seed: int = 0
+    """Seed for data order, sampling and initialisation."""
+    save_every: int = 0
+    """Checkpoint every N steps (0: only at epoch ends)."""
+    resume: bool = False
+    """Continue from the checkpoint in output_dir."""
+    overwrite: bool = False
+    """Replace a non-empty output_dir."""
+    dtype: str = "float32"
+    """Model weights dtype: float32 | bfloat16 | float16 | auto."""
+    chat_template: str | None = None
+    """Jinja chat template (file or string) for tokenizers without one."""
+    trust_remote_code: bool = False
+    """Allow model repos to run their own code (off unless you trust the repo)."""
+    num_proc: int | None = None
+    """Processes for tokenisation (datasets.map)."""
+    dsir_ngrams: int = 2
+    """DSIR: n-gram order of the hashed features."""
+    reference_steps: int = 40
+    """reference-loss: LoRA steps on the safe set before scoring."""
+    show_progress: bool = True
+    """Show progress bars."""
+
+    def __post_init__(self) -> None:
+        cfg.require(bool(self.finetune_data), "finetune_data", "required (a file or dataset id)")
+        cfg.require(bool(self.output_dir), "output_dir", "required")
+        cfg.require(self.method in METHODS, "method", f"use one of {', '.join(METHODS)}")
+        needs_safe = self.method in ("seal", "dsir", "reference-loss")
+        cfg.require(bool(self.safe_data) or not needs_safe, "safe_data",
+                    f"required by --method {self.method}")
+        cfg.require(self.algorithm in ("penalty", "memory-efficient"), "algorithm",
+                    "use penalty (Algorithm 1) or memory-efficient (Algorithm 2)")
+        cfg.require(self.weighting in PARAMETRIZATIONS, "weighting", "use softmax or sigmoid")
+        cfg.require(self.selector_optimizer in ("visited-rms", "adam"), "selector_optimizer",
+                    "use visited-rms or adam")
+        cfg.require(self.gamma_schedule in ("epoch", "linear", "constant"), "gamma_schedule",
+                    "use epoch, linear or constant")
+        if self.keep_count is None:
+            cfg.require(self.keep_ratio is not None and 0 < self.keep_ratio <= 1, "keep_ratio",
+                        f"must be in (0, 1], got {self.keep_ratio}")
+        else:
+            cfg.require(self.keep_count > 0, "keep_count", "must be positive")
+        for name in ("epochs", "batch_size", "micro_batch_size", "max_length", "lora_r"):
+            cfg.require(getattr(self, name) > 0, name, "must be positive")
+        cfg.require(self.lr > 0 and self.selector_lr > 0, "lr", "learning rates must be positive")
+        cfg.require(self.save_every >= 0, "save_every", "must be >= 0")
+        cfg.require(not (self.resume and self.overwrite), "resume",
+                    "--resume and --overwrite exclude each other")
+        if self.safe_batch_size is None:
+            self.safe_batch_size = self.batch_size
+
+
+def load_inputs(args: SelectArgs) -> tuple[list[Example], list[Example]]:
+    examples = load_examples(args.finetune_data, args.split, args.format, args.limit,
+                             args.drop_duplicates)
+    examples = sample_rows(examples, args.sample, args.seed)
+    safe: list[Example] = []
+    if args.safe_data:
+        safe = load_examples(args.safe_data, args.split, args.safe_format,
+                             drop_duplicates=True)
+        safe = sample_rows(safe, args.safe_limit, args.seed)
+    return examples, safe
+
+
+def label_report(examples: list[Example], kept: np.ndarray, field: str, unsafe: str) -> dict:
+    """Kept share per ground-truth label, and how many unsafe rows the selection removed."""
+    labels = [str(e["meta"].get(field)) for e in examples]
+    per_label = {}
+    for value in sorted(set(labels)):
+        rows = [i for i, label in enumerate(labels) if label == value]
+        per_label[value] = {"rows": len(rows), "kept": int(sum(kept[i] for i in rows))}
+    unsafe_rows = per_label.get(unsafe, {"rows": 0, "kept": 0})
+    removed = unsafe_rows["rows"] - unsafe_rows["kept"]
+    keep_share = float(kept.mean()) if len(kept) else 0.0
+    return {
+        "field": field,
+        "per_label": per_label,
+        "unsafe_rows": unsafe_rows["rows"],
+        "unsafe_removed": removed,
+        "unsafe_removed_share": removed / unsafe_rows["rows"] if unsafe_rows["rows"] else None,
+        "random_expected_removed": unsafe_rows["rows"] * (1 - keep_share),
+    }
+
+
+def auroc(scores: np.ndarray, positive: np.ndarray) -> float | None:
+    """P(score of a random positive > score of a random negative), ties counting half."""
+    pos, neg = scores[positive], scores[~positive]
+    if len(pos) == 0 or len(neg) == 0:
+        return None
+    ranks = _average_ranks(np.concatenate([pos, neg]))
+    return float((ranks[: len(pos)].sum() - len(pos) * (len(pos) + 1) / 2) / (len(pos) * len(neg)))
+
+
+def _average_ranks(values: np.ndarray) -> np.ndarray:
+    order = np.argsort(values, kind="mergesort")
+    ranks = np.empty(len(values))
+    sorted_values = values[order]
+    start = 0
+    while start < len(values):
+        end = start
+        while end + 1 < len(values) and sorted_values[end + 1] == sorted_values[start]:
+            end += 1
+        ranks[order[start:end + 1]] = (start + end) / 2 + 1
+        start = end + 1
+    return ranks
+
+
+def write_outputs(
+    out: Path, args: SelectArgs, examples: list[Example], logits: np.ndarray,
+    weights: np.ndarray, skipped: dict[str, str], extra_summary: dict,
+) -> dict:
+    """scores.jsonl, selected.jsonl and summary.json from per-row scores (NaN = skipped)."""
+    ids = [e["id"] for e in examples]
+    usable = np.array([i not in skipped for i in ids])
+    count = keep_count_for(int(usable.sum()), args.keep_ratio, args.keep_count)
+    kept = keep_mask(weights, ids, usable, count)
+    rows = []
+    for k, example in enumerate(examples):
+        row = {"index": example["index"], "id": example["id"],
+               "weight": None if not usable[k] else float(weights[k]),
+               "logit": None if not usable[k] else float(logits[k]), "kept": bool(kept[k])}
+        if not usable[k]:
+            row["skipped"] = skipped[example["id"]]
+        rows.append(row)
+    write_jsonl(out / "scores.jsonl", rows)
+    write_jsonl(out / "selected.jsonl",
+                ({"id": e["id"], "messages": e["messages"], **e["meta"]}
+                 for k, e in enumerate(examples) if kept[k]))
+    summary = {"method": args.method, "rows": len(examples), "usable": int(usable.sum()),
+               "skipped": len(skipped), "kept": int(kept.sum()), **extra_summary}
+    if args.label_field:
+        summary["labels"] = label_report(examples, kept, args.label_field, args.unsafe_value)
+        flags = np.array([str(e["meta"].get(args.label_field)) == args.unsafe_value
+                          for e in examples])
+        summary["labels"]["auroc_unsafe_low_weight"] = auroc(-weights[usable], flags[usable])
+    write_json(out / "summary.json", summary)
+    return summary
+
+
+def peak_memory_mb() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def run_select(args: SelectArgs) -> dict:
+    """Select data; returns the summary (also written to summary.json)."""
+    started = time.perf_counter()
+    from accelerate import PartialState
+
+    is_main = PartialState().is_main_process
+    out = Path(args.output_dir)
+    if is_main:
+        prepare_output_dir(out, args.overwrite, args.resume)
+        write_yaml(out / "config.yaml", cfg.to_dict(args))
+    PartialState().wait_for_everyone()
+    examples, safe = load_inputs(args)
+    if args.method == "seal":
+        from sealft.seal import learn_selector
+
+        logits, weights, skipped, extra = learn_selector(args, examples, safe, out)
+    else:
+        from sealft.baselines import score_baseline
+
+        logits, weights, skipped, extra = score_baseline(args, examples, safe, out)
+    extra = {**extra, "wall_seconds": round(time.perf_counter() - started, 2),
+             "peak_memory_mb": round(peak_memory_mb(), 1)}
+    summary = {}
+    if is_main:
+        summary = write_outputs(out, args, examples, logits, weights, skipped, extra)
+    PartialState().wait_for_everyone()
+    return summary

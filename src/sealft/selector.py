@@ -1,0 +1,92 @@
+"""The data selector: one logit per fine-tuning example, weights, save/load, top-p selection.
+
+Verbs in the DSIR style: `Selector(n)` is fit by `bilevel.py`; `weights()` scores;
+`keep_mask()` selects; `save()` / `Selector.load()` persist it (keyed by example id).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from sealft.errors import DataError, SealftError
+from sealft.io import atomic_save
+
+PARAMETRIZATIONS = ("softmax", "sigmoid")
+
+
+class Selector(torch.nn.Module):
+    """Learnable logits ω; weights σ(ω) = N·softmax(ω) (mean weight 1) or 2·sigmoid(ω).
+
+    Both give weight 1 to every example at ω = 0, so training starts as plain SFT.
+    """
+
+    def __init__(self, n: int, parametrization: str = "softmax"):
+        super().__init__()
+        if parametrization not in PARAMETRIZATIONS:
+            raise SealftError(f"--weighting {parametrization!r}: use softmax or sigmoid")
+        self.parametrization = parametrization
+        self.logits = torch.nn.Parameter(torch.zeros(n))
+
+    def weights(self, rows: torch.Tensor | None = None) -> torch.Tensor:
+        if self.parametrization == "softmax":
+            all_weights = len(self.logits) * torch.softmax(self.logits, dim=0)
+        else:
+            all_weights = 2 * torch.sigmoid(self.logits)
+        return all_weights if rows is None else all_weights[rows]
+
+    def save(self, path: str | Path, ids: list[str]) -> None:
+        metadata = {"parametrization": self.parametrization, "ids": json.dumps(ids)}
+        tensors = {"logits": self.logits.detach().cpu().contiguous()}
+        atomic_save(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+
+    @classmethod
+    def load(cls, path: str | Path) -> tuple[Selector, list[str]]:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+        logits = load_file(str(path))["logits"]
+        selector = cls(len(logits), metadata.get("parametrization", "softmax"))
+        with torch.no_grad():
+            selector.logits.copy_(logits)
+        return selector, json.loads(metadata.get("ids", "[]"))
+
+
+def keep_count_for(n_usable: int, keep_ratio: float | None, keep_count: int | None) -> int:
+    if keep_count is not None:
+        if keep_count > n_usable:
+            raise SealftError(
+                f"--keep-count {keep_count} is larger than the {n_usable} usable examples; "
+                f"use at most {n_usable} or --keep-ratio"
+            )
+        return keep_count
+    assert keep_ratio is not None
+    return min(n_usable, math.ceil(keep_ratio * n_usable - 1e-9))
+
+
+def keep_mask(scores: np.ndarray, ids: list[str], usable: np.ndarray, count: int) -> np.ndarray:
+    """Keep the `count` usable examples with the highest score; ties broken by id, so the
+    result does not depend on row order."""
+    candidates = [i for i in range(len(ids)) if usable[i]]
+    candidates.sort(key=lambda i: (-float(scores[i]), ids[i]))
+    kept = np.zeros(len(ids), dtype=bool)
+    kept[candidates[:count]] = True
+    return kept
+
+
+def align_scores(score_ids: list[str], scores: np.ndarray, ids: list[str], source: str):
+    """Reorder scores learned on one copy of a dataset to another copy, by id."""
+    by_id = dict(zip(score_ids, scores, strict=True))
+    missing = [i for i in ids if i not in by_id]
+    if missing:
+        raise DataError(
+            f"{source}: {len(missing)} of {len(ids)} examples have no score (e.g. id "
+            f"{missing[0]!r}); the scores were learned on a different dataset"
+        )
+    return np.array([by_id[i] for i in ids])

@@ -1,0 +1,167 @@
+"""Chat-template tokenisation with response-only labels.
+
+Each example is rendered twice with the model's own chat template: the prompt (all messages but
+the last, plus the generation prompt) and the full conversation. The response is the text the
+full rendering adds after the prompt; labels are -100 on the prompt, so the loss (and SEAL's
+per-example signal) is about what the model *answers*, never about the question.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from sealft.data import Example
+from sealft.errors import DataError
+from sealft.models import CACHE_DIR
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class Tokenized:
+    """Token ids and labels for the usable examples, plus an account of the unusable ones."""
+
+    input_ids: list[list[int]]
+    labels: list[list[int]]
+    rows: list[int]
+    """Position of each usable example in the input example list."""
+    skipped: dict[str, str] = field(default_factory=dict)
+    """id -> reason, for examples that cannot be trained on."""
+    truncated: list[str] = field(default_factory=list)
+    """ids whose response was cut at max_length (still used)."""
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+
+def _render(tokenizer, messages: list[dict[str, str]], generation_prompt: bool) -> str:
+    return tokenizer.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=generation_prompt
+    )
+
+
+def _tokenize_batch(batch: dict[str, list[Any]], tokenizer, max_length: int) -> dict[str, list]:
+    prompts, responses, reasons = [], [], []
+    for messages_json in batch["messages"]:
+        messages = json.loads(messages_json)
+        reason = ""
+        if messages[-1]["role"] != "assistant":
+            reason = "last message is not an assistant response"
+        elif not messages[-1]["content"].strip():
+            reason = "empty response"
+        prompt_text = _render(tokenizer, messages[:-1], True) if len(messages) > 1 else ""
+        full_text = _render(tokenizer, messages, False)
+        if not full_text.startswith(prompt_text):
+            # Some templates rewrite earlier turns once a reply follows; then the response is
+            # whatever differs after the longest common prefix.
+            common = 0
+            while common < min(len(prompt_text), len(full_text)) and (
+                prompt_text[common] == full_text[common]
+            ):
+                common += 1
+            prompt_text = full_text[:common]
+        prompts.append(prompt_text)
+        responses.append(full_text[len(prompt_text):])
+        reasons.append(reason)
+    # One batched call into the Rust tokenizer per side: the slow part of tokenising 1M rows.
+    prompt_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
+    response_ids = tokenizer(responses, add_special_tokens=False)["input_ids"]
+    out: dict[str, list] = {"input_ids": [], "labels": [], "skip": [], "truncated": []}
+    for p_ids, r_ids, reason in zip(prompt_ids, response_ids, reasons, strict=True):
+        if not reason and len(p_ids) >= max_length:
+            reason = f"prompt has {len(p_ids)} tokens, max_length is {max_length}"
+        truncated = len(p_ids) + len(r_ids) > max_length
+        ids = (p_ids + r_ids)[:max_length]
+        labels = ([IGNORE_INDEX] * len(p_ids) + r_ids)[:max_length]
+        out["input_ids"].append([] if reason else ids)
+        out["labels"].append([] if reason else labels)
+        out["skip"].append(reason)
+        out["truncated"].append(truncated and not reason)
+    return out
+
+
+def _fingerprint(tokenizer, examples: list[Example], max_length: int) -> str:
+    digest = hashlib.sha1()
+    digest.update(str(tokenizer.name_or_path).encode())
+    digest.update(str(tokenizer.chat_template).encode())
+    digest.update(str(len(tokenizer)).encode())
+    digest.update(str(max_length).encode())
+    for example in examples:
+        digest.update(example["id"].encode())
+        digest.update(json.dumps(example["messages"], ensure_ascii=False).encode())
+    return digest.hexdigest()[:20]
+
+
+def tokenize_examples(
+    examples: list[Example],
+    tokenizer,
+    max_length: int,
+    num_proc: int | None = None,
+    cache: bool = True,
+    desc: str = "tokenising",
+) -> Tokenized:
+    """Tokenise with `datasets.map` (batched, optionally multi-process, cached on disk keyed by
+    tokenizer + template + data, so a rerun on the same data skips the work)."""
+    import datasets
+
+    table = datasets.Dataset.from_dict(
+        {"messages": [json.dumps(e["messages"], ensure_ascii=False) for e in examples]}
+    )
+    cache_file = None
+    if cache:
+        cache_dir = CACHE_DIR / "tokenized"
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        cache_file = str(cache_dir / f"{_fingerprint(tokenizer, examples, max_length)}.arrow")
+    mapped = table.map(
+        _tokenize_batch,
+        batched=True,
+        batch_size=1000,
+        fn_kwargs={"tokenizer": tokenizer, "max_length": max_length},
+        remove_columns=["messages"],
+        num_proc=num_proc if num_proc and num_proc > 1 and len(examples) >= 2000 else None,
+        cache_file_name=cache_file,
+        load_from_cache_file=cache,
+        desc=desc,
+    )
+    columns = mapped.to_dict()
+    result = Tokenized(input_ids=[], labels=[], rows=[])
+    for row, example in enumerate(examples):
+        reason = columns["skip"][row]
+        if reason:
+            result.skipped[example["id"]] = reason
+            continue
+        result.input_ids.append(columns["input_ids"][row])
+        result.labels.append(columns["labels"][row])
+        result.rows.append(row)
+        if columns["truncated"][row]:
+            result.truncated.append(example["id"])
+    return result
+
+
+def require_usable(tokenized: Tokenized, source: str, max_length: int) -> None:
+    if len(tokenized) == 0:
+        reasons = sorted(set(tokenized.skipped.values()))[:3]
+        raise DataError(
+            f"{source}: none of the {len(tokenized.skipped)} examples can be used "
+            f"({'; '.join(reasons)}); raise max_length (now {max_length}) or fix the data"
+        )
+
+
+def collate(tokenized: Tokenized, positions: list[int], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded batch of the usable examples at `positions` (indices into `tokenized`)."""
+    length = max(len(tokenized.input_ids[p]) for p in positions)
+    ids = torch.full((len(positions), length), pad_id, dtype=torch.long)
+    labels = torch.full((len(positions), length), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((len(positions), length), dtype=torch.long)
+    for k, p in enumerate(positions):
+        n = len(tokenized.input_ids[p])
+        ids[k, :n] = torch.tensor(tokenized.input_ids[p])
+        labels[k, :n] = torch.tensor(tokenized.labels[p])
+        mask[k, :n] = 1
+    return {"input_ids": ids, "labels": labels, "attention_mask": mask,
+            "positions": torch.tensor(positions, dtype=torch.long)}

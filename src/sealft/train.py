@@ -1,0 +1,208 @@
+"""Loop plumbing shared by selection and fine-tuning: data order, sharding across processes,
+micro-batching, checkpoints, resume and logging. The maths lives in the step functions
+(`bilevel.py`, `finetune.py`); this file never looks inside a step.
+
+Data order is a pure function of (seed, epoch), so a checkpoint only needs the position in it;
+resuming replays exactly the batches an uninterrupted run would have seen.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from sealft.errors import TrainingError
+from sealft.io import append_jsonl, atomic_write, write_json
+
+CHECKPOINT = "checkpoint"
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
+    order = list(range(n))
+    random.Random(seed * 100_003 + epoch).shuffle(order)
+    return order
+
+
+def split_batches(order: list[int], batch_size: int) -> list[list[int]]:
+    """Consecutive batches; the last one may be smaller (no example is dropped)."""
+    return [order[k:k + batch_size] for k in range(0, len(order), batch_size)]
+
+
+def shard(positions: list[int], rank: int, world: int) -> list[int]:
+    return positions[rank::world]
+
+
+def micro_batches(positions: list[int], size: int) -> list[list[int]]:
+    return [positions[k:k + size] for k in range(0, len(positions), size)]
+
+
+class Cycle:
+    """Endless seeded passes over n items (the safe set). Unlike zipping two loaders, it never
+    ends the epoch early when the safe set is the smaller one."""
+
+    def __init__(self, n: int, seed: int, consumed: int = 0):
+        self.n, self.seed, self.consumed = n, seed, consumed
+        self._lap, self._order = -1, []
+
+    def take(self, count: int) -> list[int]:
+        out = []
+        for _ in range(count):
+            lap, offset = divmod(self.consumed, self.n)
+            if lap != self._lap:
+                self._order, self._lap = epoch_order(self.n, self.seed + 7919, lap), lap
+            out.append(self._order[offset])
+            self.consumed += 1
+        return out
+
+
+@dataclass
+class LoopState:
+    epoch: int = 0
+    batch_in_epoch: int = 0
+    global_step: int = 0
+    safe_consumed: int = 0
+    elapsed: float = 0.0
+    """Seconds of training before the last resume (wall time survives interruptions)."""
+
+
+@dataclass
+class Checkpoint:
+    """Named groups of tensors (saved as safetensors) plus picklable-free optimiser states."""
+
+    directory: Path
+    save_tensors: Callable[[Path], None]
+    """Writes adapters / selector / optimiser states into the given folder."""
+    load_tensors: Callable[[Path], None]
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def save(self, state: LoopState) -> None:
+        tmp = self.directory / f"{CHECKPOINT}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        self.save_tensors(tmp)
+        torch.save({"torch": torch.get_rng_state()}, tmp / "rng.pt")
+        write_json(tmp / "state.json", {**state.__dict__, **self.extra})
+        final, old = self.directory / CHECKPOINT, self.directory / f"{CHECKPOINT}.old"
+        shutil.rmtree(old, ignore_errors=True)
+        if final.exists():
+            final.rename(old)
+        tmp.rename(final)  # the switch is one rename: a kill leaves either old or new intact
+        shutil.rmtree(old, ignore_errors=True)
+
+    def load(self) -> LoopState | None:
+        final, old = self.directory / CHECKPOINT, self.directory / f"{CHECKPOINT}.old"
+        if not final.exists() and old.exists():  # killed between the two renames
+            old.rename(final)
+        if not (final / "state.json").exists():
+            return None
+        saved = json.loads((final / "state.json").read_text())
+        self.load_tensors(final)
+        rng = torch.load(final / "rng.pt", weights_only=True)
+        torch.set_rng_state(rng["torch"])
+        return LoopState(**{k: saved[k] for k in LoopState.__dataclass_fields__})
+
+
+@dataclass
+class LoopSettings:
+    epochs: int
+    batch_size: int
+    micro_batch_size: int
+    safe_batch_size: int
+    seed: int
+    save_every: int
+    rank: int = 0
+    world: int = 1
+    show_progress: bool = True
+
+
+StepFn = Callable[[list[list[int]], list[list[int]], float, int, int], dict[str, float]]
+
+
+def train_loop(
+    n_examples: int,
+    n_safe: int,
+    settings: LoopSettings,
+    step: StepFn,
+    metrics_path: Path,
+    checkpoint: Checkpoint | None,
+    resume: bool,
+    describe: Callable[[list[int]], str] = str,
+    log: Callable[[dict[str, float], int], None] = lambda metrics, step: None,
+) -> LoopState:
+    """Run `epochs` passes. `step(ft_micro, safe_micro, epoch_progress, ft_total, safe_total)`
+    gets this process's micro-batches (positions) and the global batch sizes to average by."""
+    state = LoopState()
+    if resume and checkpoint is not None:
+        state = checkpoint.load() or state
+        _truncate_metrics(metrics_path, state.global_step)
+    safe = Cycle(n_safe, settings.seed, state.safe_consumed) if n_safe else None
+    steps_per_epoch = math.ceil(n_examples / settings.batch_size)
+    bar = tqdm(total=steps_per_epoch * settings.epochs, initial=state.global_step,
+               disable=not settings.show_progress or settings.rank != 0, desc="training")
+    started = time.perf_counter() - state.elapsed
+    while state.epoch < settings.epochs:
+        batches = split_batches(epoch_order(n_examples, settings.seed, state.epoch),
+                                settings.batch_size)
+        while state.batch_in_epoch < len(batches):
+            batch = batches[state.batch_in_epoch]
+            safe_batch = safe.take(settings.safe_batch_size) if safe else []
+            mine = shard(batch, settings.rank, settings.world)
+            mine_safe = shard(safe_batch, settings.rank, settings.world)
+            progress = state.epoch + state.batch_in_epoch / len(batches)
+            t0 = time.perf_counter()
+            metrics = step(micro_batches(mine, settings.micro_batch_size),
+                           micro_batches(mine_safe, settings.micro_batch_size),
+                           progress, len(batch), len(safe_batch))
+            if not all(math.isfinite(v) for v in metrics.values()):
+                raise TrainingError(
+                    f"non-finite loss at step {state.global_step + 1} (epoch {state.epoch}, "
+                    f"batch {state.batch_in_epoch}; examples {describe(batch)}): {metrics}. "
+                    "Lower the learning rate or check those examples; the last checkpoint "
+                    "is kept, resume with --resume"
+                )
+            state.batch_in_epoch += 1
+            state.global_step += 1
+            state.safe_consumed = safe.consumed if safe else 0
+            state.elapsed = time.perf_counter() - started
+            record = {"step": state.global_step, "epoch": round(progress, 4), **metrics,
+                      "seconds": round(time.perf_counter() - t0, 4)}
+            if settings.rank == 0:
+                append_jsonl(metrics_path, record)
+                log(metrics, state.global_step)
+            bar.update(1)
+            bar.set_postfix({k: f"{v:.3g}" for k, v in list(metrics.items())[:3]})
+            end_of_epoch = state.batch_in_epoch == len(batches)
+            if end_of_epoch:
+                state.epoch, state.batch_in_epoch = state.epoch + 1, 0
+            due = settings.save_every and state.global_step % settings.save_every == 0
+            if checkpoint is not None and settings.rank == 0 and (due or end_of_epoch):
+                checkpoint.save(state)
+            if end_of_epoch:
+                break
+    bar.close()
+    return state
+
+
+def _truncate_metrics(path: Path, last_step: int) -> None:
+    """Drop log lines written after the checkpoint we resume from (they will be redone)."""
+    if not path.exists():
+        return
+    keep = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            if json.loads(line)["step"] <= last_step:
+                keep.append(line)
+        except (json.JSONDecodeError, KeyError):
+            continue  # a torn last line from the kill
+    with atomic_write(path) as handle:
+        handle.write("".join(k + "\n" for k in keep))
