@@ -93,3 +93,10 @@ def toy_data(tmp_path) -> tuple[str, str]:
     ft = write_jsonl(tmp_path / "finetune.jsonl", toy_finetune_rows())
     safe = write_jsonl(tmp_path / "safe.jsonl", toy_safe_rows())
     return str(ft), str(safe)
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"shared data not found at {SHARED_DATA}")
+    return SHARED_DATA

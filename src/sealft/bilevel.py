@@ -32,21 +32,28 @@ Batch = dict[str, torch.Tensor]
 
 
 class VisitedRMSUpdate:
-    """The selector's optimiser: step only the logits of the examples in the batch, scaled by a
-    running RMS of the selector gradient shared by all examples.
+    """The selector's optimiser: step only the logits of the examples in the batch, along the
+    local gradient (softmax normaliser held fixed), scaled by one running RMS shared by all.
 
-    Why not Adam on all logits (the reference implementation)? Through the global softmax every
-    logit gets a tiny gradient at every step, and Adam rescales each coordinate to a step of
-    about lr: unvisited logits all drift together, so the final ranking mostly reflects *when*
-    an example was last visited. Updating only visited logits removes the drift; one shared
-    scale (instead of Adam's per-coordinate one) keeps relative gradient sizes, which are the
-    ranking signal, while keeping `lr` meaning "typical change of a logit per visit".
+    Why not Adam on the full gradient (the reference implementation)? Through the global
+    softmax every logit gets a tiny gradient at every step, and Adam rescales each coordinate
+    to a step of about lr: unvisited logits all drift together, and the normaliser's term
+    shifts a whole batch by an amount that depends on its batch-mates. The final ranking then
+    reflects *when* and *with whom* an example was visited. The local gradient σ_i·signal_i
+    depends on example i alone; one shared scale (instead of Adam's
+    per-coordinate one) keeps relative gradient sizes, which are the ranking signal, while
+    `lr` keeps meaning "typical change of a logit per visit". Softmax is shift-invariant, so
+    dropping the common-mode term changes no ranking.
     """
 
-    def __init__(self, selector: Selector, lr: float, beta: float = 0.99, eps: float = 1e-12):
-        self.selector, self.lr, self.beta, self.eps = selector, lr, beta, eps
-        self.mean_square = torch.zeros(())
-        self.steps = torch.zeros((), dtype=torch.long)
+    local_gradient = True
+
+    def __init__(self, selector: Selector, lr: float, eps: float = 1e-12):
+        self.selector, self.lr, self.eps = selector, lr, eps
+        # A cumulative (not exponential) mean of squared gradients: after a few batches it is
+        # nearly constant, so early and late visits are scaled alike.
+        self.sum_square = torch.zeros((), dtype=torch.float64)
+        self.count = torch.zeros((), dtype=torch.float64)
 
     @torch.no_grad()
     def step(self, visited: torch.Tensor) -> None:
@@ -54,27 +61,28 @@ class VisitedRMSUpdate:
         if grad is None:
             return
         local = grad[visited]
-        square = local.pow(2).mean()
-        if square <= self.eps:  # γ = 0: nothing to learn yet
+        if local.pow(2).sum() <= self.eps:  # γ = 0: nothing to learn yet
             return
-        self.steps += 1
-        self.mean_square.mul_(self.beta).add_((1 - self.beta) * square)
-        unbiased = self.mean_square / (1 - self.beta ** self.steps.item())
-        self.selector.logits[visited] -= self.lr * local / (unbiased.sqrt() + self.eps)
+        self.sum_square += local.double().pow(2).sum().cpu()
+        self.count += len(local)
+        rms = (self.sum_square / self.count).sqrt().to(local.dtype)
+        self.selector.logits[visited] -= self.lr * local / (rms + self.eps)
 
     def zero_grad(self) -> None:
         self.selector.logits.grad = None
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        return {"mean_square": self.mean_square.clone(), "steps": self.steps.clone()}
+        return {"sum_square": self.sum_square.clone(), "count": self.count.clone()}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        self.mean_square.copy_(state["mean_square"])
-        self.steps.copy_(state["steps"])
+        self.sum_square.copy_(state["sum_square"])
+        self.count.copy_(state["count"])
 
 
 class DenseAdamUpdate:
     """The paper's selector optimiser: Adam on the full (dense) gradient of all logits."""
+
+    local_gradient = False
 
     def __init__(self, selector: Selector, lr: float):
         self.selector = selector
@@ -113,6 +121,10 @@ class BilevelParts:
 
 def _rows(batch: Batch) -> torch.Tensor:
     return batch["positions"]
+
+
+def _selector_weights(parts: BilevelParts, batch: Batch) -> torch.Tensor:
+    return parts.selector.weights(_rows(batch), local=parts.selector_optimizer.local_gradient)
 
 
 def _safety_backward(parts: BilevelParts, safe_batches: list[Batch], safe_total: int) -> float:
@@ -160,7 +172,7 @@ def penalty_step(
     f_value = _safety_backward(parts, safe_batches, safe_total)
     g_value = 0.0
     for batch, loss_prime in zip(ft_batches, losses_prime, strict=True):
-        weights = selector.weights(_rows(batch))
+        weights = _selector_weights(parts, batch)
         losses = per_example_loss(model, batch)
         # One backward gives θ the gradient of γ·g(θ, ω) and ω the gradient of
         # γ·(g(θ, ω) − g(θ', ω)): ℓ(θ') is a constant here, so it only reaches ω.
@@ -182,7 +194,7 @@ def memory_efficient_step(
     f_value = _safety_backward(parts, safe_batches, safe_total)
     g_value = 0.0
     for batch in ft_batches:
-        weights = selector.weights(_rows(batch))
+        weights = _selector_weights(parts, batch)
         losses = per_example_loss(model, batch)
         (gamma * (weights * losses).sum() / ft_total).backward()
         g_value += (weights.detach() * losses.detach()).sum().item() / ft_total

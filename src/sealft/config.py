@@ -133,11 +133,18 @@ def build(cls: type, *layers: dict[str, Any]):
     for layer in layers:
         for key, raw in layer.items():
             key = key.replace("-", "_")
+            head, dot, sub = key.partition(".")
+            if dot and head in names:  # select.keep_ratio=0.9 sets one entry of a mapping field
+                values[head] = {**(values.get(head) or {}), sub: raw}
+                continue
             if key not in names:
                 close = [n for n in names if key in n or n in key]
                 hint = f"; did you mean {', '.join(sorted(close))}?" if close else ""
                 raise ConfigError(f"unknown option {key!r} for {cls.__name__}{hint}")
-            values[key] = _convert(cls, key, raw)
+            converted = _convert(cls, key, raw)
+            if isinstance(converted, dict) and isinstance(values.get(key), dict):
+                converted = {**values[key], **converted}
+            values[key] = converted
     try:
         return cls(**values)
     except TypeError as err:

@@ -207,7 +207,8 @@ def methods_table(runs: list[EvalRun]) -> tuple[list[str], list[list[str]]]:
         s = r.summary
         row = [r.label, pct(s.get("safety_refusal_rate")), pct(s.get("safety_harmfulness_rate")),
                pct(s.get("over_refusal_rate")), pct(s.get("task_accuracy")),
-               pct(s.get("win_rate")), duration(s.get("generation_seconds_total")),
+               pct(s.get("win_rate")),
+               duration(s.get("wall_seconds_total", s.get("wall_seconds"))),
                memory(s.get("peak_memory_mb"))]
         if with_train:
             row += [duration(r.train.get("wall_seconds")), memory(r.train.get("peak_memory_mb"))]
@@ -541,6 +542,8 @@ def report(args: ReportArgs) -> Path:
         handle.write(render_markdown(args.title, sections, out))
     with atomic_write(out / "report.html") as handle:
         handle.write(render_html(args.title, sections))
+    for name in ("report.md", "report.html"):
+        (out / name).chmod(0o644)  # temp files are created private; a report is for sharing
     return out / "report.md"
 
 

@@ -148,7 +148,7 @@ def learn_selector(args, examples: list[Example], safe: list[Example], out: Path
         len(tokenized), len(safe_tok), settings, step, out / "metrics.jsonl",
         _checkpoint_io(parts, adapters, out), args.resume,
         describe=lambda positions: ", ".join(ids[p] for p in positions[:8]),
-        log=partial(_log, accelerator),
+        log=partial(log_metrics, accelerator),
     )
     accelerator.end_training()
     learned = selector.logits.detach().cpu().numpy()
@@ -168,6 +168,6 @@ def _per_row(n: int, rows: list[int], logits: np.ndarray, weights: np.ndarray):
     return full_logits, full_weights
 
 
-def _log(accelerator, metrics: dict[str, float], step: int) -> None:
+def log_metrics(accelerator, metrics: dict[str, float], step: int) -> None:
     if accelerator.trackers:
         accelerator.log(metrics, step=step)

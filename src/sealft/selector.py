@@ -33,12 +33,17 @@ class Selector(torch.nn.Module):
         self.parametrization = parametrization
         self.logits = torch.nn.Parameter(torch.zeros(n))
 
-    def weights(self, rows: torch.Tensor | None = None) -> torch.Tensor:
-        if self.parametrization == "softmax":
-            all_weights = len(self.logits) * torch.softmax(self.logits, dim=0)
-        else:
+    def weights(self, rows: torch.Tensor | None = None, local: bool = False) -> torch.Tensor:
+        """σ(ω)[rows]. `local=True` holds the softmax normaliser constant, so gradients reach
+        only the logits of `rows` (the diagonal of ∂σ/∂ω); the values are the same."""
+        if self.parametrization == "sigmoid":
             all_weights = 2 * torch.sigmoid(self.logits)
-        return all_weights if rows is None else all_weights[rows]
+            return all_weights if rows is None else all_weights[rows]
+        log_normaliser = torch.logsumexp(self.logits, dim=0)
+        if local:
+            log_normaliser = log_normaliser.detach()
+        picked = self.logits if rows is None else self.logits[rows]
+        return len(self.logits) * torch.exp(picked - log_normaliser)
 
     def save(self, path: str | Path, ids: list[str]) -> None:
         metadata = {"parametrization": self.parametrization, "ids": json.dumps(ids)}

@@ -597,8 +597,11 @@ def evaluate(args: EvaluateArgs) -> dict[str, Any]:
     _write_judgments(out, all_lines, set(suites))
 
     prev_timing = previous.get("timing", {})
+    wall = time.perf_counter() - started
     timing = {
-        "wall_seconds": round(time.perf_counter() - started, 2),
+        "wall_seconds": round(wall, 2),
+        # Totals over every invocation on this dir: a resumed evaluation's cost is the sum.
+        "wall_seconds_total": round(prev_timing.get("wall_seconds_total", 0.0) + wall, 2),
         "generation_seconds": round(gen_seconds, 2),
         "generated": generated,
         "generation_seconds_total": round(prev_timing.get("generation_seconds_total", 0.0)

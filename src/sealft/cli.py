@@ -1,0 +1,130 @@
+"""`sealft` command line: one subcommand per stage, options derived from the stage dataclasses.
+
+    sealft select   --model M --finetune-data F --safe-data S --output-dir OUT [key=value ...]
+    sealft finetune --model M --data OUT/selected.jsonl --output-dir FT
+    sealft run      --config run.yaml          (select, then fine-tune on the selection)
+    sealft evaluate --model M --adapter FT/adapter --suite safety --output-dir EVAL
+    sealft report   EVAL1 EVAL2 ... --output report/
+    sealft demo     (real offline model, real data, a few minutes on a laptop CPU)
+
+Errors users can fix are printed as one line and exit with code 2 (`--debug` shows the traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from sealft import config as cfg
+from sealft.errors import SealftError
+
+
+@dataclass
+class Command:
+    args_class: Callable[[], type]
+    run: Callable[[Any], Any]
+    help: str
+
+
+def _select():
+    from sealft.select import SelectArgs, run_select
+
+    return SelectArgs, run_select
+
+
+def _finetune():
+    from sealft.finetune import FinetuneArgs, run_finetune
+
+    return FinetuneArgs, run_finetune
+
+
+def _run():
+    from sealft.pipeline import RunArgs, run_pipeline
+
+    return RunArgs, run_pipeline
+
+
+def _evaluate():
+    from sealft.evaluate import EvaluateArgs, evaluate
+
+    return EvaluateArgs, evaluate
+
+
+def _report():
+    from sealft.report import ReportArgs, report
+
+    return ReportArgs, report
+
+
+def _demo():
+    from sealft.demo import DemoArgs, run_demo
+
+    return DemoArgs, run_demo
+
+
+COMMANDS: dict[str, tuple[Callable[[], tuple[type, Callable]], str]] = {
+    "select": (_select, "learn per-example weights (SEAL or a baseline) and keep the top p%"),
+    "finetune": (_finetune, "LoRA fine-tuning on (selected) data"),
+    "run": (_run, "select, then fine-tune on the selection"),
+    "evaluate": (_evaluate, "safety / over-refusal / task / helpfulness evaluation"),
+    "report": (_report, "tables and plots comparing evaluation and selection runs"),
+    "demo": (_demo, "SEAL on a real offline model and real data, in minutes on a CPU"),
+}
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sealft", description="Safety-enhanced LLM fine-tuning by bilevel data selection.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (loader, help_text) in COMMANDS.items():
+        stage = sub.add_parser(name, help=help_text, description=help_text)
+        stage.add_argument("--config", help="YAML file of options (flags and key=value win)")
+        stage.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+        stage.add_argument(
+            "overrides", nargs="*", metavar="key=value",
+            help="option overrides, e.g. keep_ratio=0.9"
+            + ("; other positional arguments are run dirs" if name == "report" else ""),
+        )
+        if command == name:  # import only the stage being run: keeps `sealft --help` fast
+            cfg.add_arguments(stage, loader()[0])
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = next((a for a in argv if a in COMMANDS), None)
+    parser = build_parser(command)
+    namespace = parser.parse_args(argv)
+    if namespace.command is None:
+        parser.print_help()
+        return 2
+    try:
+        args_class, run = COMMANDS[namespace.command][0]()
+        if namespace.command == "report":
+            positional = [o for o in namespace.overrides if "=" not in o]
+            namespace.overrides = [o for o in namespace.overrides if "=" in o]
+            if positional:
+                namespace.overrides.append("runs=" + ",".join(positional))
+        args = cfg.from_namespace(args_class, namespace)
+        result = run(args)
+        return result if isinstance(result, int) else 0
+    except SealftError as err:
+        if namespace.debug:
+            traceback.print_exc()
+        print(f"sealft {namespace.command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"sealft {namespace.command}: interrupted; rerun with --resume to continue",
+              file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

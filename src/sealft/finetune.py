@@ -1,0 +1,212 @@
+"""`sealft finetune`: LoRA SFT on (selected) data, optionally weighted by learned weights.
+
+The adapter is saved with PEFT's `save_pretrained` (adapter_config.json + safetensors), the format
+PEFT, TRL and vLLM load; `--merge` also writes full merged weights for tools without LoRA support.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from sealft import config as cfg
+from sealft.data import load_examples
+from sealft.io import prepare_output_dir, read_jsonl, write_json, write_yaml
+from sealft.losses import per_example_loss
+from sealft.models import adapter_parameters, add_lora_adapters, load_model_and_tokenizer
+from sealft.seal import gradient_sync, log_metrics, lora_settings, make_accelerator
+from sealft.select import peak_memory_mb
+from sealft.selector import align_scores
+from sealft.tokenize import collate, require_usable, tokenize_examples
+from sealft.train import Checkpoint, LoopSettings, train_loop
+
+ADAPTER = "default"
+
+
+@dataclass
+class FinetuneArgs:
+    model: str = "HuggingFaceTB/SmolLM2-135M-Instruct"
+    """Causal LM to fine-tune: hub id, local folder or .gguf file."""
+    data: str = ""
+    """Training data (e.g. a selection run's selected.jsonl), any supported format."""
+    output_dir: str = ""
+    """Run directory; the adapter goes to OUTPUT_DIR/adapter."""
+    weights_from: str | None = None
+    """Optional scores.jsonl: weight each example's loss by its learned weight (matched by id)."""
+    epochs: int = 2
+    """Passes over the data (paper: 2)."""
+    batch_size: int = 64
+    """Effective batch per step over all processes (paper: 64)."""
+    micro_batch_size: int = 8
+    """Examples per forward pass; gradients are accumulated up to batch_size."""
+    lr: float = 1e-5
+    """Adam learning rate (paper: 1e-5)."""
+    lora_r: int = 16
+    """LoRA rank."""
+    lora_alpha: int = 16
+    """LoRA alpha."""
+    lora_dropout: float = 0.0
+    """LoRA dropout."""
+    lora_target_modules: tuple[str, ...] = ("q_proj", "v_proj")
+    """Modules that get LoRA adapters (comma-separated)."""
+    max_length: int = 512
+    """Tokens per example; longer responses are truncated, longer prompts skipped."""
+    format: str = "auto"
+    """Data format: auto | messages | sharegpt | prompt_completion | alpaca | orca | hh."""
+    split: str = "train"
+    """Split, for hub datasets."""
+    limit: int | None = None
+    """Use only the first N rows."""
+    drop_duplicates: bool = False
+    """Drop exact duplicate rows instead of failing."""
+    merge: bool = False
+    """Also save merged full weights to OUTPUT_DIR/merged (safetensors)."""
+    seed: int = 0
+    """Seed for data order and initialisation."""
+    save_every: int = 0
+    """Checkpoint every N steps (0: only at epoch ends)."""
+    resume: bool = False
+    """Continue from the checkpoint in output_dir."""
+    overwrite: bool = False
+    """Replace a non-empty output_dir."""
+    dtype: str = "float32"
+    """Model weights dtype: float32 | bfloat16 | float16 | auto."""
+    chat_template: str | None = None
+    """Jinja chat template (file or string) for tokenizers without one."""
+    trust_remote_code: bool = False
+    """Allow model repos to run their own code."""
+    num_proc: int | None = None
+    """Processes for tokenisation."""
+    show_progress: bool = True
+    """Show progress bars."""
+
+    def __post_init__(self) -> None:
+        cfg.require(bool(self.data), "data", "required (e.g. OUT/selected.jsonl)")
+        cfg.require(bool(self.output_dir), "output_dir", "required")
+        for name in ("epochs", "batch_size", "micro_batch_size", "max_length", "lora_r"):
+            cfg.require(getattr(self, name) > 0, name, "must be positive")
+        cfg.require(self.lr > 0, "lr", "must be positive")
+        cfg.require(not (self.resume and self.overwrite), "resume",
+                    "--resume and --overwrite exclude each other")
+
+
+def sft_step(model, optimizer, batches, weights, total: int, sync) -> dict[str, float]:
+    """One (optionally weighted) SFT step: mean_i w_i ℓ_i over the global batch."""
+    loss_sum = 0.0
+    for batch in batches:
+        losses = per_example_loss(model, batch)
+        w = weights[batch["positions"]] if weights is not None else torch.ones_like(losses)
+        (w * losses).sum().div(total).backward()
+        loss_sum += (w * losses.detach()).sum().item()
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    sync(params)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return {"loss": loss_sum / total}
+
+
+def _example_weights(args: FinetuneArgs, ids: list[str]) -> torch.Tensor | None:
+    if not args.weights_from:
+        return None
+    rows = [r for r in read_jsonl(args.weights_from) if r.get("weight") is not None]
+    scores = align_scores([r["id"] for r in rows], np.array([r["weight"] for r in rows]), ids,
+                          args.weights_from)
+    return torch.tensor(scores, dtype=torch.float32)
+
+
+def run_finetune(args: FinetuneArgs) -> dict:
+    started = time.perf_counter()
+    out = Path(args.output_dir)
+    from accelerate import PartialState
+
+    if PartialState().is_main_process:
+        prepare_output_dir(out, args.overwrite, args.resume)
+        write_yaml(out / "config.yaml", cfg.to_dict(args))
+    PartialState().wait_for_everyone()
+    torch.manual_seed(args.seed)
+    accelerator = make_accelerator(out)
+    examples = load_examples(args.data, args.split, args.format, args.limit, args.drop_duplicates)
+    model, tokenizer = load_model_and_tokenizer(args.model, args.dtype, args.chat_template,
+                                                args.trust_remote_code)
+    tokenized = tokenize_examples(examples, tokenizer, args.max_length, args.num_proc)
+    require_usable(tokenized, args.data, args.max_length)
+    ids = [examples[r]["id"] for r in tokenized.rows]
+    weights = _example_weights(args, ids)
+    model = add_lora_adapters(model, lora_settings(args), (ADAPTER,)).to(accelerator.device)
+    optimizer = torch.optim.Adam(adapter_parameters(model, ADAPTER), lr=args.lr)
+    if weights is not None:
+        weights = weights.to(accelerator.device)
+    sync = gradient_sync(accelerator)
+    device, pad = accelerator.device, tokenizer.pad_token_id
+
+    def step(ft_micro, _safe, _progress, total, _safe_total):
+        batches = [{k: v.to(device) for k, v in collate(tokenized, m, pad).items()}
+                   for m in ft_micro]
+        return sft_step(model, optimizer, batches, weights, total, sync)
+
+    settings = LoopSettings(
+        epochs=args.epochs, batch_size=args.batch_size, micro_batch_size=args.micro_batch_size,
+        safe_batch_size=0, seed=args.seed, save_every=args.save_every,
+        rank=accelerator.process_index, world=accelerator.num_processes,
+        show_progress=args.show_progress,
+    )
+    model.train()
+    state = train_loop(len(tokenized), 0, settings, step, out / "metrics.jsonl",
+                       _checkpoint(model, optimizer, out), args.resume,
+                       describe=lambda ps: ", ".join(ids[p] for p in ps[:8]),
+                       log=partial(log_metrics, accelerator))
+    accelerator.end_training()
+    summary = {"rows": len(examples), "usable": len(tokenized), "skipped": tokenized.skipped,
+               "truncated": len(tokenized.truncated), "steps": state.global_step,
+               "train_seconds": round(state.elapsed, 2), "weighted": weights is not None,
+               "processes": accelerator.num_processes}
+    if accelerator.is_main_process:
+        _save_outputs(model, tokenizer, out, args.merge)
+        summary["wall_seconds"] = round(time.perf_counter() - started, 2)
+        summary["peak_memory_mb"] = round(peak_memory_mb(), 1)
+        write_json(out / "summary.json", summary)
+    return summary
+
+
+def _save_outputs(model, tokenizer, out: Path, merge: bool) -> None:
+    import shutil
+
+    tmp = out / "adapter.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, selected_adapters=[ADAPTER], safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    shutil.rmtree(out / "adapter", ignore_errors=True)
+    tmp.rename(out / "adapter")
+    if merge:
+        merged_tmp = out / "merged.tmp"
+        shutil.rmtree(merged_tmp, ignore_errors=True)
+        merged = model.merge_and_unload()
+        merged.save_pretrained(merged_tmp, safe_serialization=True)
+        tokenizer.save_pretrained(merged_tmp)
+        shutil.rmtree(out / "merged", ignore_errors=True)
+        merged_tmp.rename(out / "merged")
+
+
+def _checkpoint(model, optimizer, out: Path) -> Checkpoint:
+    from peft import get_peft_model_state_dict, set_peft_model_state_dict
+
+    def save(folder: Path) -> None:
+        state = get_peft_model_state_dict(model, adapter_name=ADAPTER)
+        save_file({k: v.contiguous() for k, v in state.items()}, folder / "adapter.safetensors")
+        torch.save({"optimizer": optimizer.state_dict()}, folder / "optimizers.pt")
+
+    def load(folder: Path) -> None:
+        set_peft_model_state_dict(model, load_file(folder / "adapter.safetensors"),
+                                  adapter_name=ADAPTER)
+        optimizer.load_state_dict(
+            torch.load(folder / "optimizers.pt", weights_only=True)["optimizer"]
+        )
+
+    return Checkpoint(out, save, load)
+

@@ -1,0 +1,205 @@
+"""The experiment grid: resume skips finished cells, failures are recorded without stopping the
+grid, SafeInstr cells fine-tune on the mix, and the result table / CSV / plot are written.
+
+The stages are replaced by fakes that write the files the real ones write (their own tests
+cover them); one test runs the real stages on the tiny model."""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections import Counter
+from pathlib import Path
+
+import pytest
+from conftest import SHARED_DATA, toy_finetune_rows, toy_safe_rows, write_jsonl
+
+from sealft import config as cfg
+from sealft import experiment as E
+from sealft.errors import ConfigError
+
+
+class FakeStages:
+    """Stand-ins for run_select / run_finetune / evaluate that record their calls."""
+
+    def __init__(self, fail_finetune_for: str | None = None):
+        self.calls: Counter[str] = Counter()
+        self.finetune_data: dict[str, str] = {}
+        self.fail_finetune_for = fail_finetune_for
+
+    def run_select(self, args):
+        self.calls["select"] += 1
+        out = Path(args.output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        rows = [{"id": f"r{i}", "messages": [{"role": "user", "content": f"q{i}"},
+                                              {"role": "assistant", "content": "a"}]}
+                for i in range(4)]
+        (out / "selected.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        summary = {"method": args.method, "rows": 5, "kept": 4, "wall_seconds": 1.5,
+                   "peak_memory_mb": 100.0, "labels": {"unsafe_removed_share": 0.5,
+                                                       "auroc_unsafe_low_weight": 0.7}}
+        (out / "summary.json").write_text(json.dumps(summary))
+        return summary
+
+    def run_finetune(self, args):
+        self.calls["finetune"] += 1
+        method = Path(args.output_dir).parent.name.split("-keep")[0]
+        if method == self.fail_finetune_for:
+            raise RuntimeError("out of memory (simulated)")
+        self.finetune_data[method] = args.data
+        out = Path(args.output_dir)
+        (out / "adapter").mkdir(parents=True, exist_ok=True)
+        summary = {"wall_seconds": 2.5, "peak_memory_mb": 150.0}
+        (out / "summary.json").write_text(json.dumps(summary))
+        return summary
+
+    def evaluate(self, args):
+        self.calls["evaluate"] += 1
+        out = Path(args.output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        ratio = float(Path(args.adapter).parent.parent.name.split("-keep")[1].split("-")[0])
+        summary = {"safety_refusal_rate": 0.9 - 0.5 * ratio, "over_refusal_rate": 0.1,
+                   "task_accuracy": 0.7 + 0.1 * ratio, "win_rate": None, "wall_seconds": 3.0}
+        (out / "summary.json").write_text(json.dumps(summary))
+        return {"suites": {}}
+
+
+@pytest.fixture()
+def fake(monkeypatch) -> FakeStages:
+    stages = FakeStages()
+    for name in ("run_select", "run_finetune", "evaluate"):
+        monkeypatch.setattr(E, name, getattr(stages, name))
+    return stages
+
+
+def _args(tmp_path: Path, **extra) -> E.ExperimentArgs:
+    ft = write_jsonl(tmp_path / "ft.jsonl", toy_finetune_rows(8))
+    safe = write_jsonl(tmp_path / "safe.jsonl", toy_safe_rows(6))
+    options = {"output_dir": str(tmp_path / "exp"), "model": "tiny", "finetune_data": str(ft),
+               "safe_data": str(safe), "methods": "all,random,seal,safeinstr",
+               "keep_ratios": "0.5,0.8", "seeds": "0", "safeinstr_k": 2}
+    return cfg.build(E.ExperimentArgs, {**options, **extra})
+
+
+def test_grid_runs_all_data_methods_once_per_seed(tmp_path):
+    args = _args(tmp_path, seeds="0,1")
+    names = [c.name for c in E.grid(args)]
+    assert names == ["all-keep1-seed0", "random-keep0.5-seed0", "random-keep0.8-seed0",
+                     "seal-keep0.5-seed0", "seal-keep0.8-seed0", "safeinstr-keep1-seed0",
+                     "all-keep1-seed1", "random-keep0.5-seed1", "random-keep0.8-seed1",
+                     "seal-keep0.5-seed1", "seal-keep0.8-seed1", "safeinstr-keep1-seed1"]
+    spec = E.parse_method("seal-memory-efficient+safeinstr")
+    assert (spec.selector, spec.algorithm, spec.safeinstr) == ("seal", "memory-efficient", True)
+    with pytest.raises(ConfigError, match="unknown method"):
+        _args(tmp_path, methods="all,lesss")
+
+
+def test_cell_stage_arguments(tmp_path):
+    args = _args(tmp_path, methods="seal-memory-efficient,safeinstr",
+                 select={"epochs": 1, "max_length": 64, "keep_count": 3},
+                 finetune={"epochs": 1}, evaluate={"limit": 2})
+    seal, mix = E.grid(args)[0], E.grid(args)[-1]
+    stages = E.stage_args(args, seal, None)
+    assert (stages.select.method, stages.select.algorithm) == ("seal", "memory-efficient")
+    assert stages.select.keep_ratio == 0.5 and stages.select.keep_count is None
+    assert stages.finetune.max_length == 64 and stages.finetune.epochs == 1
+    assert stages.finetune.data.endswith("select/selected.jsonl")
+    assert stages.evaluate.adapter.endswith(f"{seal.name}/finetune/adapter")
+    assert stages.evaluate.model == "tiny" and stages.evaluate.limit == 2
+    assert E.stage_args(args, mix, None).finetune.data.endswith("selected_safeinstr.jsonl")
+
+
+def test_results_table_csv_and_plot(tmp_path, fake):
+    rows = E.run_experiment(_args(tmp_path))
+    out = tmp_path / "exp"
+    assert [r["status"] for r in rows] == ["ok"] * 6
+    with open(out / "results.csv", newline="") as handle:
+        table = list(csv.DictReader(handle))
+    assert len(table) == 6
+    assert set(E.RESULT_COLUMNS) <= set(table[0])
+    seal = next(r for r in table if r["method"] == "seal" and r["keep_ratio"] == "0.8")
+    assert float(seal["safety_refusal_rate"]) == pytest.approx(0.5)
+    assert float(seal["peak_memory_mb"]) == 150.0 and float(seal["select_seconds"]) == 1.5
+    markdown = (out / "results.md").read_text()
+    header = next(line for line in markdown.splitlines() if line.startswith("| Method"))
+    for column in ("Safety refusal", "Over-refusal", "Task acc.", "Win rate vs all-data SFT",
+                   "Select + FT time", "Peak memory"):
+        assert column in header
+    assert "| seal | 0.8 | 1/1 | 50.0 | 10.0 | 78.0 | – | 2 + 2 | 150 |" in markdown
+    assert (out / "ratio_sweep.png").stat().st_size > 10_000
+
+
+def test_rerun_skips_finished_cells(tmp_path, fake):
+    args = _args(tmp_path)
+    E.run_experiment(args)
+    assert fake.calls == Counter(select=6, finetune=6, evaluate=6)
+    first = (tmp_path / "exp" / "results.csv").read_text()
+    E.run_experiment(args)
+    assert fake.calls == Counter(select=6, finetune=6, evaluate=6)
+    assert (tmp_path / "exp" / "results.csv").read_text() == first
+    # Growing the grid runs only the new cells.
+    E.run_experiment(_args(tmp_path, keep_ratios="0.5,0.8,0.9"))
+    assert fake.calls["select"] == 8
+
+
+def test_interrupted_cell_resumes_stage_by_stage(tmp_path, fake):
+    args = _args(tmp_path, methods="random", keep_ratios="0.8")
+    cell = E.grid(args)[0]
+    E.prepare_experiment_dir(args)
+    fake.run_select(E.stage_args(args, cell, None).select)  # selection finished, then a crash
+    E.run_experiment(args)
+    assert fake.calls == Counter(select=1, finetune=1, evaluate=1)
+
+
+def test_failing_cell_is_recorded_and_retried(tmp_path, monkeypatch):
+    broken = FakeStages(fail_finetune_for="random")
+    for name in ("run_select", "run_finetune", "evaluate"):
+        monkeypatch.setattr(E, name, getattr(broken, name))
+    args = _args(tmp_path)
+    rows = E.run_experiment(args)
+    failed = [r for r in rows if r["status"] == "failed"]
+    assert [r["method"] for r in failed] == ["random", "random"]
+    assert "out of memory (simulated)" in failed[0]["error"]
+    assert sum(r["status"] == "ok" for r in rows) == 4  # the cells after it still ran
+    cell = Path(failed[0]["cell_dir"])
+    assert not (cell / "done.json").exists() and "Traceback" in json.loads(
+        (cell / "error.json").read_text())["traceback"]
+    assert "Failed cells" in (tmp_path / "exp" / "results.md").read_text()
+    fixed = FakeStages()
+    for name in ("run_select", "run_finetune", "evaluate"):
+        monkeypatch.setattr(E, name, getattr(fixed, name))
+    rows = E.run_experiment(args)
+    assert all(r["status"] == "ok" for r in rows)
+    assert fixed.calls == Counter(finetune=2, evaluate=2)  # selections were already done
+
+
+def test_safeinstr_cell_finetunes_on_the_mix(tmp_path, fake):
+    E.run_experiment(_args(tmp_path, methods="safeinstr", keep_ratios="0.8"))
+    data = Path(fake.finetune_data["safeinstr"])
+    assert data.name == "selected_safeinstr.jsonl"
+    rows = [json.loads(line) for line in data.read_text().splitlines()]
+    assert len(rows) == 4 + 2 and [r.get("source") for r in rows[-2:]] == ["safeinstr"] * 2
+    result = json.loads((data.parent.parent / "done.json").read_text())
+    assert result["safety_added"] == 2
+
+
+def test_changed_settings_are_refused_on_rerun(tmp_path, fake):
+    E.run_experiment(_args(tmp_path, methods="random", keep_ratios="0.8"))
+    with pytest.raises(ConfigError, match="different select"):
+        E.run_experiment(_args(tmp_path, methods="random", keep_ratios="0.8",
+                               select={"epochs": 2}))
+
+
+@pytest.mark.skipif(not (SHARED_DATA / "eval" / "sst2_val.json").exists(),
+                    reason="needs ../shared/data/eval/sst2_val.json")
+def test_real_stages_on_the_tiny_model(tiny_model, tmp_path):
+    args = _args(tmp_path, model=tiny_model, methods="all,random", keep_ratios="0.5",
+                 select={"max_length": 64, "batch_size": 4, "micro_batch_size": 4,
+                         "show_progress": False, "label_field": "flag"},
+                 finetune={"epochs": 1, "batch_size": 4, "show_progress": False},
+                 evaluate={"suite": "task", "limit": 2, "task_max_new_tokens": 2,
+                           "progress": False})
+    rows = E.run_experiment(args)
+    assert [r["status"] for r in rows] == ["ok", "ok"], rows
+    assert all(r["task_accuracy"] is not None for r in rows)
+    assert rows[1]["kept"] == 4 and rows[0]["kept"] == 8
