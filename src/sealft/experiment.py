@@ -408,11 +408,11 @@ def _values(rows: list[dict[str, Any]], key: str) -> list[float]:
     return out
 
 
-def _mean_sd(values: list[float], scale: float = 1.0, digits: int = 1) -> str:
+def _mean_sd(values: list[float], scale: float = 1.0, digits: int = 1, sd: bool = True) -> str:
     if not values:
         return "–"
     text = f"{statistics.mean(values) * scale:.{digits}f}"
-    if len(values) > 1:
+    if sd and len(values) > 1:
         text += f" ± {statistics.stdev(values) * scale:.{digits}f}"
     return text
 
@@ -440,11 +440,12 @@ def results_markdown(rows: list[dict[str, Any]]) -> str:
              "| " + " | ".join(TABLE_HEADER) + " |", "|" + "---|" * len(TABLE_HEADER)]
     for (method, ratio), group in group_rows(rows).items():
         ok = [r for r in group if r["status"] == "ok"]
-        time_text = (f"{_mean_sd(_values(ok, 'select_seconds'), digits=0)} + "
-                     f"{_mean_sd(_values(ok, 'finetune_seconds'), digits=0)}") if ok else "–"
+        time_text = (f"{_mean_sd(_values(ok, 'select_seconds'), digits=0, sd=False)} + "
+                     f"{_mean_sd(_values(ok, 'finetune_seconds'), digits=0, sd=False)}"
+                     ) if ok else "–"
         cells = [method, f"{ratio:g}", f"{len(ok)}/{len(group)}",
                  *(_mean_sd(_values(ok, k), 100) for k in METRIC_COLUMNS), time_text,
-                 _mean_sd(_values(ok, "peak_memory_mb"), digits=0)]
+                 _mean_sd(_values(ok, "peak_memory_mb"), digits=0, sd=False)]
         lines.append("| " + " | ".join(cells) + " |")
     failures = [r for r in rows if r["status"] != "ok"]
     if failures:
