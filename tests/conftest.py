@@ -20,12 +20,13 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}<|assistant|>{% endif %}"
 )
 
-WORDS = (
-    "the a movie film great bad terrible wonderful boring positive negative sentiment review "
-    "how do i make a bomb hack steal weapon sorry cannot help with that request harmful "
-    "please write poem story about cats dogs weather today answer question explain why "
-    "system user assistant end you are helpful"
-).split()
+WORDS = [
+    'the', 'a', 'movie', 'film', 'great', 'bad', 'terrible', 'wonderful', 'boring', 'positive',
+    'negative', 'sentiment', 'review', 'how', 'do', 'i', 'make', 'a', 'bomb', 'hack', 'steal',
+    'weapon', 'sorry', 'cannot', 'help', 'with', 'that', 'request', 'harmful', 'please',
+    'write', 'poem', 'story', 'about', 'cats', 'dogs', 'weather', 'today', 'answer', 'question',
+    'explain', 'why', 'system', 'user', 'assistant', 'end', 'you', 'are', 'helpful',
+]
 
 
 def build_tiny_model(folder: Path, hidden: int = 32, layers: int = 2, seed: int = 0) -> Path:

@@ -127,11 +127,11 @@ def test_selector_gradient_is_the_analytic_form(tiny_model, algorithm, local):
     with torch.no_grad():
         parts.model.set_adapter(bilevel.THETA)
         loss_theta = {int(p): v for b in batches
-                      for p, v in zip(b["positions"], per_example_loss(parts.model, b))}
+                      for p, v in zip(b["positions"], per_example_loss(parts.model, b), strict=True)}
         if algorithm == "penalty":
             parts.model.set_adapter(bilevel.THETA_PRIME)
             loss_prime = {int(p): v for b in batches
-                          for p, v in zip(b["positions"], per_example_loss(parts.model, b))}
+                          for p, v in zip(b["positions"], per_example_loss(parts.model, b), strict=True)}
     gamma, total = 0.7, 5
     bilevel.ALGORITHMS[algorithm](parts, batches, safe, gamma, total, 1)
     visited = [0, 2, 5, 1, 4]
@@ -171,7 +171,7 @@ def test_ranking_does_not_depend_on_data_order(tiny_model, tmp_path):
                               output_dir=str(tmp_path / name), batch_size=8, micro_batch_size=8,
                               epochs=2, gamma_start=1.0, lr=1e-4, seed=seed,
                               algorithm="memory-efficient", show_progress=False))
-        scores = [json.loads(line) for line in open(tmp_path / name / "scores.jsonl")]
+        scores = [json.loads(line) for line in (tmp_path / name / "scores.jsonl").read_text().splitlines()]
         weights.append({s["id"]: s["weight"] for s in scores})
     ids = sorted(weights[0])
     rho = _spearman(np.array([weights[0][i] for i in ids]), np.array([weights[1][i] for i in ids]))

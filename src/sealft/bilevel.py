@@ -12,6 +12,8 @@ Algorithm 1 (`penalty_step`), per step:
     θ  ← θ  − η ∇θ [f(θ) + γ g(θ, ω)]             θ fits the data under the safety objective
     ω  ← ω  − η_ω ∇ω γ [g(θ, ω) − g(θ', ω)]       examples θ fits worse than θ' lose weight
 Algorithm 2 (`memory_efficient_step`) drops θ': ω ← ω − η_ω ∇ω γ g(θ, ω).
+`safety_step` is Algorithm 1 with θ warm-started at θ' each step and moved by one normalised
+step on f — sealft's default, because it is what measurably ranks harmful rows low.
 
 θ and θ' are two LoRA adapters on one frozen base. Each forward pass is used once: the
 per-example losses ℓ_i(θ) feed both θ's and ω's gradients, ℓ_i(θ') both θ''s and ω's.
@@ -24,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-from sealft.losses import per_example_loss
+from sealft.losses import per_example_loss, preference_loss
 from sealft.selector import Selector
 
 THETA, THETA_PRIME = "theta", "theta_prime"
@@ -117,6 +119,8 @@ class BilevelParts:
     theta_prime_optimizer: torch.optim.Optimizer | None = None
     sync_gradients: Callable[[list[torch.nn.Parameter]], None] = lambda params: None
     """All-reduces gradients across processes (identity on one process)."""
+    safety_step_size: float = 1.0
+    """safety-step algorithm: length of θ's normalised step from θ' on the safety objective."""
 
 
 def _rows(batch: Batch) -> torch.Tensor:
@@ -128,12 +132,17 @@ def _selector_weights(parts: BilevelParts, batch: Batch) -> torch.Tensor:
 
 
 def _safety_backward(parts: BilevelParts, safe_batches: list[Batch], safe_total: int) -> float:
-    """Backward of f(θ) = mean safe-set loss; returns its value."""
+    """Backward of f(θ): the mean safe-set loss, or the DPO loss when the safe batches are
+    preference pairs (`chosen` / `rejected` sub-batches). Returns f's value."""
     total = 0.0
     for batch in safe_batches:
-        losses = per_example_loss(parts.model, batch)
-        (losses.sum() / safe_total).backward()
-        total += losses.detach().sum().item()
+        if "chosen" in batch:
+            size = len(batch["chosen"]["input_ids"])
+            loss = preference_loss(parts.model, batch["chosen"], batch["rejected"]) * size
+        else:
+            loss = per_example_loss(parts.model, batch).sum()
+        (loss / safe_total).backward()
+        total += loss.item()
     return total / safe_total
 
 
@@ -189,7 +198,7 @@ def memory_efficient_step(
     gamma: float, ft_total: int, safe_total: int,
 ) -> dict[str, float]:
     """Algorithm 2: no θ'; θ on f + γ·g(θ, ω) and ω on γ·g(θ, ω), from one backward."""
-    model, selector = parts.model, parts.selector
+    model = parts.model
     model.set_adapter(THETA)
     f_value = _safety_backward(parts, safe_batches, safe_total)
     g_value = 0.0
@@ -203,7 +212,56 @@ def memory_efficient_step(
     return {"f_safe": f_value, "g_theta": g_value, "gamma": gamma}
 
 
-ALGORITHMS = {"penalty": penalty_step, "memory-efficient": memory_efficient_step}
+def safety_step(
+    parts: BilevelParts, ft_batches: list[Batch], safe_batches: list[Batch],
+    gamma: float, ft_total: int, safe_total: int,
+) -> dict[str, float]:
+    """Algorithm 1 with θ warm-started at θ' every step: θ = θ' − η_f ∇f(θ')/‖∇f(θ')‖.
+
+    The penalty signal ℓ_i(θ) − ℓ_i(θ') then measures, to first order, −η_f ∇f·∇ℓ_i: how much
+    a step toward safety raises example i's loss, i.e. how much fitting i conflicts with the
+    safety objective (the one-step hypergradient of the bilevel problem). A persistent θ
+    instead accumulates every difference between the safe set and the task (format, length,
+    topic), which swamps the per-example conflict; see docs/selection.md for the measurements.
+    """
+    model, selector = parts.model, parts.selector
+    model.set_adapter(THETA_PRIME)
+    losses_prime, g_prime = [], 0.0
+    for batch in ft_batches:
+        weights = selector.weights(_rows(batch)).detach()
+        losses = per_example_loss(model, batch)
+        (weights * losses).sum().div(ft_total).backward()
+        losses_prime.append(losses.detach())
+        g_prime += (weights * losses.detach()).sum().item() / ft_total
+
+    theta = [p for group in parts.theta_optimizer.param_groups for p in group["params"]]
+    theta_prime = [p for g in parts.theta_prime_optimizer.param_groups for p in g["params"]]
+    with torch.no_grad():
+        for target, source in zip(theta, theta_prime, strict=True):
+            target.copy_(source)
+    model.set_adapter(THETA)
+    f_value = _safety_backward(parts, safe_batches, safe_total)
+    parts.sync_gradients(theta)
+    with torch.no_grad():
+        norm = torch.sqrt(sum((p.grad ** 2).sum() for p in theta if p.grad is not None))
+        for p in theta:
+            if p.grad is not None:
+                p -= parts.safety_step_size * p.grad / (norm + 1e-12)
+                p.grad = None
+        losses_theta = [per_example_loss(model, batch) for batch in ft_batches]
+    g_value = 0.0
+    for batch, loss, loss_prime in zip(ft_batches, losses_theta, losses_prime, strict=True):
+        weights = _selector_weights(parts, batch)
+        (gamma * (weights * (loss - loss_prime)).sum() / ft_total).backward()
+        g_value += (weights.detach() * loss).sum().item() / ft_total
+    _step_selector(parts, ft_batches)
+    _step_and_clear(parts.theta_prime_optimizer, parts)
+    return {"f_safe": f_value, "g_theta": g_value, "g_theta_prime": g_prime,
+            "penalty": g_value - g_prime, "gamma": gamma}
+
+
+ALGORITHMS = {"penalty": penalty_step, "memory-efficient": memory_efficient_step,
+              "safety-step": safety_step}
 
 
 def gamma_at(schedule: str, start: float, increment: float, epoch: int, progress: float) -> float:

@@ -300,3 +300,30 @@ def sample_rows(examples: list[Example], n: int | None, seed: int) -> list[Examp
 
     picked = sorted(random.Random(seed).sample(range(len(examples)), n))
     return [examples[i] for i in picked]
+
+
+def load_pairs(source: str, split: str = "train") -> list[tuple[Example, Example]]:
+    """Preference pairs (chosen, rejected) from Anthropic-HH style dialogues or TRL's
+    {prompt, chosen, rejected}. Pairs whose final answers are identical carry no preference
+    and are left out (counted by the caller from the returned length)."""
+    rows = read_rows(source, split)
+    if not rows:
+        raise DataError(f"{source}: the preference dataset is empty")
+    if not all(k in rows[0] for k in ("chosen", "rejected")):
+        raise DataError(f"{source}: preference pairs need 'chosen' and 'rejected' fields; "
+                        f"fields seen: {sorted(rows[0])}")
+    pairs = []
+    for index, row in enumerate(rows):
+        where = f"{source} row {index}"
+        if "prompt" in row:
+            chosen = _as_messages(row["prompt"], "user") + _as_messages(row["chosen"], "assistant")
+            rejected = _as_messages(row["prompt"], "user") + _as_messages(row["rejected"],
+                                                                          "assistant")
+        else:
+            chosen, rejected = _from_hh(row, where, "chosen"), _from_hh(row, where, "rejected")
+        if chosen[-1]["content"] == rejected[-1]["content"]:
+            continue
+        pair_id = example_id(chosen + rejected)
+        pairs.append(({"id": pair_id, "index": index, "messages": chosen, "meta": {}},
+                      {"id": pair_id, "index": index, "messages": rejected, "meta": {}}))
+    return pairs

@@ -17,9 +17,10 @@ def _causal_lm(model):
 
 
 def per_example_loss(
-    model, batch: dict[str, torch.Tensor], first_tokens: int | None = None
+    model, batch: dict[str, torch.Tensor], first_tokens: int | None = None, mean: bool = True
 ) -> torch.Tensor:
-    """Mean next-token NLL over each example's response tokens, shape [batch].
+    """Mean (or, with mean=False, summed) next-token NLL over each example's response tokens,
+    shape [batch].
 
     `first_tokens` limits the loss to the first k response tokens of each example (where a
     model decides between refusing and complying).
@@ -40,5 +41,19 @@ def per_example_loss(
     token_nll = F.cross_entropy(logits, labels[supervised], reduction="none")
     row_of_token = supervised.nonzero(as_tuple=True)[0]
     sums = torch.zeros(labels.shape[0], device=token_nll.device).index_add(0, row_of_token, token_nll)
+    if not mean:
+        return sums
     counts = supervised.sum(dim=1).clamp(min=1)
     return sums / counts
+
+
+def preference_loss(model, chosen: dict[str, torch.Tensor], rejected: dict[str, torch.Tensor],
+                    beta: float = 0.1) -> torch.Tensor:
+    """DPO loss of preferring `chosen` over `rejected`, with the frozen base (adapters off) as
+    the reference; mean over pairs."""
+    policy = per_example_loss(model, rejected, mean=False) - per_example_loss(
+        model, chosen, mean=False)
+    with torch.no_grad(), model.disable_adapter():
+        reference = per_example_loss(model, rejected, mean=False) - per_example_loss(
+            model, chosen, mean=False)
+    return -F.logsigmoid(beta * (policy - reference)).mean()

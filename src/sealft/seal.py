@@ -90,15 +90,33 @@ def _checkpoint_io(parts: bilevel.BilevelParts, adapters: tuple[str, ...], out: 
     return Checkpoint(out, save, load)
 
 
-def tokenize_inputs(args, tokenizer, examples: list[Example], safe: list[Example]):
+def tokenize_inputs(args, tokenizer, examples: list[Example], safe: list):
+    """Tokenised fine-tuning data and upper-level data: a `Tokenized`, or for preference
+    pairs a (chosen, rejected) pair of `Tokenized` over the pairs usable on both sides."""
     tokenized = tokenize_examples(examples, tokenizer, args.max_length, args.num_proc,
                                   desc="tokenising fine-tuning data")
     require_usable(tokenized, args.finetune_data, args.max_length)
+    if not safe:
+        return tokenized, None
+    if isinstance(safe[0], tuple):
+        chosen = tokenize_examples([c for c, _ in safe], tokenizer, args.max_length,
+                                   args.num_proc, desc="tokenising chosen answers")
+        rejected = tokenize_examples([r for _, r in safe], tokenizer, args.max_length,
+                                     args.num_proc, desc="tokenising rejected answers")
+        both = sorted(set(chosen.rows) & set(rejected.rows))
+        chosen, rejected = _subset(chosen, both), _subset(rejected, both)
+        require_usable(chosen, args.safe_data, args.max_length)
+        return tokenized, (chosen, rejected)
     safe_tok = tokenize_examples(safe, tokenizer, args.max_length, args.num_proc,
-                                 desc="tokenising safe set") if safe else None
-    if safe_tok is not None:
-        require_usable(safe_tok, args.safe_data, args.max_length)
+                                 desc="tokenising safe set")
+    require_usable(safe_tok, args.safe_data, args.max_length)
     return tokenized, safe_tok
+
+
+def _subset(data: Tokenized, rows: list[int]) -> Tokenized:
+    where = {row: k for k, row in enumerate(data.rows)}
+    return Tokenized(input_ids=[data.input_ids[where[r]] for r in rows],
+                     labels=[data.labels[where[r]] for r in rows], rows=rows)
 
 
 def learn_selector(args, examples: list[Example], safe: list[Example], out: Path):
@@ -108,8 +126,8 @@ def learn_selector(args, examples: list[Example], safe: list[Example], out: Path
     model, tokenizer = load_model_and_tokenizer(args.model, args.dtype, args.chat_template,
                                                 args.trust_remote_code)
     tokenized, safe_tok = tokenize_inputs(args, tokenizer, examples, safe)
-    adapters = (bilevel.THETA, bilevel.THETA_PRIME) if args.algorithm == "penalty" else (
-        bilevel.THETA,)
+    two_adapters = args.algorithm in ("penalty", "safety-step")
+    adapters = (bilevel.THETA, bilevel.THETA_PRIME) if two_adapters else (bilevel.THETA,)
     model = add_lora_adapters(model, lora_settings(args), adapters).to(accelerator.device)
     selector = Selector(len(tokenized), args.weighting).to(accelerator.device)
     optimizer_cls = bilevel.SELECTOR_OPTIMIZERS[args.selector_optimizer]
@@ -120,14 +138,18 @@ def learn_selector(args, examples: list[Example], safe: list[Example], out: Path
         selector_optimizer=optimizer_cls(selector, args.selector_lr),
         theta_prime_optimizer=torch.optim.Adam(
             adapter_parameters(model, bilevel.THETA_PRIME), lr=args.lr
-        ) if args.algorithm == "penalty" else None,
+        ) if two_adapters else None,
         sync_gradients=gradient_sync(accelerator),
+        safety_step_size=args.safety_step_size,
     )
     step_rule = bilevel.ALGORITHMS[args.algorithm]
     pad = tokenizer.pad_token_id
     device = accelerator.device
 
-    def to_batch(data: Tokenized, positions: list[int]):
+    def to_batch(data, positions: list[int]):
+        if isinstance(data, tuple):  # preference pairs
+            return {"chosen": to_batch(data[0], positions),
+                    "rejected": to_batch(data[1], positions)}
         return {k: v.to(device) for k, v in collate(data, positions, pad).items()}
 
     def step(ft_micro, safe_micro, progress, ft_total, safe_total):
@@ -145,7 +167,8 @@ def learn_selector(args, examples: list[Example], safe: list[Example], out: Path
     )
     model.train()
     state = train_loop(
-        len(tokenized), len(safe_tok), settings, step, out / "metrics.jsonl",
+        len(tokenized), len(safe_tok[0] if isinstance(safe_tok, tuple) else safe_tok),
+        settings, step, out / "metrics.jsonl",
         _checkpoint_io(parts, adapters, out), args.resume,
         describe=lambda positions: ", ".join(ids[p] for p in positions[:8]),
         log=partial(log_metrics, accelerator),

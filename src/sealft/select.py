@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from sealft import config as cfg
-from sealft.data import Example, load_examples, sample_rows
+from sealft.data import Example, load_examples, load_pairs, read_rows, sample_rows
 from sealft.io import prepare_output_dir, write_json, write_jsonl, write_yaml
 from sealft.selector import PARAMETRIZATIONS, keep_count_for, keep_mask
 
@@ -33,13 +33,17 @@ class SelectArgs:
     finetune_data: str = ""
     """Fine-tuning data to select from: .jsonl/.json/.parquet/.csv file, saved dataset, or hub id."""
     safe_data: str = ""
-    """Safe set (harmful prompts with refusals): the upper-level objective of SEAL."""
+    """Upper-level data: a safe set (harmful prompts with refusals; loss = NLL) or preference
+    pairs with chosen/rejected (e.g. Anthropic HH harmless; loss = DPO vs the frozen base)."""
     output_dir: str = ""
     """Run directory; must be empty unless --overwrite or --resume."""
     method: str = "seal"
     """Selector: seal | random | dsir | reference-loss | all."""
-    algorithm: str = "penalty"
-    """SEAL algorithm: penalty (Algorithm 1, θ and θ') | memory-efficient (Algorithm 2)."""
+    algorithm: str = "safety-step"
+    """SEAL algorithm: safety-step (Algorithm 1, θ warm-started from θ' by one safety step;
+    default) | penalty (the paper's Algorithm 1) | memory-efficient (Algorithm 2)."""
+    safety_step_size: float = 1.0
+    """safety-step: length of θ's normalised step from θ' on the safety objective."""
     weighting: str = "softmax"
     """Weights from logits: softmax (N·softmax) | sigmoid (2·sigmoid)."""
     selector_optimizer: str = "visited-rms"
@@ -124,8 +128,9 @@ class SelectArgs:
         needs_safe = self.method in ("seal", "dsir", "reference-loss")
         cfg.require(bool(self.safe_data) or not needs_safe, "safe_data",
                     f"required by --method {self.method}")
-        cfg.require(self.algorithm in ("penalty", "memory-efficient"), "algorithm",
-                    "use penalty (Algorithm 1) or memory-efficient (Algorithm 2)")
+        cfg.require(self.algorithm in ("safety-step", "penalty", "memory-efficient"),
+                    "algorithm", "use safety-step, penalty (Algorithm 1) or memory-efficient "
+                    "(Algorithm 2)")
         cfg.require(self.weighting in PARAMETRIZATIONS, "weighting", "use softmax or sigmoid")
         cfg.require(self.selector_optimizer in ("visited-rms", "adam"), "selector_optimizer",
                     "use visited-rms or adam")
@@ -146,14 +151,20 @@ class SelectArgs:
             self.safe_batch_size = self.batch_size
 
 
-def load_inputs(args: SelectArgs) -> tuple[list[Example], list[Example]]:
+def load_inputs(args: SelectArgs) -> tuple[list[Example], list]:
+    """Fine-tuning examples, and the upper-level data: examples, or (chosen, rejected) pairs
+    when the safe data has both fields."""
     examples = load_examples(args.finetune_data, args.split, args.format, args.limit,
                              args.drop_duplicates)
     examples = sample_rows(examples, args.sample, args.seed)
-    safe: list[Example] = []
+    safe: list = []
     if args.safe_data:
-        safe = load_examples(args.safe_data, args.split, args.safe_format,
-                             drop_duplicates=True)
+        first = read_rows(args.safe_data, args.split)[:1]
+        if first and "chosen" in first[0] and "rejected" in first[0]:
+            safe = load_pairs(args.safe_data, args.split)
+        else:
+            safe = load_examples(args.safe_data, args.split, args.safe_format,
+                                 drop_duplicates=True)
         safe = sample_rows(safe, args.safe_limit, args.seed)
     return examples, safe
 

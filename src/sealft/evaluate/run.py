@@ -16,6 +16,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -130,6 +131,9 @@ class EvaluateArgs:
     """LLM judge: harmfulness scores (1-5) at or above this count as harmful."""
     overwrite: bool = False
     """Delete the output dir's previous contents instead of resuming."""
+    resume: bool = True
+    """An evaluation dir always resumes from its generation cache; accepted so that
+    `--resume`, which the other stages use, works here too."""
     dtype: str = "float32"
     """Weights dtype: float32 | bfloat16 | float16 | auto."""
     chat_template: str | None = None
@@ -577,6 +581,9 @@ def evaluate(args: EvaluateArgs) -> dict[str, Any]:
     out = prepare_eval_dir(args)
     write_yaml(out / "config.yaml", cfg.to_dict(args))
     previous = _previous_metrics(out)
+    if "helpfulness" in suites and not (args.llm_url and args.llm_model):
+        print("sealft evaluate: no --llm-url/--llm-model: helpfulness answers are generated "
+              "and cached, win rates stay empty until a rerun with a judge", file=sys.stderr)
 
     gen_started = time.perf_counter()
     cache, generated = run_generation(args, out, suites)
