@@ -107,6 +107,11 @@ def test_cell_stage_arguments(tmp_path):
     assert stages.evaluate.adapter.endswith(f"{seal.name}/finetune/adapter")
     assert stages.evaluate.model == "tiny" and stages.evaluate.limit == 2
     assert E.stage_args(args, mix, None).finetune.data.endswith("selected_safeinstr.jsonl")
+    # `seal` runs the configured algorithm; the named variants pin theirs.
+    args = _args(tmp_path, methods="seal,seal-penalty", keep_ratios="0.8",
+                 select={"algorithm": "memory-efficient"})
+    algorithms = [E.stage_args(args, c, None).select.algorithm for c in E.grid(args)]
+    assert algorithms == ["memory-efficient", "penalty"]
 
 
 def test_results_table_csv_and_plot(tmp_path, fake):

@@ -60,6 +60,12 @@ def _report():
     return ReportArgs, report
 
 
+def _experiment():
+    from sealft.experiment import ExperimentArgs, run_experiment
+
+    return ExperimentArgs, run_experiment
+
+
 def _demo():
     from sealft.demo import DemoArgs, run_demo
 
@@ -72,6 +78,7 @@ COMMANDS: dict[str, tuple[Callable[[], tuple[type, Callable]], str]] = {
     "run": (_run, "select, then fine-tune on the selection"),
     "evaluate": (_evaluate, "safety / over-refusal / task / helpfulness evaluation"),
     "report": (_report, "tables and plots comparing evaluation and selection runs"),
+    "experiment": (_experiment, "selectors × keep ratios × seeds: select, fine-tune, evaluate, tabulate"),
     "demo": (_demo, "SEAL on a real offline model and real data, in minutes on a CPU"),
 }
 

@@ -43,7 +43,11 @@ from sealft.finetune import FinetuneArgs, run_finetune
 from sealft.io import prepare_output_dir, write_json, write_yaml
 from sealft.select import SelectArgs, run_select
 
-SELECTORS = ("all", "random", "dsir", "reference-loss", "seal", "seal-memory-efficient")
+# SEAL variants: `seal` runs the configured algorithm (select.algorithm, the product default
+# unless set); the others pin one.
+SEAL_ALGORITHMS = {"seal": None, "seal-penalty": "penalty",
+                   "seal-memory-efficient": "memory-efficient"}
+SELECTORS = ("all", "random", "dsir", "reference-loss", *SEAL_ALGORITHMS)
 METHODS = ("all", "random", "dsir", "reference-loss", "seal", "seal-memory-efficient",
            "safeinstr", "seal+safeinstr")
 SAFEINSTR = "safeinstr"
@@ -70,8 +74,8 @@ class ExperimentArgs:
     safe_data: str | None = None
     """Safe set: SEAL's upper level, DSIR's target, reference-loss's and SafeInstr's data."""
     methods: tuple[str, ...] = METHODS
-    """Comma-separated: all, random, dsir, reference-loss, seal, seal-memory-efficient,
-    safeinstr (= all + safety mix), or SELECTOR+safeinstr."""
+    """Comma-separated: all, random, dsir, reference-loss, seal (select.algorithm),
+    seal-penalty, seal-memory-efficient, safeinstr (= all + safety mix), SELECTOR+safeinstr."""
     keep_ratios: tuple[float, ...] = (0.8,)
     """Keep ratios to sweep (all-data methods run once, at 1)."""
     seeds: tuple[int, ...] = (0,)
@@ -121,7 +125,7 @@ class MethodSpec:
     selector: str
     """SelectArgs.method."""
     algorithm: str | None
-    """SEAL algorithm (None: not SEAL)."""
+    """SEAL algorithm to pin (None: not SEAL, or SEAL with select.algorithm)."""
     safeinstr: bool
     """Append the SafeInstr safety mix to the selection."""
 
@@ -137,9 +141,8 @@ def parse_method(name: str) -> MethodSpec:
     if base not in SELECTORS or (plus and mix != SAFEINSTR):
         raise ConfigError(f"--methods: unknown method {name!r}; use {', '.join(METHODS)} or "
                           "SELECTOR+safeinstr")
-    algorithm = {"seal": "penalty", "seal-memory-efficient": "memory-efficient"}.get(base)
-    selector = "seal" if algorithm else base
-    return MethodSpec(name, selector, algorithm, bool(plus))
+    selector = "seal" if base in SEAL_ALGORITHMS else base
+    return MethodSpec(name, selector, SEAL_ALGORITHMS.get(base), bool(plus))
 
 
 @dataclass(frozen=True)
@@ -419,7 +422,7 @@ def _mean_sd(values: list[float], scale: float = 1.0, digits: int = 1, sd: bool 
 
 def group_rows(rows: list[dict[str, Any]]) -> dict[tuple[str, float], list[dict[str, Any]]]:
     """Finished rows by (method, keep ratio), in method order then ratio."""
-    order = {m: i for i, m in enumerate(METHODS)}
+    order = {m: i for i, m in enumerate((*METHODS, "seal-penalty"))}
     groups: dict[tuple[str, float], list[dict[str, Any]]] = {}
     for row in rows:
         groups.setdefault((row["method"], float(row["keep_ratio"])), []).append(row)
@@ -498,5 +501,6 @@ def _plot_method(ax, method: str, groups: dict, key: str, span: tuple[float, flo
 
 def _color(method: str) -> str:
     palette = ("#444444", "#999999", "#1f77b4", "#9467bd", "#d62728", "#ff7f0e", "#2ca02c",
-               "#8c564b")
-    return palette[METHODS.index(method) % len(palette)] if method in METHODS else "#17becf"
+               "#8c564b", "#e377c2")
+    known = (*METHODS, "seal-penalty")
+    return palette[known.index(method) % len(palette)] if method in known else "#17becf"

@@ -20,7 +20,14 @@ from sealft.data import load_examples
 from sealft.io import prepare_output_dir, read_jsonl, write_json, write_yaml
 from sealft.losses import per_example_loss
 from sealft.models import adapter_parameters, add_lora_adapters, load_model_and_tokenizer
-from sealft.seal import gradient_sync, log_metrics, lora_settings, make_accelerator
+from sealft.seal import (
+    finish_logging,
+    gradient_sync,
+    log_metrics,
+    lora_settings,
+    make_accelerator,
+    process_state,
+)
 from sealft.select import peak_memory_mb
 from sealft.selector import align_scores
 from sealft.tokenize import collate, require_usable, tokenize_examples
@@ -123,12 +130,10 @@ def _example_weights(args: FinetuneArgs, ids: list[str]) -> torch.Tensor | None:
 def run_finetune(args: FinetuneArgs) -> dict:
     started = time.perf_counter()
     out = Path(args.output_dir)
-    from accelerate import PartialState
-
-    if PartialState().is_main_process:
+    if process_state().is_main_process:
         prepare_output_dir(out, args.overwrite, args.resume)
         write_yaml(out / "config.yaml", cfg.to_dict(args))
-    PartialState().wait_for_everyone()
+    process_state().wait_for_everyone()
     torch.manual_seed(args.seed)
     accelerator = make_accelerator(out)
     examples = load_examples(args.data, args.split, args.format, args.limit, args.drop_duplicates)
@@ -161,7 +166,7 @@ def run_finetune(args: FinetuneArgs) -> dict:
                        _checkpoint(model, optimizer, out), args.resume,
                        describe=lambda ps: ", ".join(ids[p] for p in ps[:8]),
                        log=partial(log_metrics, accelerator))
-    accelerator.end_training()
+    finish_logging(accelerator)
     summary = {"rows": len(examples), "usable": len(tokenized), "skipped": tokenized.skipped,
                "truncated": len(tokenized.truncated), "steps": state.global_step,
                "train_seconds": round(state.elapsed, 2), "weighted": weights is not None,

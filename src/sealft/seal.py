@@ -23,6 +23,15 @@ from sealft.tokenize import Tokenized, collate, require_usable, tokenize_example
 from sealft.train import Checkpoint, LoopSettings, train_loop
 
 
+def process_state():
+    """Accelerate's view of the processes. On machines without an accelerator, `cpu=True` is
+    what makes `torchrun` / `accelerate launch` run as MULTI_CPU (gloo) instead of silently
+    running N independent single-process jobs."""
+    from accelerate import PartialState
+
+    return PartialState(cpu=not torch.cuda.is_available())
+
+
 def make_accelerator(out: Path, log: bool = True):
     from accelerate import Accelerator
 
@@ -32,7 +41,9 @@ def make_accelerator(out: Path, log: bool = True):
         trackers = "tensorboard" if log else None
     except ImportError:
         trackers = None
-    accelerator = Accelerator(log_with=trackers, project_dir=str(out / "logs"))
+    process_state()
+    accelerator = Accelerator(cpu=not torch.cuda.is_available(), log_with=trackers,
+                              project_dir=str(out / "logs"))
     if trackers:
         accelerator.init_trackers("sealft")
     return accelerator
@@ -173,7 +184,7 @@ def learn_selector(args, examples: list[Example], safe: list[Example], out: Path
         describe=lambda positions: ", ".join(ids[p] for p in positions[:8]),
         log=partial(log_metrics, accelerator),
     )
-    accelerator.end_training()
+    finish_logging(accelerator)
     learned = selector.logits.detach().cpu().numpy()
     learned_weights = selector.weights().detach().cpu().numpy()
     if accelerator.is_main_process:
@@ -189,6 +200,13 @@ def _per_row(n: int, rows: list[int], logits: np.ndarray, weights: np.ndarray):
     full_logits, full_weights = np.full(n, np.nan), np.full(n, np.nan)
     full_logits[rows], full_weights[rows] = logits, weights
     return full_logits, full_weights
+
+
+def finish_logging(accelerator) -> None:
+    # Not accelerator.end_training(): it also tears down the process group, and the stage
+    # still needs it to agree on outputs.
+    for tracker in accelerator.trackers:
+        tracker.finish()
 
 
 def log_metrics(accelerator, metrics: dict[str, float], step: int) -> None:

@@ -253,16 +253,16 @@ def peak_memory_mb() -> float:
 
 
 def run_select(args: SelectArgs) -> dict:
+    from sealft.seal import process_state
+
     """Select data; returns the summary (also written to summary.json)."""
     started = time.perf_counter()
-    from accelerate import PartialState
-
-    is_main = PartialState().is_main_process
+    is_main = process_state().is_main_process
     out = Path(args.output_dir)
     if is_main:
         prepare_output_dir(out, args.overwrite, args.resume)
         write_yaml(out / "config.yaml", cfg.to_dict(args))
-    PartialState().wait_for_everyone()
+    process_state().wait_for_everyone()
     examples, safe = load_inputs(args)
     if args.method == "seal":
         from sealft.seal import learn_selector
@@ -277,5 +277,5 @@ def run_select(args: SelectArgs) -> dict:
     summary = {}
     if is_main:
         summary = write_outputs(out, args, examples, logits, weights, skipped, extra)
-    PartialState().wait_for_everyone()
+    process_state().wait_for_everyone()
     return summary

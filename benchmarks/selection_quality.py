@@ -1,0 +1,144 @@
+"""How well does each selector find the harmful rows? Ground truth from the SST-2 + BeaverTails
+mixes in ../shared/data/finetune/ (`flag` = unsafe marks a harmful row with a compliant answer).
+
+For every mix and selector this runs the product (`sealft.select.run_select`) on a seeded sample
+of rows and reports
+  AUROC      P(a harmful row gets a lower weight than a benign one); 0.5 = chance
+  removed    share of harmful rows *not* kept at keep ratio 0.8 (chance: 0.2)
+  wall s     run_select wall time per mix (model load included)
+
+    python benchmarks/selection_quality.py --sample 200 --output runs/selection_quality.md \\
+        epochs=3 batch_size=16 micro_batch_size=8 selector_lr=5e-3 gamma_increment=0.03
+
+Trailing key=value pairs are SelectArgs options for every selector (SEAL settings, max_length,
+reference_steps, ...). Run dirs go to --work-dir (kept, so scores.jsonl can be inspected).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from sealft import config as cfg
+from sealft.select import SelectArgs, run_select
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = REPO.parent / "shared" / "data"
+MIXES = tuple(DATA / "finetune" / f"sst2_n1000_p{p}.json" for p in ("0.01", "0.05", "0.1", "0.2"))
+SAFE = DATA / "safe" / "safetyllamas_safety_only.json"
+SELECTORS = {  # benchmark name -> (SelectArgs.method, SEAL algorithm)
+    "random": ("random", None),
+    "dsir": ("dsir", None),
+    "reference-loss": ("reference-loss", None),
+    "seal": ("seal", None),  # the product's default algorithm (or algorithm=... given)
+    "seal-penalty": ("seal", "penalty"),  # the paper's Algorithm 1 as written
+    "seal-memory-efficient": ("seal", "memory-efficient"),  # Algorithm 2
+}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="HuggingFaceTB/SmolLM2-135M-Instruct")
+    parser.add_argument("--sample", type=int, default=200, help="rows per mix (seeded sample)")
+    parser.add_argument("--label-field", default="flag")
+    parser.add_argument("--unsafe-value", default="unsafe")
+    parser.add_argument("--files", nargs="+", default=[str(p) for p in MIXES])
+    parser.add_argument("--methods", default=",".join(SELECTORS),
+                        help=f"comma-separated: {', '.join(SELECTORS)}")
+    parser.add_argument("--safe-data", default=str(SAFE))
+    parser.add_argument("--safe-limit", type=int, default=200, help="safe-set rows (seeded)")
+    parser.add_argument("--keep-ratio", type=float, default=0.8)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--work-dir", default=None, help="run dirs (default: a temp dir)")
+    parser.add_argument("--output", default=None, help="also write the table to this .md")
+    parser.add_argument("overrides", nargs="*", help="SelectArgs options as key=value")
+    args = parser.parse_args(argv)
+    args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = [m for m in args.methods if m not in SELECTORS]
+    if unknown:
+        parser.error(f"--methods: unknown {', '.join(unknown)}; use {', '.join(SELECTORS)}")
+    missing = [f for f in [*args.files, args.safe_data] if not Path(f).exists()]
+    if missing:
+        parser.error(f"missing data: {', '.join(missing)} (expected ../shared/data next to the "
+                     "repo, or pass --files / --safe-data)")
+    return args
+
+
+def mix_name(path: str) -> str:
+    stem = Path(path).stem
+    return stem.rsplit("_", 1)[-1] if "_p" in stem else stem
+
+
+def select_args(args: argparse.Namespace, method: str, file: str, out: Path) -> SelectArgs:
+    selector, algorithm = SELECTORS[method]
+    defaults = {"model": args.model, "safe_data": args.safe_data, "safe_limit": args.safe_limit,
+                "sample": args.sample, "seed": args.seed, "keep_ratio": args.keep_ratio,
+                "label_field": args.label_field, "unsafe_value": args.unsafe_value,
+                "show_progress": False}
+    fixed = {"method": selector, "finetune_data": file, "output_dir": str(out),
+             "overwrite": True, "resume": False, "keep_count": None}
+    if algorithm:
+        fixed["algorithm"] = algorithm
+    return cfg.build(SelectArgs, defaults, cfg.parse_overrides(args.overrides), fixed)
+
+
+def measure(args: argparse.Namespace, method: str, file: str, work: Path) -> dict:
+    out = work / f"{method}-{mix_name(file)}"
+    started = time.perf_counter()
+    summary = run_select(select_args(args, method, file, out))
+    labels = summary.get("labels") or {}
+    return {"auroc": labels.get("auroc_unsafe_low_weight"),
+            "removed": labels.get("unsafe_removed_share"),
+            "unsafe_rows": labels.get("unsafe_rows"),
+            "seconds": time.perf_counter() - started}
+
+
+def _fmt(value: float | None) -> str:
+    return "–" if value is None else f"{value:.3f}"
+
+
+def markdown_table(args: argparse.Namespace, results: dict[tuple[str, str], dict]) -> str:
+    mixes = [mix_name(f) for f in args.files]
+    header = ["selector"] + [f"{m} {k}" for m in mixes for k in ("AUROC", "removed")]
+    header.append("wall s / mix")
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for method in args.methods:
+        cells = [method]
+        for file in args.files:
+            result = results.get((method, file), {})
+            cells += [_fmt(result.get("auroc")), _fmt(result.get("removed"))]
+        seconds = [results[(method, f)]["seconds"] for f in args.files if (method, f) in results]
+        cells.append(f"{statistics.mean(seconds):.1f}" if seconds else "–")
+        lines.append("| " + " | ".join(cells) + " |")
+    counts = ", ".join(f"{mix_name(f)}: {results[(m, f)]['unsafe_rows']}"
+                       for f in args.files for m in args.methods[:1] if (m, f) in results)
+    lines += ["", f"Model {args.model}; {args.sample} rows per mix (seed {args.seed}); harmful "
+              f"rows per mix: {counts}. Keep ratio {args.keep_ratio}: chance removes "
+              f"{1 - args.keep_ratio:.2f} of harmful rows, chance AUROC 0.5. "
+              f"Overrides: {' '.join(args.overrides) or 'none'}."]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    work = Path(args.work_dir or tempfile.mkdtemp(prefix="sealft-selection-quality-"))
+    results: dict[tuple[str, str], dict] = {}
+    for method in args.methods:
+        for file in args.files:
+            print(f"[selection_quality] {method} on {mix_name(file)}", file=sys.stderr)
+            results[(method, file)] = measure(args, method, file, work)
+    table = markdown_table(args, results)
+    print(table)
+    if args.output:
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.output).write_text(table, encoding="utf-8")
+    print(f"run dirs: {work}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
