@@ -12,7 +12,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import toy_finetune_rows, write_jsonl
 
 SELECT = ["--epochs", "2", "--batch-size", "4", "--micro-batch-size", "2", "--gamma-start",

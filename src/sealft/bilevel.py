@@ -153,16 +153,20 @@ def _step_and_clear(optimizer: torch.optim.Optimizer, parts: BilevelParts) -> No
     optimizer.zero_grad(set_to_none=True)
 
 
-def _step_selector(parts: BilevelParts, ft_batches: list[Batch]) -> None:
+def _step_selector(parts: BilevelParts, ft_batches: list[Batch],
+                   visited: torch.Tensor | None) -> None:
+    """`visited`: rows of the whole batch over all processes (default: this process's rows);
+    every rank must update the same logits to keep identical selectors."""
     parts.sync_gradients([parts.selector.logits])
-    visited = torch.cat([_rows(b) for b in ft_batches])
-    parts.selector_optimizer.step(visited)
+    if visited is None:
+        visited = torch.cat([_rows(b) for b in ft_batches])
+    parts.selector_optimizer.step(visited.to(parts.selector.logits.device))
     parts.selector_optimizer.zero_grad()
 
 
 def penalty_step(
     parts: BilevelParts, ft_batches: list[Batch], safe_batches: list[Batch],
-    gamma: float, ft_total: int, safe_total: int,
+    gamma: float, ft_total: int, safe_total: int, visited: torch.Tensor | None = None,
 ) -> dict[str, float]:
     """Algorithm 1. `*_total` are the effective (all-process) batch sizes the means divide by."""
     model, selector = parts.model, parts.selector
@@ -188,14 +192,14 @@ def penalty_step(
         (gamma * (weights * (losses - loss_prime)).sum() / ft_total).backward()
         g_value += (weights.detach() * losses.detach()).sum().item() / ft_total
     _step_and_clear(parts.theta_optimizer, parts)
-    _step_selector(parts, ft_batches)
+    _step_selector(parts, ft_batches, visited)
     return {"f_safe": f_value, "g_theta": g_value, "g_theta_prime": g_prime,
             "penalty": g_value - g_prime, "gamma": gamma}
 
 
 def memory_efficient_step(
     parts: BilevelParts, ft_batches: list[Batch], safe_batches: list[Batch],
-    gamma: float, ft_total: int, safe_total: int,
+    gamma: float, ft_total: int, safe_total: int, visited: torch.Tensor | None = None,
 ) -> dict[str, float]:
     """Algorithm 2: no θ'; θ on f + γ·g(θ, ω) and ω on γ·g(θ, ω), from one backward."""
     model = parts.model
@@ -208,13 +212,13 @@ def memory_efficient_step(
         (gamma * (weights * losses).sum() / ft_total).backward()
         g_value += (weights.detach() * losses.detach()).sum().item() / ft_total
     _step_and_clear(parts.theta_optimizer, parts)
-    _step_selector(parts, ft_batches)
+    _step_selector(parts, ft_batches, visited)
     return {"f_safe": f_value, "g_theta": g_value, "gamma": gamma}
 
 
 def safety_step(
     parts: BilevelParts, ft_batches: list[Batch], safe_batches: list[Batch],
-    gamma: float, ft_total: int, safe_total: int,
+    gamma: float, ft_total: int, safe_total: int, visited: torch.Tensor | None = None,
 ) -> dict[str, float]:
     """Algorithm 1 with θ warm-started at θ' every step: θ = θ' − η_f ∇f(θ')/‖∇f(θ')‖.
 
@@ -254,7 +258,7 @@ def safety_step(
         weights = _selector_weights(parts, batch)
         (gamma * (weights * (loss - loss_prime)).sum() / ft_total).backward()
         g_value += (weights.detach() * loss).sum().item() / ft_total
-    _step_selector(parts, ft_batches)
+    _step_selector(parts, ft_batches, visited)
     _step_and_clear(parts.theta_prime_optimizer, parts)
     return {"f_safe": f_value, "g_theta": g_value, "g_theta_prime": g_prime,
             "penalty": g_value - g_prime, "gamma": gamma}

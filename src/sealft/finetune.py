@@ -150,10 +150,10 @@ def run_finetune(args: FinetuneArgs) -> dict:
     sync = gradient_sync(accelerator)
     device, pad = accelerator.device, tokenizer.pad_token_id
 
-    def step(ft_micro, _safe, _progress, total, _safe_total):
+    def step(ft_micro, _safe, _progress, batch, _safe_total):
         batches = [{k: v.to(device) for k, v in collate(tokenized, m, pad).items()}
                    for m in ft_micro]
-        return sft_step(model, optimizer, batches, weights, total, sync)
+        return sft_step(model, optimizer, batches, weights, len(batch), sync)
 
     settings = LoopSettings(
         epochs=args.epochs, batch_size=args.batch_size, micro_batch_size=args.micro_batch_size,

@@ -163,11 +163,12 @@ def learn_selector(args, examples: list[Example], safe: list[Example], out: Path
                     "rejected": to_batch(data[1], positions)}
         return {k: v.to(device) for k, v in collate(data, positions, pad).items()}
 
-    def step(ft_micro, safe_micro, progress, ft_total, safe_total):
+    def step(ft_micro, safe_micro, progress, batch, safe_total):
         gamma = bilevel.gamma_at(args.gamma_schedule, args.gamma_start, args.gamma_increment,
                                  int(progress), progress)
         return step_rule(parts, [to_batch(tokenized, m) for m in ft_micro],
-                         [to_batch(safe_tok, m) for m in safe_micro], gamma, ft_total, safe_total)
+                         [to_batch(safe_tok, m) for m in safe_micro], gamma, len(batch),
+                         safe_total, visited=torch.tensor(batch))
 
     ids = [examples[r]["id"] for r in tokenized.rows]
     settings = LoopSettings(

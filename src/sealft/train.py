@@ -125,7 +125,7 @@ class LoopSettings:
     show_progress: bool = True
 
 
-StepFn = Callable[[list[list[int]], list[list[int]], float, int, int], dict[str, float]]
+StepFn = Callable[[list[list[int]], list[list[int]], float, list[int], int], dict[str, float]]
 
 
 def train_loop(
@@ -139,8 +139,9 @@ def train_loop(
     describe: Callable[[list[int]], str] = str,
     log: Callable[[dict[str, float], int], None] = lambda metrics, step: None,
 ) -> LoopState:
-    """Run `epochs` passes. `step(ft_micro, safe_micro, epoch_progress, ft_total, safe_total)`
-    gets this process's micro-batches (positions) and the global batch sizes to average by."""
+    """Run `epochs` passes. `step(ft_micro, safe_micro, epoch_progress, batch, safe_total)`
+    gets this process's micro-batches (positions), the whole batch across processes (to
+    average by its size, and for state every rank must update alike) and the safe batch size."""
     state = LoopState()
     if resume and checkpoint is not None:
         state = checkpoint.load() or state
@@ -162,7 +163,7 @@ def train_loop(
             t0 = time.perf_counter()
             metrics = step(micro_batches(mine, settings.micro_batch_size),
                            micro_batches(mine_safe, settings.micro_batch_size),
-                           progress, len(batch), len(safe_batch))
+                           progress, batch, len(safe_batch))
             if not all(math.isfinite(v) for v in metrics.values()):
                 raise TrainingError(
                     f"non-finite loss at step {state.global_step + 1} (epoch {state.epoch}, "
