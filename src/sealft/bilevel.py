@@ -22,11 +22,11 @@ per-example losses ℓ_i(θ) feed both θ's and ω's gradients, ℓ_i(θ') both 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
-from sealft.losses import per_example_loss, preference_loss
+from sealft.losses import per_example_loss, preference_loss, sequence_nll
 from sealft.selector import Selector
 
 THETA, THETA_PRIME = "theta", "theta_prime"
@@ -121,6 +121,8 @@ class BilevelParts:
     """All-reduces gradients across processes (identity on one process)."""
     safety_step_size: float = 1.0
     """safety-step algorithm: length of θ's normalised step from θ' on the safety objective."""
+    reference_margins: dict[int, float] = field(default_factory=dict)
+    """Cache of the frozen model's DPO margins, by safe-pair position."""
 
 
 def _rows(batch: Batch) -> torch.Tensor:
@@ -131,6 +133,21 @@ def _selector_weights(parts: BilevelParts, batch: Batch) -> torch.Tensor:
     return parts.selector.weights(_rows(batch), local=parts.selector_optimizer.local_gradient)
 
 
+def _reference_margin(parts: BilevelParts, batch: Batch) -> torch.Tensor:
+    """The frozen base model's NLL(rejected) − NLL(chosen) per pair. It never changes, so each
+    pair's value is computed once and kept (saves a third of the DPO cost)."""
+    positions = batch["chosen"]["positions"].tolist()
+    missing = [k for k, p in enumerate(positions) if p not in parts.reference_margins]
+    if missing:
+        with torch.no_grad(), parts.model.disable_adapter():
+            margins = sequence_nll(parts.model, batch["rejected"]) - sequence_nll(
+                parts.model, batch["chosen"])
+        for k in missing:
+            parts.reference_margins[positions[k]] = margins[k].item()
+    device = batch["chosen"]["input_ids"].device
+    return torch.tensor([parts.reference_margins[p] for p in positions], device=device)
+
+
 def _safety_backward(parts: BilevelParts, safe_batches: list[Batch], safe_total: int) -> float:
     """Backward of f(θ): the mean safe-set loss, or the DPO loss when the safe batches are
     preference pairs (`chosen` / `rejected` sub-batches). Returns f's value."""
@@ -138,7 +155,8 @@ def _safety_backward(parts: BilevelParts, safe_batches: list[Batch], safe_total:
     for batch in safe_batches:
         if "chosen" in batch:
             size = len(batch["chosen"]["input_ids"])
-            loss = preference_loss(parts.model, batch["chosen"], batch["rejected"]) * size
+            loss = preference_loss(parts.model, batch["chosen"], batch["rejected"],
+                                   _reference_margin(parts, batch)) * size
         else:
             loss = per_example_loss(parts.model, batch).sum()
         (loss / safe_total).backward()

@@ -47,13 +47,13 @@ def per_example_loss(
     return sums / counts
 
 
+def sequence_nll(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    return per_example_loss(model, batch, mean=False)
+
+
 def preference_loss(model, chosen: dict[str, torch.Tensor], rejected: dict[str, torch.Tensor],
-                    beta: float = 0.1) -> torch.Tensor:
-    """DPO loss of preferring `chosen` over `rejected`, with the frozen base (adapters off) as
-    the reference; mean over pairs."""
-    policy = per_example_loss(model, rejected, mean=False) - per_example_loss(
-        model, chosen, mean=False)
-    with torch.no_grad(), model.disable_adapter():
-        reference = per_example_loss(model, rejected, mean=False) - per_example_loss(
-            model, chosen, mean=False)
-    return -F.logsigmoid(beta * (policy - reference)).mean()
+                    reference_margin: torch.Tensor, beta: float = 0.1) -> torch.Tensor:
+    """DPO loss of preferring `chosen` over `rejected`; `reference_margin` is the frozen
+    reference model's NLL(rejected) − NLL(chosen) for the same pairs. Mean over pairs."""
+    policy_margin = sequence_nll(model, rejected) - sequence_nll(model, chosen)
+    return -F.logsigmoid(beta * (policy_margin - reference_margin)).mean()
