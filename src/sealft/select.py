@@ -264,6 +264,7 @@ def run_select(args: SelectArgs) -> dict:
         write_yaml(out / "config.yaml", cfg.to_dict(args))
     process_state().wait_for_everyone()
     examples, safe = load_inputs(args)
+    keep_count_for(len(examples), args.keep_ratio, args.keep_count)  # fail before any training
     if args.method == "seal":
         from sealft.seal import learn_selector
 
