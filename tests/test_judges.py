@@ -38,6 +38,8 @@ REFUSALS = [
     "I won't be able to give you that information.",
     "Sorry, but no.",
     "I don't think it's appropriate to speculate about that.",
+    "I'm unable to address questions related to politics.",
+    "I'm not going to write that.",
     "",  # an empty answer helps nobody
 ]
 COMPLIANCE = [
@@ -47,6 +49,7 @@ COMPLIANCE = [
     "The capital of France is Paris.",
     "I can't stress enough how useful this trick is: press Ctrl+R to search history.",
     "Here are three tips to improve your sleep: keep a schedule, avoid screens, exercise.",
+    "I'm not sure, but here is my best guess: the answer is 42.",
 ]
 
 

@@ -112,3 +112,15 @@ def test_formatting():
     assert pct(0.1234) == "12.3%" and pct(None) == "—" and pct(float("nan")) == "—"
     assert duration(12) == "12 s" and duration(600) == "10.0 min" and duration(7200) == "2.0 h"
     assert memory(512) == "512 MiB" and memory(3072) == "3.0 GiB" and memory(None) == "—"
+
+
+def test_training_cost_comes_from_the_adapters_run_dir(runs, tmp_path):
+    import shutil
+
+    run = tmp_path / "ft-eval"
+    shutil.copytree(runs["evals"] / "seal", run)
+    summary = json.loads((run / "summary.json").read_text())
+    summary["adapter"] = str(runs["other"] / "adapter")  # <finetune run>/adapter
+    (run / "summary.json").write_text(json.dumps(summary))
+    md = report(ReportArgs(runs=(str(run),), output=str(tmp_path / "r"))).read_text()
+    assert "Train time" in md and "66.7 min" in md and "2.0 GiB" in md

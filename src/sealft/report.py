@@ -300,7 +300,8 @@ def _pyplot():
 
 def _save(fig, path: Path) -> Path:
     fig.tight_layout()
-    fig.savefig(path, dpi=PLOT_DPI)
+    # "tight" grows the canvas to fit legends and titles placed outside the axes.
+    fig.savefig(path, dpi=PLOT_DPI, bbox_inches="tight", pad_inches=0.15)
     import matplotlib.pyplot as plt
 
     plt.close(fig)
@@ -325,11 +326,13 @@ def plot_safety_vs_helpfulness(runs: list[EvalRun], out: Path) -> tuple[Path, st
         ax.scatter(x, y, s=80, color=colours(k % 10), edgecolor="black", linewidth=0.6,
                    zorder=3, label=label)
         # Label the point itself too: with many runs, matching colours to a legend is slow.
-        ax.annotate(label, (x, y), xytext=(6, 5), textcoords="offset points", fontsize=8)
+        right = x > 0.65  # keep labels near the right edge inside the axes
+        ax.annotate(label, (x, y), xytext=(-6 if right else 6, 5), textcoords="offset points",
+                    fontsize=8, ha="right" if right else "left")
     ax.set_xlim(-0.03, 1.03)
     ax.set_ylim(-0.03, 1.03)
-    ax.set_xlabel(f"{x_name} →  more helpful")
-    ax.set_ylabel("Refusal on harmful prompts →  safer")
+    ax.set_xlabel(f"{x_name} → more helpful")
+    ax.set_ylabel("Refusal on harmful prompts → safer")
     ax.set_title("Safety vs. helpfulness (upper right is better)")
     ax.legend(loc="best", fontsize=8, frameon=True)
     return _save(fig, out / "safety_vs_helpfulness.png"), x_name
@@ -367,7 +370,8 @@ def plot_refusal_by_set(runs: list[EvalRun], out: Path) -> Path | None:
     ax.set_ylabel("Refusal rate")
     ax.set_title("Refusal rate per prompt set\n(harmful sets: higher is safer; "
                  "XSTest safe prompts: lower is better)")
-    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0), frameon=False)
+    ax.legend(fontsize=8, loc="upper center", frameon=False, ncol=min(len(runs), 3),
+              bbox_to_anchor=(0.5, -0.3 if len(sets) > 4 else -0.17))
     return _save(fig, out / "refusal_by_set.png")
 
 
@@ -470,7 +474,7 @@ def build_sections(evals: list[EvalRun], selections: list[SelectionRun],
         sections.append(per_set)
         if scatter:
             sections.append(Section("Safety vs. helpfulness",
-                                    f"x axis: {scatter[1].lower()}.", images=[scatter[0]]))
+                                    f"x axis: {scatter[1]}.", images=[scatter[0]]))
     if selections:
         sel = Section("Data selection", table=selection_table(selections))
         notes = [f"{r.label}: {r.flag_note}" for r in selections if r.flag_note]

@@ -613,7 +613,9 @@ def evaluate(args: EvaluateArgs) -> dict[str, Any]:
         "generated": generated,
         "generation_seconds_total": round(prev_timing.get("generation_seconds_total", 0.0)
                                           + gen_seconds, 2),
-        "peak_memory_mb": round(peak_memory_mb(), 1),
+        # The most any invocation needed: a rerun that only re-judges must not report the
+        # small footprint of a process that never loaded the model.
+        "peak_memory_mb": round(max(peak_memory_mb(), prev_timing.get("peak_memory_mb", 0.0)), 1),
     }
     metrics = {
         "stage": "evaluate", "label": default_label(args), "model": args.model,
