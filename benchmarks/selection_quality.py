@@ -30,6 +30,7 @@ REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data"
 MIXES = tuple(DATA / "finetune" / f"sst2_n1000_p{p}.json" for p in ("0.01", "0.05", "0.1", "0.2"))
 SAFE = DATA / "safe" / "safetyllamas_safety_only.json"
+PAIRS = DATA / "safe" / "hh_rlhf_harmless_base_test.jsonl.gz"  # SEAL's default upper level
 SELECTORS = {  # benchmark name -> (SelectArgs.method, SEAL algorithm)
     "random": ("random", None),
     "dsir": ("dsir", None),
@@ -51,6 +52,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help=f"comma-separated: {', '.join(SELECTORS)}")
     parser.add_argument("--safe-data", default=str(SAFE))
     parser.add_argument("--safe-limit", type=int, default=200, help="safe-set rows (seeded)")
+    parser.add_argument("--seal-safe-data", default=str(PAIRS),
+                        help="upper-level data of the seal* selectors (default: HH pairs, DPO)")
     parser.add_argument("--keep-ratio", type=float, default=0.8)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--work-dir", default=None, help="run dirs (default: a temp dir)")
@@ -83,6 +86,8 @@ def select_args(args: argparse.Namespace, method: str, file: str, out: Path) -> 
              "overwrite": True, "resume": False, "keep_count": None}
     if algorithm:
         fixed["algorithm"] = algorithm
+    if selector == "seal":
+        defaults["safe_data"] = args.seal_safe_data
     return cfg.build(SelectArgs, defaults, cfg.parse_overrides(args.overrides), fixed)
 
 
