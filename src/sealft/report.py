@@ -14,6 +14,7 @@ import base64
 import html
 import json
 import math
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -394,13 +395,22 @@ def plot_weight_histogram(run: SelectionRun, out: Path) -> Path | None:
                        else values.min() + 1e-6, 31)
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     colours = {"unsafe": "tab:red", "finetune": "tab:blue"}
-    for k, flag in enumerate(sorted({f for _, f in weights})):
+    groups = sorted({f for _, f in weights})
+    density = len(groups) > 1  # groups of very different sizes: compare shapes, not counts
+    for k, flag in enumerate(groups):
         part = values[[f == flag for _, f in weights]]
-        ax.hist(part, bins=bins, density=True, alpha=0.55,
+        ax.hist(part, bins=bins, density=density, alpha=0.55,
                 color=colours.get(flag, plt.get_cmap("tab10")(k % 10)),
                 edgecolor="black", linewidth=0.3, label=f"{flag} (n={len(part)})")
+    from matplotlib.ticker import MaxNLocator
+
+    # Weights can sit in a narrow band around 1: plain, few ticks instead of an offset label.
+    ax.ticklabel_format(axis="x", useOffset=False, style="plain")
+    ax.xaxis.set_major_locator(MaxNLocator(6))
     ax.set_xlabel("Learned weight")
-    ax.set_ylabel("Density (each group sums to 1)")
+    ax.set_ylabel("Density (each group's area is 1)" if density else "Rows")
+    if not density:
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_title(f"Data weights by flag: {run.label}")
     ax.legend(fontsize=8)
     return _save(fig, out / f"weights_{_slug(run.path.name)}.png")
@@ -478,7 +488,7 @@ def build_sections(evals: list[EvalRun], selections: list[SelectionRun],
     if selections:
         sel = Section("Data selection", table=selection_table(selections))
         notes = [f"{r.label}: {r.flag_note}" for r in selections if r.flag_note]
-        sel.text = " ".join(notes)
+        sel.text = "\n\n".join(notes)
         kept = plot_kept_by_flag(selections, out)
         sel.images = [p for p in [kept] + [plot_weight_histogram(r, out) for r in selections]
                       if p]
@@ -511,8 +521,7 @@ def render_html(title: str, sections: list[Section]) -> str:
     body = [f"<h1>{html.escape(title)}</h1>"]
     for s in sections:
         body.append(f"<h2>{html.escape(s.title)}</h2>")
-        if s.text:
-            body.append(f"<p>{html.escape(s.text)}</p>")
+        body += [f"<p>{html.escape(part)}</p>" for part in s.text.split("\n\n") if part]
         if s.table:
             body.append(html_table(*s.table))
         for image in s.images:  # embedded, so the HTML file can be sent on its own
@@ -548,6 +557,10 @@ def report(args: ReportArgs) -> Path:
         handle.write(render_html(args.title, sections))
     for name in ("report.md", "report.html"):
         (out / name).chmod(0o644)  # temp files are created private; a report is for sharing
+    plots = sum(len(section.images) for section in sections)
+    print(f"sealft report: {len(evals)} evaluation, {len(selections)} selection and "
+          f"{len(others)} other run(s) -> {out / 'report.md'}, report.html and {plots} plot(s)",
+          file=sys.stderr)
     return out / "report.md"
 
 

@@ -626,8 +626,23 @@ def evaluate(args: EvaluateArgs) -> dict[str, Any]:
         "timing": timing, "versions": _versions(),
     }
     write_json(out / "metrics.json", metrics)
-    write_json(out / "summary.json", summarise(metrics, args))
+    summary = summarise(metrics, args)
+    write_json(out / "summary.json", summary)
+    print(headline(summary, out), file=sys.stderr)
     return metrics
+
+
+def headline(summary: dict[str, Any], out: Path) -> str:
+    """One line of the numbers people look at first."""
+    def pct(key: str) -> str | None:
+        value = summary.get(key)
+        return None if value is None else f"{100 * value:.1f}%"
+
+    parts = [f"{name} {value}" for name, value in (
+        ("safety refusal", pct("safety_refusal_rate")), ("harmful", pct("safety_harmfulness_rate")),
+        ("over-refusal", pct("over_refusal_rate")), ("task accuracy", pct("task_accuracy")),
+        ("win rate", pct("win_rate"))) if value is not None]
+    return f"sealft evaluate: {', '.join(parts) or 'done'}; details in {out / 'metrics.json'}"
 
 
 def _write_judgments(out: Path, lines: list[dict[str, Any]], suites: set[str]) -> None:
