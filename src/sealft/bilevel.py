@@ -164,6 +164,21 @@ def _safety_backward(parts: BilevelParts, safe_batches: list[Batch], safe_total:
     return total / safe_total
 
 
+def _lower_level_backward(
+    parts: BilevelParts, ft_batches: list[Batch], ft_total: int
+) -> tuple[list[torch.Tensor], float]:
+    """Backward of g(θ', ω) for θ' (weights held fixed); returns ℓ(θ') per batch and g."""
+    parts.model.set_adapter(THETA_PRIME)
+    losses_prime, g_prime = [], 0.0
+    for batch in ft_batches:
+        weights = parts.selector.weights(_rows(batch)).detach()
+        losses = per_example_loss(parts.model, batch)
+        (weights * losses).sum().div(ft_total).backward()
+        losses_prime.append(losses.detach())
+        g_prime += (weights * losses.detach()).sum().item() / ft_total
+    return losses_prime, g_prime
+
+
 def _step_and_clear(optimizer: torch.optim.Optimizer, parts: BilevelParts) -> None:
     params = [p for group in optimizer.param_groups for p in group["params"]]
     parts.sync_gradients(params)
@@ -187,16 +202,8 @@ def penalty_step(
     gamma: float, ft_total: int, safe_total: int, visited: torch.Tensor | None = None,
 ) -> dict[str, float]:
     """Algorithm 1. `*_total` are the effective (all-process) batch sizes the means divide by."""
-    model, selector = parts.model, parts.selector
-
-    model.set_adapter(THETA_PRIME)
-    losses_prime, g_prime = [], 0.0
-    for batch in ft_batches:
-        weights = selector.weights(_rows(batch)).detach()
-        losses = per_example_loss(model, batch)
-        (weights * losses).sum().div(ft_total).backward()
-        losses_prime.append(losses.detach())
-        g_prime += (weights * losses.detach()).sum().item() / ft_total
+    model = parts.model
+    losses_prime, g_prime = _lower_level_backward(parts, ft_batches, ft_total)
     _step_and_clear(parts.theta_prime_optimizer, parts)
 
     model.set_adapter(THETA)
@@ -246,15 +253,8 @@ def safety_step(
     instead accumulates every difference between the safe set and the task (format, length,
     topic), which swamps the per-example conflict; see docs/selection.md for the measurements.
     """
-    model, selector = parts.model, parts.selector
-    model.set_adapter(THETA_PRIME)
-    losses_prime, g_prime = [], 0.0
-    for batch in ft_batches:
-        weights = selector.weights(_rows(batch)).detach()
-        losses = per_example_loss(model, batch)
-        (weights * losses).sum().div(ft_total).backward()
-        losses_prime.append(losses.detach())
-        g_prime += (weights * losses.detach()).sum().item() / ft_total
+    model = parts.model
+    losses_prime, g_prime = _lower_level_backward(parts, ft_batches, ft_total)
 
     theta = [p for group in parts.theta_optimizer.param_groups for p in group["params"]]
     theta_prime = [p for g in parts.theta_prime_optimizer.param_groups for p in g["params"]]

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from sealft.errors import DataError
+from sealft.io import read_jsonl
 
 Message = dict[str, str]
 Example = dict[str, Any]
@@ -45,7 +46,7 @@ def read_rows(source: str, split: str = "train") -> list[dict[str, Any]]:
     name = path.name.lower()
     if path.is_file():
         if name.endswith((".jsonl", ".jsonl.gz", ".ndjson")):
-            return _read_jsonl(path)
+            return read_jsonl(path)
         if name.endswith((".json", ".json.gz")):
             return _read_json(path)
         if name.endswith(".parquet"):
@@ -94,25 +95,6 @@ def _open_text(path: Path):
     return open(path, encoding="utf-8", newline="")
 
 
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    rows = []
-    with _open_text(path) as handle:
-        for line_no, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DataError(
-                    f"{path}:{line_no}: malformed JSON line ({err.msg}, column {err.colno}); "
-                    "fix or delete that line"
-                ) from None
-            if not isinstance(row, dict):
-                raise DataError(f"{path}:{line_no}: expected a JSON object per line")
-            rows.append(row)
-    return rows
-
-
 def _read_json(path: Path) -> list[dict[str, Any]]:
     with _open_text(path) as handle:
         text = handle.read()
@@ -120,7 +102,7 @@ def _read_json(path: Path) -> list[dict[str, Any]]:
         data = json.loads(text)
     except json.JSONDecodeError as err:
         if err.msg == "Extra data":  # a JSON-lines file with a .json name
-            return _read_jsonl(path)
+            return read_jsonl(path)
         raise DataError(
             f"{path}:{err.lineno}: malformed JSON ({err.msg}, column {err.colno})"
         ) from None

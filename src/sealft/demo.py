@@ -36,8 +36,8 @@ class DemoArgs:
     """Where the selection (select/) and fine-tuning (finetune/) outputs go."""
     sample: int = 120
     """Fine-tuning rows to use (seeded sample; the full 1,000 take ~8x longer)."""
-    safe_limit: int = 16
-    """Safe pairs to use."""
+    safe_limit: int = 64
+    """Safe pairs to sample (those that fit max_length are used)."""
     algorithm: str = "safety-step"
     """SEAL algorithm (docs/selection.md)."""
     epochs: int = 1
@@ -53,7 +53,7 @@ class DemoArgs:
     """Adapter learning rate (higher than the paper's 1e-5 because the demo takes few steps)."""
     gamma_start: float = 0.05
     """γ from the first step (the paper starts at 0 and runs 3 epochs)."""
-    max_length: int = 160
+    max_length: int = 192
     """Tokens per example."""
     finetune_epochs: int = 1
     """Fine-tuning epochs on the selection (0 skips fine-tuning)."""

@@ -6,6 +6,7 @@ file), never a truncated one, because readers only ever see a completed `os.repl
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import tempfile
@@ -70,9 +71,11 @@ def write_yaml(path: str | Path, obj: Any) -> None:
 
 
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
-    """Read a JSONL file; a malformed line is an error naming the file and line number."""
+    """Read a JSONL file (optionally .gz); a malformed line is an error naming the file and
+    line number."""
     rows = []
-    with open(path, encoding="utf-8") as handle:
+    opener = gzip.open if str(path).endswith(".gz") else open
+    with opener(path, "rt", encoding="utf-8") as handle:
         for line_no, line in enumerate(handle, start=1):
             if not line.strip():
                 continue
@@ -80,11 +83,11 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
                 row = json.loads(line)
             except json.JSONDecodeError as err:
                 raise DataError(
-                    f"{path}:{line_no}: malformed JSON line ({err.msg} at column {err.colno}); "
+                    f"{path}:{line_no}: malformed JSON line ({err.msg}, column {err.colno}); "
                     "fix or delete that line"
                 ) from None
             if not isinstance(row, dict):
-                raise DataError(f"{path}:{line_no}: expected a JSON object, got {type(row).__name__}")
+                raise DataError(f"{path}:{line_no}: expected a JSON object per line")
             rows.append(row)
     return rows
 
