@@ -172,3 +172,41 @@ def require(condition: bool, flag: str, message: str) -> None:
     """Validation helper for `__post_init__`: the error names the flag users typed."""
     if not condition:
         raise ConfigError(f"--{flag.replace('_', '-')}: {message}")
+
+
+@dataclasses.dataclass
+class RunOptions:
+    """Options every training stage shares (selection and fine-tuning)."""
+
+    lora_r: int = 16
+    """LoRA rank."""
+    lora_alpha: int = 16
+    """LoRA alpha."""
+    lora_dropout: float = 0.0
+    """LoRA dropout."""
+    lora_target_modules: tuple[str, ...] = ("q_proj", "v_proj")
+    """Modules that get LoRA adapters (comma-separated)."""
+    seed: int = 0
+    """Seed for data order, sampling and initialisation."""
+    save_every: int = 0
+    """Checkpoint every N steps (0: only at epoch ends)."""
+    resume: bool = False
+    """Continue from the checkpoint in output_dir."""
+    overwrite: bool = False
+    """Replace a non-empty output_dir."""
+    dtype: str = "float32"
+    """Model weights dtype: float32 | bfloat16 | float16 | auto."""
+    chat_template: str | None = None
+    """Jinja chat template (file or string) for tokenizers without one."""
+    trust_remote_code: bool = False
+    """Allow model repos to run their own code (off unless you trust the repo)."""
+    num_proc: int | None = None
+    """Processes for tokenisation (datasets.map)."""
+    show_progress: bool = True
+    """Show progress bars."""
+
+    def __post_init__(self) -> None:
+        require(self.lora_r > 0, "lora_r", "must be positive")
+        require(self.save_every >= 0, "save_every", "must be >= 0")
+        require(not (self.resume and self.overwrite), "resume",
+                "--resume and --overwrite exclude each other")

@@ -37,7 +37,7 @@ ADAPTER = "default"
 
 
 @dataclass
-class FinetuneArgs:
+class FinetuneArgs(cfg.RunOptions):
     model: str = "HuggingFaceTB/SmolLM2-135M-Instruct"
     """Causal LM to fine-tune: hub id, local folder or .gguf file."""
     data: str = ""
@@ -54,14 +54,6 @@ class FinetuneArgs:
     """Examples per forward pass; gradients are accumulated up to batch_size."""
     lr: float = 1e-5
     """Adam learning rate (paper: 1e-5)."""
-    lora_r: int = 16
-    """LoRA rank."""
-    lora_alpha: int = 16
-    """LoRA alpha."""
-    lora_dropout: float = 0.0
-    """LoRA dropout."""
-    lora_target_modules: tuple[str, ...] = ("q_proj", "v_proj")
-    """Modules that get LoRA adapters (comma-separated)."""
     max_length: int = 512
     """Tokens per example; longer responses are truncated, longer prompts skipped."""
     format: str = "auto"
@@ -74,33 +66,14 @@ class FinetuneArgs:
     """Drop exact duplicate rows instead of failing."""
     merge: bool = False
     """Also save merged full weights to OUTPUT_DIR/merged (safetensors)."""
-    seed: int = 0
-    """Seed for data order and initialisation."""
-    save_every: int = 0
-    """Checkpoint every N steps (0: only at epoch ends)."""
-    resume: bool = False
-    """Continue from the checkpoint in output_dir."""
-    overwrite: bool = False
-    """Replace a non-empty output_dir."""
-    dtype: str = "float32"
-    """Model weights dtype: float32 | bfloat16 | float16 | auto."""
-    chat_template: str | None = None
-    """Jinja chat template (file or string) for tokenizers without one."""
-    trust_remote_code: bool = False
-    """Allow model repos to run their own code."""
-    num_proc: int | None = None
-    """Processes for tokenisation."""
-    show_progress: bool = True
-    """Show progress bars."""
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         cfg.require(bool(self.data), "data", "required (e.g. OUT/selected.jsonl)")
         cfg.require(bool(self.output_dir), "output_dir", "required")
-        for name in ("epochs", "batch_size", "micro_batch_size", "max_length", "lora_r"):
+        for name in ("epochs", "batch_size", "micro_batch_size", "max_length"):
             cfg.require(getattr(self, name) > 0, name, "must be positive")
         cfg.require(self.lr > 0, "lr", "must be positive")
-        cfg.require(not (self.resume and self.overwrite), "resume",
-                    "--resume and --overwrite exclude each other")
 
 
 def sft_step(model, optimizer, batches, weights, total: int, sync) -> dict[str, float]:

@@ -27,7 +27,7 @@ METHODS = ("seal", "random", "dsir", "reference-loss", "all")
 
 
 @dataclass
-class SelectArgs:
+class SelectArgs(cfg.RunOptions):
     model: str = "HuggingFaceTB/SmolLM2-135M-Instruct"
     """Causal LM: hub id, local folder or .gguf file (the proxy model that scores the data)."""
     finetune_data: str = ""
@@ -66,14 +66,6 @@ class SelectArgs:
     """γ at the start (paper: 0)."""
     gamma_increment: float = 0.03
     """γ added per epoch (paper: 0.03)."""
-    lora_r: int = 16
-    """LoRA rank."""
-    lora_alpha: int = 16
-    """LoRA alpha."""
-    lora_dropout: float = 0.0
-    """LoRA dropout."""
-    lora_target_modules: tuple[str, ...] = ("q_proj", "v_proj")
-    """Modules that get LoRA adapters (comma-separated)."""
     max_length: int = 512
     """Tokens per example; longer responses are truncated, longer prompts are skipped."""
     keep_ratio: float | None = 0.8
@@ -98,30 +90,13 @@ class SelectArgs:
     """Optional ground-truth field (e.g. flag): the summary reports kept share per value."""
     unsafe_value: str = "unsafe"
     """Value of label_field that marks a harmful row."""
-    seed: int = 0
-    """Seed for data order, sampling and initialisation."""
-    save_every: int = 0
-    """Checkpoint every N steps (0: only at epoch ends)."""
-    resume: bool = False
-    """Continue from the checkpoint in output_dir."""
-    overwrite: bool = False
-    """Replace a non-empty output_dir."""
-    dtype: str = "float32"
-    """Model weights dtype: float32 | bfloat16 | float16 | auto."""
-    chat_template: str | None = None
-    """Jinja chat template (file or string) for tokenizers without one."""
-    trust_remote_code: bool = False
-    """Allow model repos to run their own code (off unless you trust the repo)."""
-    num_proc: int | None = None
-    """Processes for tokenisation (datasets.map)."""
     dsir_ngrams: int = 2
     """DSIR: n-gram order of the hashed features."""
     reference_steps: int = 40
     """reference-loss: LoRA steps on the safe set before scoring."""
-    show_progress: bool = True
-    """Show progress bars."""
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         cfg.require(bool(self.finetune_data), "finetune_data", "required (a file or dataset id)")
         cfg.require(bool(self.output_dir), "output_dir", "required")
         cfg.require(self.method in METHODS, "method", f"use one of {', '.join(METHODS)}")
@@ -141,12 +116,9 @@ class SelectArgs:
                         f"must be in (0, 1], got {self.keep_ratio}")
         else:
             cfg.require(self.keep_count > 0, "keep_count", "must be positive")
-        for name in ("epochs", "batch_size", "micro_batch_size", "max_length", "lora_r"):
+        for name in ("epochs", "batch_size", "micro_batch_size", "max_length"):
             cfg.require(getattr(self, name) > 0, name, "must be positive")
         cfg.require(self.lr > 0 and self.selector_lr > 0, "lr", "learning rates must be positive")
-        cfg.require(self.save_every >= 0, "save_every", "must be >= 0")
-        cfg.require(not (self.resume and self.overwrite), "resume",
-                    "--resume and --overwrite exclude each other")
         if self.safe_batch_size is None:
             self.safe_batch_size = self.batch_size
 
