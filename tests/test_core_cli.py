@@ -88,3 +88,11 @@ def test_help_documents_every_option():
                  "--save-every", "--resume"):
         assert flag in result.stdout
     assert "Share of usable examples to keep" in result.stdout
+
+
+def test_top_level_help_lists_every_command():
+    result = sealft("--help")
+    assert result.returncode == 0, result.stderr[-1000:]
+    for command in ("select", "finetune", "run", "evaluate", "report", "experiment", "demo"):
+        assert command in result.stdout
+    assert "p%" in result.stdout  # a literal % in help text used to crash argparse

@@ -13,6 +13,7 @@ Errors users can fix are printed as one line and exit with code 2 (`--debug` sho
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 import traceback
 from collections.abc import Callable
@@ -23,63 +24,36 @@ from sealft import config as cfg
 from sealft.errors import SealftError
 
 
-@dataclass
-class Command:
-    args_class: Callable[[], type]
-    run: Callable[[Any], Any]
+@dataclass(frozen=True)
+class Stage:
+    """A subcommand: where its arguments dataclass and run function live, imported on use so
+    `sealft --help` does not pay for torch / transformers."""
+
+    module: str
+    args_class: str
+    run: str
     help: str
 
-
-def _select():
-    from sealft.select import SelectArgs, run_select
-
-    return SelectArgs, run_select
+    def load(self) -> tuple[type, Callable[[Any], Any]]:
+        module = importlib.import_module(self.module)
+        return getattr(module, self.args_class), getattr(module, self.run)
 
 
-def _finetune():
-    from sealft.finetune import FinetuneArgs, run_finetune
-
-    return FinetuneArgs, run_finetune
-
-
-def _run():
-    from sealft.pipeline import RunArgs, run_pipeline
-
-    return RunArgs, run_pipeline
-
-
-def _evaluate():
-    from sealft.evaluate import EvaluateArgs, evaluate
-
-    return EvaluateArgs, evaluate
-
-
-def _report():
-    from sealft.report import ReportArgs, report
-
-    return ReportArgs, report
-
-
-def _experiment():
-    from sealft.experiment import ExperimentArgs, run_experiment
-
-    return ExperimentArgs, run_experiment
-
-
-def _demo():
-    from sealft.demo import DemoArgs, run_demo
-
-    return DemoArgs, run_demo
-
-
-COMMANDS: dict[str, tuple[Callable[[], tuple[type, Callable]], str]] = {
-    "select": (_select, "learn per-example weights (SEAL or a baseline) and keep the top p%"),
-    "finetune": (_finetune, "LoRA fine-tuning on (selected) data"),
-    "run": (_run, "select, then fine-tune on the selection"),
-    "evaluate": (_evaluate, "safety / over-refusal / task / helpfulness evaluation"),
-    "report": (_report, "tables and plots comparing evaluation and selection runs"),
-    "experiment": (_experiment, "selectors × keep ratios × seeds: select, fine-tune, evaluate, tabulate"),
-    "demo": (_demo, "SEAL on a real offline model and real data, in minutes on a CPU"),
+COMMANDS: dict[str, Stage] = {
+    "select": Stage("sealft.select", "SelectArgs", "run_select",
+                    "learn per-example weights (SEAL or a baseline) and keep the top p%"),
+    "finetune": Stage("sealft.finetune", "FinetuneArgs", "run_finetune",
+                      "LoRA fine-tuning on (selected) data"),
+    "run": Stage("sealft.pipeline", "RunArgs", "run_pipeline",
+                 "select, then fine-tune on the selection"),
+    "evaluate": Stage("sealft.evaluate", "EvaluateArgs", "evaluate",
+                      "safety / over-refusal / task / helpfulness evaluation"),
+    "report": Stage("sealft.report", "ReportArgs", "report",
+                    "tables and plots comparing evaluation and selection runs"),
+    "experiment": Stage("sealft.experiment", "ExperimentArgs", "run_experiment",
+                        "selectors × keep ratios × seeds: select, fine-tune, evaluate, tabulate"),
+    "demo": Stage("sealft.demo", "DemoArgs", "run_demo",
+                  "SEAL on a real offline model and real data, in minutes on a CPU"),
 }
 
 
@@ -90,8 +64,9 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     )
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name, (loader, help_text) in COMMANDS.items():
-        stage = sub.add_parser(name, help=help_text, description=help_text)
+    for name, spec in COMMANDS.items():
+        # argparse %-formats help strings; "top p%" must reach it as "top p%%".
+        stage = sub.add_parser(name, help=spec.help.replace("%", "%%"), description=spec.help)
         stage.add_argument("--config", help="YAML file of options (flags and key=value win)")
         stage.add_argument("--debug", action="store_true", help="show tracebacks on errors")
         stage.add_argument(
@@ -100,7 +75,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
             + ("; other positional arguments are run dirs" if name == "report" else ""),
         )
         if command == name:  # import only the stage being run: keeps `sealft --help` fast
-            cfg.add_arguments(stage, loader()[0])
+            cfg.add_arguments(stage, spec.load()[0])
     return parser
 
 
@@ -113,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        args_class, run = COMMANDS[namespace.command][0]()
+        args_class, run = COMMANDS[namespace.command].load()
         if namespace.command == "report":
             positional = [o for o in namespace.overrides if "=" not in o]
             namespace.overrides = [o for o in namespace.overrides if "=" in o]

@@ -94,6 +94,7 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
         kind, _ = _base_type(hints[field.name])
         help_text = docs.get(field.name, "")
         help_text += f" (default: {default!r})" if default not in (None, "") else ""
+        help_text = help_text.replace("%", "%%")  # argparse %-formats help strings
         flag = "--" + field.name.replace("_", "-")
         if kind is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction,

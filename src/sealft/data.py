@@ -284,11 +284,14 @@ def sample_rows(examples: list[Example], n: int | None, seed: int) -> list[Examp
     return [examples[i] for i in picked]
 
 
-def load_pairs(source: str, split: str = "train") -> list[tuple[Example, Example]]:
+def is_preference_data(rows: list[dict[str, Any]]) -> bool:
+    return bool(rows) and "chosen" in rows[0] and "rejected" in rows[0]
+
+
+def pairs_from_rows(rows: list[dict[str, Any]], source: str) -> list[tuple[Example, Example]]:
     """Preference pairs (chosen, rejected) from Anthropic-HH style dialogues or TRL's
     {prompt, chosen, rejected}. Pairs whose final answers are identical carry no preference
     and are left out (counted by the caller from the returned length)."""
-    rows = read_rows(source, split)
     if not rows:
         raise DataError(f"{source}: the preference dataset is empty")
     if not all(k in rows[0] for k in ("chosen", "rejected")):

@@ -153,22 +153,25 @@ def run_finetune(args: FinetuneArgs) -> dict:
 
 
 def _save_outputs(model, tokenizer, out: Path, merge: bool) -> None:
+    _save_folder(out / "adapter", lambda tmp: model.save_pretrained(
+        tmp, selected_adapters=[ADAPTER], safe_serialization=True), tokenizer)
+    if merge:
+        merged = model.merge_and_unload()
+        _save_folder(out / "merged",
+                     lambda tmp: merged.save_pretrained(tmp, safe_serialization=True), tokenizer)
+
+
+def _save_folder(target: Path, save, tokenizer) -> None:
+    """Write a model folder next to `target`, then swap it in, so a kill never leaves a
+    half-written adapter where tools would load it."""
     import shutil
 
-    tmp = out / "adapter.tmp"
+    tmp = target.with_name(target.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, selected_adapters=[ADAPTER], safe_serialization=True)
+    save(tmp)
     tokenizer.save_pretrained(tmp)
-    shutil.rmtree(out / "adapter", ignore_errors=True)
-    tmp.rename(out / "adapter")
-    if merge:
-        merged_tmp = out / "merged.tmp"
-        shutil.rmtree(merged_tmp, ignore_errors=True)
-        merged = model.merge_and_unload()
-        merged.save_pretrained(merged_tmp, safe_serialization=True)
-        tokenizer.save_pretrained(merged_tmp)
-        shutil.rmtree(out / "merged", ignore_errors=True)
-        merged_tmp.rename(out / "merged")
+    shutil.rmtree(target, ignore_errors=True)
+    tmp.rename(target)
 
 
 def _checkpoint(model, optimizer, out: Path) -> Checkpoint:

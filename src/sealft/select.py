@@ -19,7 +19,15 @@ import numpy as np
 import torch
 
 from sealft import config as cfg
-from sealft.data import Example, load_examples, load_pairs, read_rows, sample_rows
+from sealft.data import (
+    Example,
+    is_preference_data,
+    load_examples,
+    normalise,
+    pairs_from_rows,
+    read_rows,
+    sample_rows,
+)
 from sealft.io import prepare_output_dir, write_json, write_jsonl, write_yaml
 from sealft.selector import PARAMETRIZATIONS, keep_count_for, keep_mask
 
@@ -131,12 +139,11 @@ def load_inputs(args: SelectArgs) -> tuple[list[Example], list]:
     examples = sample_rows(examples, args.sample, args.seed)
     safe: list = []
     if args.safe_data:
-        first = read_rows(args.safe_data, args.split)[:1]
-        if first and "chosen" in first[0] and "rejected" in first[0]:
-            safe = load_pairs(args.safe_data, args.split)
+        rows = read_rows(args.safe_data, args.split)  # read once, then pick the objective
+        if is_preference_data(rows):
+            safe = pairs_from_rows(rows, args.safe_data)
         else:
-            safe = load_examples(args.safe_data, args.split, args.safe_format,
-                                 drop_duplicates=True)
+            safe = normalise(rows, args.safe_data, args.safe_format, drop_duplicates=True)
         safe = sample_rows(safe, args.safe_limit, args.seed)
     return examples, safe
 
