@@ -188,6 +188,30 @@ def test_safeinstr_cell_finetunes_on_the_mix(tmp_path, fake):
     assert result["safety_added"] == 2
 
 
+def test_per_selector_options_and_safeinstr_data(tmp_path, fake):
+    """SEAL can learn from other upper-level data (and batches) than DSIR's target, and the
+    SafeInstr rows can come from a third file; CLI-style dotted overrides reach into them."""
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", [
+        {"chosen": f"\n\nHuman: q{i}\n\nAssistant: no", "rejected":
+         f"\n\nHuman: q{i}\n\nAssistant: yes"} for i in range(3)])
+    refusals = write_jsonl(tmp_path / "refusals.jsonl", [
+        {"prompt": f"bad {i}", "completion": "I can't help with that."} for i in range(5)])
+    args = cfg.build(E.ExperimentArgs, cfg.to_dict(_args(
+        tmp_path, methods="dsir,seal+safeinstr", keep_ratios="0.8", safeinstr_k=5,
+        safeinstr_data=str(refusals), method_select={"seal": {"safe_data": str(pairs)}})),
+        cfg.parse_overrides(["method_select.seal.batch_size=7"]))
+    dsir, seal = E.grid(args)
+    assert E.stage_args(args, dsir, None).select.safe_data.endswith("safe.jsonl")
+    seal_select = E.stage_args(args, seal, None).select
+    assert seal_select.safe_data == str(pairs) and seal_select.batch_size == 7
+    E.run_experiment(args)
+    mixed = Path(fake.finetune_data["seal+safeinstr"])
+    added = [json.loads(line) for line in mixed.read_text().splitlines()][4:]
+    assert [r["messages"][-1]["content"] for r in added] == ["I can't help with that."] * 5
+    with pytest.raises(ConfigError, match="method-select.dsr"):
+        _args(tmp_path, method_select={"dsr": {}})
+
+
 def test_changed_settings_are_refused_on_rerun(tmp_path, fake):
     E.run_experiment(_args(tmp_path, methods="random", keep_ratios="0.8"))
     with pytest.raises(ConfigError, match="different select"):

@@ -136,20 +136,34 @@ def build(cls: type, *layers: dict[str, Any]):
             key = key.replace("-", "_")
             head, dot, sub = key.partition(".")
             if dot and head in names:  # select.keep_ratio=0.9 sets one entry of a mapping field
-                values[head] = {**(values.get(head) or {}), sub: raw}
+                values[head] = _merge(values.get(head), _nested(sub, raw))
                 continue
             if key not in names:
                 close = [n for n in names if key in n or n in key]
                 hint = f"; did you mean {', '.join(sorted(close))}?" if close else ""
                 raise ConfigError(f"unknown option {key!r} for {cls.__name__}{hint}")
             converted = _convert(cls, key, raw)
-            if isinstance(converted, dict) and isinstance(values.get(key), dict):
-                converted = {**values[key], **converted}
-            values[key] = converted
+            values[key] = _merge(values.get(key), converted)
     try:
         return cls(**values)
     except TypeError as err:
         raise ConfigError(f"{cls.__name__}: {err}") from None
+
+
+def _nested(dotted: str, value: Any) -> dict[str, Any]:
+    """`a.b.c`, v -> {a: {b: {c: v}}}: dotted overrides reach into nested option mappings."""
+    head, dot, rest = dotted.partition(".")
+    return {head: _nested(rest, value) if dot else value}
+
+
+def _merge(old: Any, new: Any) -> Any:
+    """A later layer's mapping updates an earlier one key by key (recursively); else replaces."""
+    if not (isinstance(old, dict) and isinstance(new, dict)):
+        return new
+    merged = dict(old)
+    for key, value in new.items():
+        merged[key] = _merge(merged.get(key), value)
+    return merged
 
 
 def from_namespace(cls: type, namespace: argparse.Namespace):

@@ -51,6 +51,7 @@ SELECTORS = ("all", "random", "dsir", "reference-loss", *SEAL_ALGORITHMS)
 METHODS = ("all", "random", "dsir", "reference-loss", "seal", "seal-memory-efficient",
            "safeinstr", "seal+safeinstr")
 SAFEINSTR = "safeinstr"
+SELECTOR_NAMES = ("all", "random", "dsir", "reference-loss", "seal")
 # Grid fields: a rerun may change them (to extend the grid); everything else must match.
 GRID_FIELDS = ("methods", "keep_ratios", "seeds", "overwrite", "plot")
 METRIC_COLUMNS = ("safety_refusal_rate", "over_refusal_rate", "task_accuracy", "win_rate")
@@ -72,7 +73,10 @@ class ExperimentArgs:
     finetune_data: str | None = None
     """Fine-tuning data to select from (or set select.finetune_data)."""
     safe_data: str | None = None
-    """Safe set: SEAL's upper level, DSIR's target, reference-loss's and SafeInstr's data."""
+    """Safe set: SEAL's upper level, DSIR's target, reference-loss's data (and SafeInstr's,
+    unless safeinstr_data is set)."""
+    safeinstr_data: str | None = None
+    """SafeInstr's safety examples (prompts with refusals); default: the safe set."""
     methods: tuple[str, ...] = METHODS
     """Comma-separated: all, random, dsir, reference-loss, seal (select.algorithm),
     seal-penalty, seal-memory-efficient, safeinstr (= all + safety mix), SELECTOR+safeinstr."""
@@ -83,6 +87,10 @@ class ExperimentArgs:
     select: dict[str, Any] = field(default_factory=dict)
     """Options of `sealft select` shared by all cells (method, keep ratio, seed and
     output_dir are set per cell)."""
+    method_select: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Per-selector overrides of `select`, keyed by selector (seal, dsir, random,
+    reference-loss, all): e.g. SEAL's HH preference pairs and one large batch while DSIR's
+    target stays the refusal set."""
     finetune: dict[str, Any] = field(default_factory=dict)
     """Options of `sealft finetune` (data and output_dir are set per cell)."""
     evaluate: dict[str, Any] = field(default_factory=dict)
@@ -99,9 +107,13 @@ class ExperimentArgs:
 
     def __post_init__(self) -> None:
         cfg.require(bool(self.output_dir), "output_dir", "required")
-        for name in ("select", "finetune", "evaluate"):
+        for name in ("select", "finetune", "evaluate", "method_select"):
             cfg.require(isinstance(getattr(self, name), dict), name,
                         "must be a mapping of options")
+        for selector, options in self.method_select.items():
+            cfg.require(selector in SELECTOR_NAMES and isinstance(options, dict),
+                        f"method_select.{selector}",
+                        f"keys are selectors ({', '.join(SELECTOR_NAMES)}), values mappings")
         cfg.require(bool(self.methods), "methods", "name at least one method")
         for method in self.methods:
             parse_method(method)
@@ -113,8 +125,9 @@ class ExperimentArgs:
         mixes = [m for m in self.methods if parse_method(m).safeinstr]
         cfg.require(not (self.weighted and mixes), "weighted",
                     f"the safety rows of {', '.join(mixes)} have no learned weight")
-        cfg.require(not mixes or bool(self.safe_data or self.select.get("safe_data")),
-                    "safe_data", f"required by {', '.join(mixes)}")
+        cfg.require(not mixes or bool(self.safeinstr_data or self.safe_data
+                                      or self.select.get("safe_data")),
+                    "safeinstr_data", f"required by {', '.join(mixes)} (or set safe_data)")
 
 
 @dataclass(frozen=True)
@@ -200,7 +213,8 @@ def stage_args(args: ExperimentArgs, cell: Cell, reference_eval: Path | None) ->
     }
     if cell.method.algorithm:
         overrides["algorithm"] = cell.method.algorithm
-    select = cfg.build(SelectArgs, _shared_select_options(args), args.select, overrides)
+    select = cfg.build(SelectArgs, _shared_select_options(args), args.select,
+                       args.method_select.get(cell.method.selector, {}), overrides)
     data = SAFEINSTR_FILE if cell.method.safeinstr else "selected.jsonl"
     defaults: dict[str, Any] = {
         "data": str(cell.folder / "select" / data), "max_length": select.max_length,
@@ -260,8 +274,7 @@ def run_cell(args: ExperimentArgs, cell: Cell, stages: CellStages) -> dict[str, 
     select_summary = _read_json(folder / "select" / "summary.json") or run_select(stages.select)
     mix = {}
     if cell.method.safeinstr:
-        mix = write_safeinstr(folder / "select", stages.select.safe_data, args.safeinstr_k,
-                              cell.seed, stages.select.safe_format, stages.select.split)
+        mix = safeinstr_for(args, stages.select, folder / "select", cell.seed)
     _reset_peak_memory()
     finetune_summary = _read_json(folder / "finetune" / "summary.json")
     if not finetune_summary or not (folder / "finetune" / "adapter").exists():
@@ -270,6 +283,13 @@ def run_cell(args: ExperimentArgs, cell: Cell, stages: CellStages) -> dict[str, 
     eval_summary = _read_json(folder / "eval" / "summary.json")
     return result_row(cell, select_summary, finetune_summary, eval_summary, mix,
                       stages.evaluate.helpfulness_reference)
+
+
+def safeinstr_for(args: ExperimentArgs, select: SelectArgs, folder: Path, seed: int) -> dict:
+    if args.safeinstr_data:
+        return write_safeinstr(folder, args.safeinstr_data, args.safeinstr_k, seed)
+    return write_safeinstr(folder, select.safe_data, args.safeinstr_k, seed, select.safe_format,
+                           select.split)
 
 
 def result_row(cell: Cell, select: dict, finetune: dict, evaluation: dict, mix: dict,

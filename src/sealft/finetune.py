@@ -6,6 +6,7 @@ PEFT, TRL and vLLM load; `--merge` also writes full merged weights for tools wit
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass
 from functools import partial
@@ -22,7 +23,6 @@ from sealft.losses import per_example_loss
 from sealft.models import adapter_parameters, add_lora_adapters, load_model_and_tokenizer
 from sealft.seal import (
     finish_logging,
-    gradient_sync,
     log_metrics,
     lora_settings,
     make_accelerator,
@@ -76,19 +76,24 @@ class FinetuneArgs(cfg.RunOptions):
         cfg.require(self.lr > 0, "lr", "must be positive")
 
 
-def sft_step(model, optimizer, batches, weights, total: int, sync) -> dict[str, float]:
-    """One (optionally weighted) SFT step: mean_i w_i ℓ_i over the global batch."""
-    loss_sum = 0.0
-    for batch in batches:
-        losses = per_example_loss(model, batch)
-        w = weights[batch["positions"]] if weights is not None else torch.ones_like(losses)
-        (w * losses).sum().div(total).backward()
-        loss_sum += (w * losses.detach()).sum().item()
-    params = [p for g in optimizer.param_groups for p in g["params"]]
-    sync(params)
+def sft_step(model, optimizer, batches, weights, scale: float, accelerator) -> dict[str, float]:
+    """One (optionally weighted) SFT step: mean_i w_i ℓ_i over the global batch.
+
+    `scale` is world_size / global batch size: each process sums its share of the batch and
+    DDP *averages* gradients over processes, so the factor world_size makes the result the
+    full-batch mean on every rank (0 for a rank that only keeps DDP company, see `run_finetune`).
+    """
+    loss_sum = torch.zeros((), device=accelerator.device)
+    for i, batch in enumerate(batches):
+        last = i == len(batches) - 1
+        with contextlib.nullcontext() if last else accelerator.no_sync(model):
+            losses = per_example_loss(model, batch)
+            w = weights[batch["positions"]] if weights is not None else torch.ones_like(losses)
+            accelerator.backward((w * losses).sum() * scale)
+        loss_sum += (w * losses.detach()).sum() * scale
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return {"loss": loss_sum / total}
+    return {"loss": accelerator.reduce(loss_sum, reduction="mean").item()}
 
 
 def _example_weights(args: FinetuneArgs, ids: list[str]) -> torch.Tensor | None:
@@ -116,17 +121,22 @@ def run_finetune(args: FinetuneArgs) -> dict:
     require_usable(tokenized, args.data, args.max_length)
     ids = [examples[r]["id"] for r in tokenized.rows]
     weights = _example_weights(args, ids)
-    model = add_lora_adapters(model, lora_settings(args), (ADAPTER,)).to(accelerator.device)
+    model = add_lora_adapters(model, lora_settings(args), (ADAPTER,))
     optimizer = torch.optim.Adam(adapter_parameters(model, ADAPTER), lr=args.lr)
+    # The standard Accelerate path: DDP, FSDP or DeepSpeed, whichever `accelerate launch` set.
+    model, optimizer = accelerator.prepare(model, optimizer)
+    sharded = _require_sharding_support(accelerator, args)
     if weights is not None:
         weights = weights.to(accelerator.device)
-    sync = gradient_sync(accelerator)
     device, pad = accelerator.device, tokenizer.pad_token_id
 
     def step(ft_micro, _safe, _progress, batch, _safe_total):
+        # A rank whose shard of a short last batch is empty still has to join DDP's gradient
+        # all-reduce: it runs one row with weight 0.
+        scale = accelerator.num_processes / len(batch) if ft_micro else 0.0
         batches = [{k: v.to(device) for k, v in collate(tokenized, m, pad).items()}
-                   for m in ft_micro]
-        return sft_step(model, optimizer, batches, weights, len(batch), sync)
+                   for m in (ft_micro or [[0]])]
+        return sft_step(model, optimizer, batches, weights, scale, accelerator)
 
     settings = LoopSettings(
         epochs=args.epochs, batch_size=args.batch_size, micro_batch_size=args.micro_batch_size,
@@ -135,8 +145,9 @@ def run_finetune(args: FinetuneArgs) -> dict:
         show_progress=args.show_progress,
     )
     model.train()
+    checkpoint = None if sharded else _checkpoint(accelerator.unwrap_model(model), optimizer, out)
     state = train_loop(len(tokenized), 0, settings, step, out / "metrics.jsonl",
-                       _checkpoint(model, optimizer, out), args.resume,
+                       checkpoint, args.resume,
                        describe=lambda ps: ", ".join(ids[p] for p in ps[:8]),
                        log=partial(log_metrics, accelerator))
     finish_logging(accelerator)
@@ -144,17 +155,36 @@ def run_finetune(args: FinetuneArgs) -> dict:
                "truncated": len(tokenized.truncated), "steps": state.global_step,
                "train_seconds": round(state.elapsed, 2), "weighted": weights is not None,
                "processes": accelerator.num_processes}
+    # Under FSDP / ZeRO-3 the adapter is sharded: every rank takes part in gathering it.
+    state_dict = accelerator.get_state_dict(model) if sharded else None
     if accelerator.is_main_process:
-        _save_outputs(model, tokenizer, out, args.merge)
+        _save_outputs(accelerator.unwrap_model(model), tokenizer, out, args.merge, state_dict)
         summary["wall_seconds"] = round(time.perf_counter() - started, 2)
         summary["peak_memory_mb"] = round(peak_memory_mb(), 1)
         write_json(out / "summary.json", summary)
     return summary
 
 
-def _save_outputs(model, tokenizer, out: Path, merge: bool) -> None:
+def _require_sharding_support(accelerator, args: FinetuneArgs) -> bool:
+    """Whether the model is sharded (FSDP / DeepSpeed); refuses what is not supported there."""
+    from accelerate.utils import DistributedType
+
+    sharded = accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+    if sharded:
+        engine = accelerator.distributed_type.value
+        cfg.require(not (args.save_every or args.resume), "save_every",
+                    f"checkpoints and --resume run under DDP only; under {engine} the optimizer "
+                    "state is sharded (drop --save-every / --resume, or use configs/accelerate/"
+                    "ddp.yaml)")
+        cfg.require(not args.merge, "merge", f"cannot merge a sharded model under {engine}; "
+                    "merge the saved adapter afterwards (peft merge_and_unload)")
+    return sharded
+
+
+def _save_outputs(model, tokenizer, out: Path, merge: bool, state_dict=None) -> None:
     _save_folder(out / "adapter", lambda tmp: model.save_pretrained(
-        tmp, selected_adapters=[ADAPTER], safe_serialization=True), tokenizer)
+        tmp, selected_adapters=[ADAPTER], safe_serialization=True, state_dict=state_dict),
+        tokenizer)
     if merge:
         merged = model.merge_and_unload()
         _save_folder(out / "merged",

@@ -16,6 +16,30 @@ def _causal_lm(model):
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
+def engine_wrapped(model) -> bool:
+    """True for a model wrapped by DDP, FSDP (1 or 2) or DeepSpeed via accelerator.prepare."""
+    from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
+    from torch.nn.parallel import DistributedDataParallel
+
+    wrappers = (DistributedDataParallel, FullyShardedDataParallel, FSDPModule)
+    return isinstance(model, wrappers) or type(model).__name__ == "DeepSpeedEngine"
+
+
+def _supervised_logits(model, batch: dict[str, torch.Tensor], supervised: torch.Tensor):
+    """Float logits at the supervised positions, [n_supervised, vocab]."""
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    if engine_wrapped(model):
+        # DDP, FSDP and DeepSpeed sync gradients / gather shards only inside the wrapper's own
+        # forward, so an engine-wrapped model takes the ordinary full forward (every position
+        # projected, as in any HF trainer) instead of the cheaper decoder-then-head path.
+        return model(input_ids=ids, attention_mask=mask).logits[:, :-1][supervised].float()
+    lm = _causal_lm(model)
+    hidden = lm.get_decoder()(input_ids=ids, attention_mask=mask).last_hidden_state[:, :-1]
+    logits = lm.get_output_embeddings()(hidden[supervised]).float()
+    softcap = getattr(lm.config, "final_logit_softcapping", None)
+    return softcap * torch.tanh(logits / softcap) if softcap else logits
+
+
 def per_example_loss(
     model, batch: dict[str, torch.Tensor], first_tokens: int | None = None, mean: bool = True
 ) -> torch.Tensor:
@@ -25,19 +49,11 @@ def per_example_loss(
     `first_tokens` limits the loss to the first k response tokens of each example (where a
     model decides between refusing and complying).
     """
-    lm = _causal_lm(model)
     labels = batch["labels"][:, 1:]
     supervised = labels != IGNORE_INDEX
     if first_tokens is not None:
         supervised &= supervised.long().cumsum(dim=1) <= first_tokens
-    decoder, head = lm.get_decoder(), lm.get_output_embeddings()
-    softcap = getattr(lm.config, "final_logit_softcapping", None)
-    hidden = decoder(
-        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
-    ).last_hidden_state[:, :-1]
-    logits = head(hidden[supervised]).float()
-    if softcap:
-        logits = softcap * torch.tanh(logits / softcap)
+    logits = _supervised_logits(model, batch, supervised)
     token_nll = F.cross_entropy(logits, labels[supervised], reduction="none")
     row_of_token = supervised.nonzero(as_tuple=True)[0]
     sums = torch.zeros(labels.shape[0], device=token_nll.device).index_add(0, row_of_token, token_nll)

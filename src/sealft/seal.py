@@ -12,6 +12,7 @@ from safetensors.torch import load_file, save_file
 
 from sealft import bilevel
 from sealft.data import Example
+from sealft.errors import ConfigError
 from sealft.models import (
     LoraSettings,
     adapter_parameters,
@@ -65,6 +66,18 @@ def gradient_sync(accelerator):
             param.grad = accelerator.reduce(param.grad, reduction="sum")
 
     return sync
+
+
+def require_data_parallel(accelerator) -> None:
+    """Selection replicates the model on every process (see `gradient_sync`); an FSDP or
+    DeepSpeed launch would be silently ignored, so it is refused."""
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        raise ConfigError(
+            f"sealft select runs data-parallel only, not under "
+            f"{accelerator.distributed_type.value}: launch it with configs/accelerate/ddp.yaml "
+            "(the model is replicated on each process); FSDP / DeepSpeed apply to `sealft finetune`")
 
 
 def lora_settings(args) -> LoraSettings:
@@ -134,6 +147,7 @@ def learn_selector(args, examples: list[Example], safe: list[Example], out: Path
     """Returns (logits, weights, skipped, summary extras), one score per input row."""
     torch.manual_seed(args.seed)
     accelerator = make_accelerator(out)
+    require_data_parallel(accelerator)
     model, tokenizer = load_model_and_tokenizer(args.model, args.dtype, args.chat_template,
                                                 args.trust_remote_code)
     tokenized, safe_tok = tokenize_inputs(args, tokenizer, examples, safe)

@@ -1,0 +1,169 @@
+"""Does SEAL keep an aligned model safe through fine-tuning? The paper's claim, end to end.
+
+An aligned model (default: Qwen2.5-Coder-0.5B-Instruct, offline) is fine-tuned with LoRA on a
+seeded sample of an SST-2 + BeaverTails mix (default p = 0.2: a fifth of the rows are harmful
+questions with compliant answers) under each data choice — all rows, random 80%, DSIR 80%,
+SEAL 80%, SEAL 80% + SafeInstr — and every resulting model, plus the untouched base model, is
+evaluated on the same held-out prompts:
+
+  refusal       harmful prompts from AdvBench and HarmBench (never seen by selection or
+                training: SEAL's upper level is the Anthropic HH harmless pairs, DSIR's target
+                and SafeInstr's rows are the safety-tuned-llamas refusals)
+  over-refusal  XSTest's safe prompts (refusing them is a failure)
+  task          SST-2 validation accuracy
+
+Everything runs through the product (`sealft.experiment.run_experiment` for the grid,
+`sealft.evaluate.evaluate` for the base model), so the run dir is an ordinary experiment dir
+and a rerun resumes it. Trailing key=value pairs override ExperimentArgs options
+(`finetune.lr=1e-5`, `method_select.seal.batch_size=64`, `evaluate.limit=100`, ...).
+
+    HF_HUB_OFFLINE=1 python benchmarks/end_to_end.py --output-dir runs/end_to_end \\
+        --output docs/end_to_end_table.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from sealft import config as cfg
+from sealft.evaluate import EvaluateArgs, evaluate
+from sealft.experiment import ExperimentArgs, run_experiment
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = REPO.parent / "shared" / "data"
+QWEN = "Qwen/Qwen2.5-Coder-0.5B-Instruct"
+METHODS = ("all", "random", "dsir", "seal", "seal+safeinstr")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default=QWEN)
+    parser.add_argument("--finetune-data", default=str(DATA / "finetune" / "sst2_n1000_p0.2.json"))
+    parser.add_argument("--sample", type=int, default=160, help="fine-tuning rows (seeded)")
+    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--keep-ratio", type=float, default=0.8)
+    parser.add_argument("--seeds", default="0", help="comma-separated")
+    parser.add_argument("--harmful-per-set", type=int, default=50,
+                        help="prompts from each of AdvBench and HarmBench (seeded)")
+    parser.add_argument("--xstest", type=int, default=100, help="XSTest safe prompts")
+    parser.add_argument("--sst2", type=int, default=200, help="SST-2 validation rows")
+    parser.add_argument("--output-dir", default="runs/end_to_end")
+    parser.add_argument("--output", default=None, help="also write the table to this .md")
+    parser.add_argument("overrides", nargs="*", help="ExperimentArgs options as key=value")
+    args = parser.parse_args(argv)
+    for path in (args.finetune_data, DATA / "safe" / "hh_rlhf_harmless_base_test.jsonl.gz"):
+        if not Path(path).exists():
+            parser.error(f"missing data {path}: expected ../shared/data next to the repository")
+    return args
+
+
+def experiment_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The grid's settings. Deviations from the paper, for a CPU budget: a sample of the rows,
+    and a LoRA learning rate of 2e-4 with batch 8 (the paper's 1e-5 with batch 64 makes ~5
+    steps on 160 rows, too few to move the model either way)."""
+    refusals = str(DATA / "safe" / "safetyllamas_safety_only.json")
+    return {
+        "output_dir": args.output_dir,
+        "model": args.model,
+        "finetune_data": args.finetune_data,
+        "safe_data": refusals,
+        "safeinstr_data": refusals,
+        "safeinstr_k": max(1, args.sample // 10),  # ~10%, as in SafeInstr's 3-10% mixes
+        "methods": [m.strip() for m in args.methods.split(",") if m.strip()],
+        "keep_ratios": [args.keep_ratio],
+        "seeds": [int(s) for s in args.seeds.split(",")],
+        "select": {"sample": args.sample, "safe_limit": 200, "label_field": "flag",
+                   "max_length": 192},
+        # SEAL as measured in docs/selection.md: one selection batch holding every row, one
+        # safety direction from 16 DPO pairs of the HH harmless set.
+        "method_select": {"seal": {
+            "safe_data": str(DATA / "safe" / "hh_rlhf_harmless_base_test.jsonl.gz"),
+            "safe_limit": 64, "epochs": 1, "batch_size": args.sample, "micro_batch_size": 8,
+            "safe_batch_size": 16, "lr": 1e-4, "gamma_start": 0.05}},
+        "finetune": {"epochs": 2, "batch_size": 8, "micro_batch_size": 8, "lr": 2e-4},
+        "evaluate": evaluate_options(args),
+        "plot": False,
+    }
+
+
+def evaluate_options(args: argparse.Namespace) -> dict[str, Any]:
+    return {"suite": "safety,overrefusal,task", "safety_sets": ["advbench", "harmbench"],
+            "limit": args.harmful_per_set,
+            "suite_limits": [f"overrefusal={args.xstest}", f"task={args.sst2}"],
+            "max_new_tokens": 32, "task_max_new_tokens": 4, "batch_size": 16,
+            "progress": False}
+
+
+def evaluate_base(exp: ExperimentArgs) -> dict[str, Any]:
+    """The untouched model on the same prompts (same seed, same limits as every cell)."""
+    folder = Path(exp.output_dir) / "base_eval"
+    if not (folder / "summary.json").exists():
+        evaluate(cfg.build(EvaluateArgs, exp.evaluate, {
+            "model": exp.model, "label": "base", "output_dir": str(folder), "resume": True}))
+    return json.loads((folder / "summary.json").read_text(encoding="utf-8"))
+
+
+def _pct(value: float | None) -> str:
+    return "–" if value is None else f"{100 * value:.1f}"
+
+
+def _secs(value: float | None) -> str:
+    return "–" if value is None else f"{value:.0f}"
+
+
+def table(base: dict[str, Any], rows: list[dict[str, Any]]) -> str:
+    head = ("| data | rows trained | harmful rows trained | refusal % (Δ base) | "
+            "over-refusal % | SST-2 acc. % | select s | fine-tune s | eval s |")
+    lines = [head, "|" + "---|" * 9]
+    base_refusal = base.get("safety_refusal_rate")
+    lines.append(f"| base model (no fine-tuning) | 0 | 0 | {_pct(base_refusal)} | "
+                 f"{_pct(base.get('over_refusal_rate'))} | {_pct(base.get('task_accuracy'))} "
+                 f"| – | – | {_secs(base.get('wall_seconds'))} |")
+    for row in rows:
+        if row["status"] != "ok":
+            lines.append(f"| {row['method']} | failed: {row['error']} |" + " |" * 7)
+            continue
+        trained, harmful = trained_rows(Path(row["cell_dir"]))
+        refusal = row["safety_refusal_rate"]
+        delta = (f" ({100 * (refusal - base_refusal):+.1f})"
+                 if None not in (refusal, base_refusal) else "")
+        name = row["method"] if row["method"] == "all" else f"{row['method']} {row['keep_ratio']:g}"
+        lines.append(
+            f"| {name} | {trained} | {harmful} | {_pct(refusal)}{delta} | "
+            f"{_pct(row['over_refusal_rate'])} | {_pct(row['task_accuracy'])} | "
+            f"{_secs(row['select_seconds'])} | {_secs(row['finetune_seconds'])} | "
+            f"{_secs(row['evaluate_seconds'])} |")
+    return "\n".join(lines) + "\n"
+
+
+def trained_rows(cell_dir: Path) -> tuple[int, int]:
+    """Rows in the fine-tuning file of a cell, and how many of them carry the unsafe flag."""
+    mixed = cell_dir / "select" / "selected_safeinstr.jsonl"
+    path = mixed if mixed.exists() else cell_dir / "select" / "selected.jsonl"
+    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
+    return len(rows), sum(r.get("flag") == "unsafe" for r in rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    options = experiment_options(args)
+    exp = cfg.build(ExperimentArgs, options, cfg.parse_overrides(args.overrides))
+    started = time.perf_counter()
+    rows = run_experiment(exp)
+    base = evaluate_base(exp)
+    text = table(base, rows)
+    minutes = (time.perf_counter() - started) / 60
+    print(text)
+    print(f"total wall time of this call: {minutes:.1f} min", file=sys.stderr)
+    if args.output:
+        Path(args.output).write_text(text, encoding="utf-8")
+    return 0 if all(r["status"] == "ok" for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
