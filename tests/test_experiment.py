@@ -17,6 +17,7 @@ from conftest import SHARED_DATA, toy_finetune_rows, toy_safe_rows, write_jsonl
 from sealft import config as cfg
 from sealft import experiment as E
 from sealft.errors import ConfigError
+from sealft.io import write_yaml
 
 
 class FakeStages:
@@ -39,6 +40,7 @@ class FakeStages:
                    "peak_memory_mb": 100.0, "labels": {"unsafe_removed_share": 0.5,
                                                        "auroc_unsafe_low_weight": 0.7}}
         (out / "summary.json").write_text(json.dumps(summary))
+        write_yaml(out / "config.yaml", cfg.to_dict(args))
         return summary
 
     def run_finetune(self, args):
@@ -137,14 +139,15 @@ def test_results_table_csv_and_plot(tmp_path, fake):
 def test_rerun_skips_finished_cells(tmp_path, fake):
     args = _args(tmp_path)
     E.run_experiment(args)
-    assert fake.calls == Counter(select=6, finetune=6, evaluate=6)
+    # 6 cells, 5 selections: safeinstr (= all + mix) reuses the all-data cell's selection
+    assert fake.calls == Counter(select=5, finetune=6, evaluate=6)
     first = (tmp_path / "exp" / "results.csv").read_text()
     E.run_experiment(args)
-    assert fake.calls == Counter(select=6, finetune=6, evaluate=6)
+    assert fake.calls == Counter(select=5, finetune=6, evaluate=6)
     assert (tmp_path / "exp" / "results.csv").read_text() == first
     # Growing the grid runs only the new cells.
     E.run_experiment(_args(tmp_path, keep_ratios="0.5,0.8,0.9"))
-    assert fake.calls["select"] == 8
+    assert fake.calls["select"] == 7
 
 
 def test_interrupted_cell_resumes_stage_by_stage(tmp_path, fake):
@@ -210,6 +213,22 @@ def test_per_selector_options_and_safeinstr_data(tmp_path, fake):
     assert [r["messages"][-1]["content"] for r in added] == ["I can't help with that."] * 5
     with pytest.raises(ConfigError, match="method-select.dsr"):
         _args(tmp_path, method_select={"dsr": {}})
+
+
+def test_safeinstr_twin_reuses_the_selection(tmp_path, fake):
+    """seal+safeinstr selects what seal selected: one selection run, two cells."""
+    E.run_experiment(_args(tmp_path, methods="seal,seal+safeinstr", keep_ratios="0.8"))
+    assert fake.calls["select"] == 1 and fake.calls["finetune"] == 2
+    mix = tmp_path / "exp" / "cells" / "seal+safeinstr-keep0.8-seed0" / "select"
+    assert json.loads((mix / "summary.json").read_text())["reused_from"].endswith(
+        "seal-keep0.8-seed0/select")
+    E.run_experiment(_args(tmp_path, methods="seal,seal+safeinstr", keep_ratios="0.5"))
+    assert fake.calls["select"] == 2  # only seal-keep0.5 ran; its twin reused it
+    # no finished twin: nothing to reuse
+    (tmp_path / "b").mkdir()
+    other = _args(tmp_path / "b", methods="seal,seal+safeinstr", keep_ratios="0.8")
+    assert E.reuse_twin_selection(E.grid(other)[1], E.stage_args(other, E.grid(other)[1],
+                                                                  None).select) is None
 
 
 def test_changed_settings_are_refused_on_rerun(tmp_path, fake):

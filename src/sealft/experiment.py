@@ -26,6 +26,7 @@ import csv
 import gc
 import json
 import math
+import shutil
 import statistics
 import sys
 import time
@@ -271,7 +272,8 @@ def run_cell(args: ExperimentArgs, cell: Cell, stages: CellStages) -> dict[str, 
     """Select (+ mix), fine-tune, evaluate; each stage is skipped if its summary exists."""
     folder = cell.folder
     _reset_peak_memory()
-    select_summary = _read_json(folder / "select" / "summary.json") or run_select(stages.select)
+    select_summary = (_read_json(folder / "select" / "summary.json")
+                      or reuse_twin_selection(cell, stages.select) or run_select(stages.select))
     mix = {}
     if cell.method.safeinstr:
         mix = safeinstr_for(args, stages.select, folder / "select", cell.seed)
@@ -283,6 +285,34 @@ def run_cell(args: ExperimentArgs, cell: Cell, stages: CellStages) -> dict[str, 
     eval_summary = _read_json(folder / "eval" / "summary.json")
     return result_row(cell, select_summary, finetune_summary, eval_summary, mix,
                       stages.evaluate.helpfulness_reference)
+
+
+def reuse_twin_selection(cell: Cell, select: SelectArgs) -> dict[str, Any] | None:
+    """A SELECTOR+safeinstr cell selects exactly what its SELECTOR cell selected when their
+    options agree: copy that finished selection (SEAL's is the expensive stage) instead of
+    recomputing it. Returns the copied summary, or None when there is no such twin."""
+    if not cell.method.safeinstr:
+        return None
+    base = cell.method.name.partition("+")[0] if "+" in cell.method.name else "all"
+    twin = cell.folder.parent / cell_name(base, cell.keep_ratio, cell.seed) / "select"
+    if not (twin / "summary.json").exists() or not (twin / "config.yaml").exists():
+        return None
+    same = {k: v for k, v in cfg.to_dict(select).items() if k != "output_dir"}
+    theirs = {k: v for k, v in cfg.load_yaml(twin / "config.yaml").items() if k != "output_dir"}
+    if same != theirs:
+        return None
+    target = Path(select.output_dir)
+    tmp = target.with_name(target.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(twin, tmp, ignore=shutil.ignore_patterns("checkpoint*", "logs"))
+    summary = _read_json(tmp / "summary.json")
+    summary["reused_from"] = str(twin)
+    write_json(tmp / "summary.json", summary)
+    write_yaml(tmp / "config.yaml", cfg.to_dict(select))
+    shutil.rmtree(target, ignore_errors=True)
+    tmp.rename(target)
+    print(f"[experiment] {cell.name}: selection reused from {twin.parent.name}", file=sys.stderr)
+    return summary
 
 
 def safeinstr_for(args: ExperimentArgs, select: SelectArgs, folder: Path, seed: int) -> dict:
