@@ -28,22 +28,27 @@ def _select_cmd(model: str, data: tuple[str, str], out: Path, *extra: str) -> li
             data[0], "--safe-data", data[1], "--output-dir", str(out), *SELECT, *extra]
 
 
-def test_killed_run_resumes_to_the_same_scores(tiny_model, toy_data, tmp_path):
-    reference = tmp_path / "reference"
-    subprocess.run(_select_cmd(tiny_model, toy_data, reference), check=True,
-                   capture_output=True, timeout=600)
-    killed = tmp_path / "killed"
-    process = subprocess.Popen(_select_cmd(tiny_model, toy_data, killed, "--save-every", "2"),
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    metrics = killed / "metrics.jsonl"
+def _kill_after_a_checkpoint(cmd: list[str], out: Path) -> None:
+    """Start `cmd`, SIGKILL it mid-epoch once a checkpoint and 3 logged steps exist."""
+    process = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    metrics = out / "metrics.jsonl"
     deadline = time.time() + 300
-    while time.time() < deadline:  # kill mid-epoch, after a checkpoint exists
-        if (killed / "checkpoint").exists() and metrics.exists() and len(
+    while time.time() < deadline:
+        if (out / "checkpoint").exists() and metrics.exists() and len(
                 metrics.read_text().splitlines()) >= 3:
             break
         time.sleep(0.05)
     os.kill(process.pid, signal.SIGKILL)
     process.wait()
+
+
+def test_killed_run_resumes_to_the_same_scores(tiny_model, toy_data, tmp_path):
+    reference = tmp_path / "reference"
+    subprocess.run(_select_cmd(tiny_model, toy_data, reference), check=True,
+                   capture_output=True, timeout=600)
+    killed = tmp_path / "killed"
+    _kill_after_a_checkpoint(_select_cmd(tiny_model, toy_data, killed, "--save-every", "2"),
+                             killed)
     assert not (killed / "scores.jsonl").exists(), "the run finished before it was killed"
     resumed = subprocess.run(_select_cmd(tiny_model, toy_data, killed, "--resume"),
                              capture_output=True, text=True, timeout=600)
@@ -51,8 +56,32 @@ def test_killed_run_resumes_to_the_same_scores(tiny_model, toy_data, tmp_path):
     expected, got = _scores(reference), _scores(killed)
     assert got.keys() == expected.keys()
     assert np.allclose([got[k] for k in expected], [expected[k] for k in expected], atol=1e-6)
-    steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
+    steps = [json.loads(line)["step"] for line in (killed / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(1, 13)), steps  # no step lost or logged twice
+
+
+def test_killed_finetune_resumes_to_the_same_adapter(tiny_model, toy_data, tmp_path):
+    from safetensors.torch import load_file
+
+    def cmd(out: Path, *extra: str) -> list[str]:
+        return [sys.executable, "-m", "sealft", "finetune", "--model", tiny_model, "--data",
+                toy_data[0], "--epochs", "3", "--batch-size", "2", "--micro-batch-size", "1",
+                "--lr", "1e-3", "--no-show-progress", "--output-dir", str(out), *extra]
+
+    reference, killed = tmp_path / "reference", tmp_path / "killed"
+    subprocess.run(cmd(reference), check=True, capture_output=True, timeout=600)
+    _kill_after_a_checkpoint(cmd(killed, "--save-every", "2"), killed)
+    assert not (killed / "adapter").exists(), "the run finished before it was killed"
+    resumed = subprocess.run(cmd(killed, "--resume"), capture_output=True, text=True,
+                             timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    a = load_file(reference / "adapter" / "adapter_model.safetensors")
+    b = load_file(killed / "adapter" / "adapter_model.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        assert (a[key] - b[key]).abs().max() <= 1e-6, key
+    steps = [json.loads(line)["step"] for line in (killed / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 37)), steps
 
 
 def test_two_processes_match_one(tiny_model, toy_data, tmp_path):

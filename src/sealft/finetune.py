@@ -14,7 +14,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
 
 from sealft import config as cfg
 from sealft.data import load_examples
@@ -31,7 +30,7 @@ from sealft.seal import (
 from sealft.select import peak_memory_mb
 from sealft.selector import align_scores
 from sealft.tokenize import collate, require_usable, tokenize_examples
-from sealft.train import Checkpoint, LoopSettings, train_loop
+from sealft.train import LoopSettings, adapter_checkpoint, train_loop
 
 ADAPTER = "default"
 
@@ -145,7 +144,8 @@ def run_finetune(args: FinetuneArgs) -> dict:
         show_progress=args.show_progress,
     )
     model.train()
-    checkpoint = None if sharded else _checkpoint(accelerator.unwrap_model(model), optimizer, out)
+    checkpoint = None if sharded else adapter_checkpoint(
+        out, accelerator.unwrap_model(model), {ADAPTER: "adapter"}, {"optimizer": optimizer})
     state = train_loop(len(tokenized), 0, settings, step, out / "metrics.jsonl",
                        checkpoint, args.resume,
                        describe=lambda ps: ", ".join(ids[p] for p in ps[:8]),
@@ -202,22 +202,3 @@ def _save_folder(target: Path, save, tokenizer) -> None:
     tokenizer.save_pretrained(tmp)
     shutil.rmtree(target, ignore_errors=True)
     tmp.rename(target)
-
-
-def _checkpoint(model, optimizer, out: Path) -> Checkpoint:
-    from peft import get_peft_model_state_dict, set_peft_model_state_dict
-
-    def save(folder: Path) -> None:
-        state = get_peft_model_state_dict(model, adapter_name=ADAPTER)
-        save_file({k: v.contiguous() for k, v in state.items()}, folder / "adapter.safetensors")
-        torch.save({"optimizer": optimizer.state_dict()}, folder / "optimizers.pt")
-
-    def load(folder: Path) -> None:
-        set_peft_model_state_dict(model, load_file(folder / "adapter.safetensors"),
-                                  adapter_name=ADAPTER)
-        optimizer.load_state_dict(
-            torch.load(folder / "optimizers.pt", weights_only=True)["optimizer"]
-        )
-
-    return Checkpoint(out, save, load)
-

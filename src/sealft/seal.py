@@ -8,7 +8,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
 
 from sealft import bilevel
 from sealft.data import Example
@@ -21,7 +20,7 @@ from sealft.models import (
 )
 from sealft.selector import Selector
 from sealft.tokenize import Tokenized, collate, require_usable, tokenize_examples
-from sealft.train import Checkpoint, LoopSettings, train_loop
+from sealft.train import LoopSettings, adapter_checkpoint, train_loop
 
 
 def process_state():
@@ -83,35 +82,6 @@ def require_data_parallel(accelerator) -> None:
 def lora_settings(args) -> LoraSettings:
     return LoraSettings(args.lora_r, args.lora_alpha, args.lora_dropout,
                         tuple(args.lora_target_modules))
-
-
-def _checkpoint_io(parts: bilevel.BilevelParts, adapters: tuple[str, ...], out: Path):
-    from peft import get_peft_model_state_dict, set_peft_model_state_dict
-
-    optimisers = {"theta": parts.theta_optimizer, "theta_prime": parts.theta_prime_optimizer,
-                  "selector": parts.selector_optimizer}
-
-    def save(folder: Path) -> None:
-        for name in adapters:
-            state = get_peft_model_state_dict(parts.model, adapter_name=name)
-            save_file({k: v.contiguous() for k, v in state.items()}, folder / f"{name}.safetensors")
-        save_file({"logits": parts.selector.logits.detach().contiguous()},
-                  folder / "selector.safetensors")
-        torch.save({k: o.state_dict() for k, o in optimisers.items() if o is not None},
-                   folder / "optimizers.pt")
-
-    def load(folder: Path) -> None:
-        for name in adapters:
-            set_peft_model_state_dict(parts.model, load_file(folder / f"{name}.safetensors"),
-                                      adapter_name=name)
-        with torch.no_grad():
-            parts.selector.logits.copy_(load_file(folder / "selector.safetensors")["logits"])
-        states = torch.load(folder / "optimizers.pt", weights_only=True)
-        for key, optimiser in optimisers.items():
-            if optimiser is not None:
-                optimiser.load_state_dict(states[key])
-
-    return Checkpoint(out, save, load)
 
 
 def tokenize_inputs(args, tokenizer, examples: list[Example], safe: list):
@@ -195,7 +165,9 @@ def learn_selector(args, examples: list[Example], safe: list[Example], out: Path
     state = train_loop(
         len(tokenized), len(safe_tok[0] if isinstance(safe_tok, tuple) else safe_tok),
         settings, step, out / "metrics.jsonl",
-        _checkpoint_io(parts, adapters, out), args.resume,
+        adapter_checkpoint(out, model, {a: a for a in adapters}, {
+            "theta": parts.theta_optimizer, "theta_prime": parts.theta_prime_optimizer,
+            "selector": parts.selector_optimizer}, {"logits": selector.logits}), args.resume,
         describe=lambda positions: ", ".join(ids[p] for p in positions[:8]),
         log=partial(log_metrics, accelerator),
     )

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from sealft.errors import TrainingError
@@ -110,6 +111,42 @@ class Checkpoint:
         rng = torch.load(final / "rng.pt", weights_only=True)
         torch.set_rng_state(rng["torch"])
         return LoopState(**{k: saved[k] for k in LoopState.__dataclass_fields__})
+
+
+def adapter_checkpoint(directory: Path, model, adapters: dict[str, str],
+                       optimizers: dict[str, Any], tensors: dict[str, torch.Tensor] | None = None
+                       ) -> Checkpoint:
+    """A `Checkpoint` of LoRA adapters (adapter name -> file stem, safetensors), optimiser
+    states (one torch file, read back with weights_only=True) and named tensors restored in
+    place (the selector logits)."""
+    from peft import get_peft_model_state_dict, set_peft_model_state_dict
+
+    optimizers = {k: o for k, o in optimizers.items() if o is not None}
+    tensors = tensors or {}
+
+    def save(folder: Path) -> None:
+        for name, stem in adapters.items():
+            state = get_peft_model_state_dict(model, adapter_name=name)
+            save_file({k: v.contiguous() for k, v in state.items()}, folder / f"{stem}.safetensors")
+        if tensors:
+            save_file({k: t.detach().contiguous() for k, t in tensors.items()},
+                      folder / "tensors.safetensors")
+        torch.save({k: o.state_dict() for k, o in optimizers.items()}, folder / "optimizers.pt")
+
+    def load(folder: Path) -> None:
+        for name, stem in adapters.items():
+            set_peft_model_state_dict(model, load_file(folder / f"{stem}.safetensors"),
+                                      adapter_name=name)
+        if tensors:
+            saved = load_file(folder / "tensors.safetensors")
+            with torch.no_grad():
+                for key, tensor in tensors.items():
+                    tensor.copy_(saved[key])
+        states = torch.load(folder / "optimizers.pt", weights_only=True)
+        for key, optimizer in optimizers.items():
+            optimizer.load_state_dict(states[key])
+
+    return Checkpoint(directory, save, load)
 
 
 @dataclass
