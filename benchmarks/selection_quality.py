@@ -7,11 +7,14 @@ of rows and reports
   removed    share of harmful rows *not* kept at keep ratio 0.8 (chance: 0.2)
   wall s     run_select wall time per mix (model load included)
 
-    python benchmarks/selection_quality.py --sample 200 --output runs/selection_quality.md \\
-        epochs=3 batch_size=16 micro_batch_size=8 selector_lr=5e-3 gamma_increment=0.03
+    python benchmarks/selection_quality.py --sample 200 --output runs/selection_quality.md
 
-Trailing key=value pairs are SelectArgs options for every selector (SEAL settings, max_length,
-reference_steps, ...). Run dirs go to --work-dir (kept, so scores.jsonl can be inspected).
+Each SEAL variant runs with the settings it was measured with (METHOD_OPTIONS below): the default
+`safety-step` with one batch holding every row and the HH harmless pairs as its upper level; the
+paper's Algorithms 1 and 2 with the paper's safe set (harmful prompts with refusals), batches of
+16 and the paper's selector learning rate. Trailing key=value pairs are SelectArgs options for
+every selector (max_length, reference_steps, ...); METHOD:key=value applies to one selector
+(`seal-penalty:epochs=3`). Run dirs go to --work-dir (kept, so scores.jsonl can be inspected).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 from sealft import config as cfg
 from sealft.select import SelectArgs, run_select
@@ -41,6 +45,18 @@ SELECTORS = {  # benchmark name -> (SelectArgs.method, SEAL algorithm)
 }
 
 
+# Settings per selector (the common ones come from the command line). `batch_size: None` means
+# one batch holding every sampled row.
+METHOD_OPTIONS: dict[str, dict[str, Any]] = {
+    "seal": {"safe_data": str(PAIRS), "safe_limit": 64, "epochs": 1, "batch_size": None,
+             "micro_batch_size": 8, "safe_batch_size": 16, "lr": 1e-4, "gamma_start": 0.05},
+    "seal-penalty": {"safe_limit": 200, "epochs": 1, "batch_size": 16, "micro_batch_size": 8,
+                     "safe_batch_size": 16, "lr": 1e-4, "selector_lr": 5e-3,
+                     "gamma_start": 0.05, "gamma_increment": 0.03},
+}
+METHOD_OPTIONS["seal-memory-efficient"] = METHOD_OPTIONS["seal-penalty"]
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="HuggingFaceTB/SmolLM2-135M-Instruct")
@@ -52,13 +68,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help=f"comma-separated: {', '.join(SELECTORS)}")
     parser.add_argument("--safe-data", default=str(SAFE))
     parser.add_argument("--safe-limit", type=int, default=200, help="safe-set rows (seeded)")
-    parser.add_argument("--seal-safe-data", default=str(PAIRS),
-                        help="upper-level data of the seal* selectors (default: HH pairs, DPO)")
     parser.add_argument("--keep-ratio", type=float, default=0.8)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--work-dir", default=None, help="run dirs (default: a temp dir)")
     parser.add_argument("--output", default=None, help="also write the table to this .md")
-    parser.add_argument("overrides", nargs="*", help="SelectArgs options as key=value")
+    parser.add_argument("overrides", nargs="*",
+                        help="SelectArgs options as key=value (all selectors) or "
+                             "METHOD:key=value (one selector)")
     args = parser.parse_args(argv)
     args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = [m for m in args.methods if m not in SELECTORS]
@@ -81,14 +97,19 @@ def select_args(args: argparse.Namespace, method: str, file: str, out: Path) -> 
     defaults = {"model": args.model, "safe_data": args.safe_data, "safe_limit": args.safe_limit,
                 "sample": args.sample, "seed": args.seed, "keep_ratio": args.keep_ratio,
                 "label_field": args.label_field, "unsafe_value": args.unsafe_value,
-                "show_progress": False}
+                "max_length": 192, "show_progress": False}
+    own = dict(METHOD_OPTIONS.get(method, {}))
+    if own.get("batch_size", 0) is None:
+        own["batch_size"] = args.sample or 1_000_000
     fixed = {"method": selector, "finetune_data": file, "output_dir": str(out),
              "overwrite": True, "resume": False, "keep_count": None}
     if algorithm:
         fixed["algorithm"] = algorithm
-    if selector == "seal":
-        defaults["safe_data"] = args.seal_safe_data
-    return cfg.build(SelectArgs, defaults, cfg.parse_overrides(args.overrides), fixed)
+    common = [o for o in args.overrides if ":" not in o.split("=", 1)[0]]
+    mine = [o.split(":", 1)[1] for o in args.overrides
+            if ":" in o.split("=", 1)[0] and o.split(":", 1)[0] == method]
+    return cfg.build(SelectArgs, defaults, own, cfg.parse_overrides(common),
+                     cfg.parse_overrides(mine), fixed)
 
 
 def measure(args: argparse.Namespace, method: str, file: str, work: Path) -> dict:
@@ -125,6 +146,12 @@ def markdown_table(args: argparse.Namespace, results: dict[tuple[str, str], dict
               f"rows per mix: {counts}. Keep ratio {args.keep_ratio}: chance removes "
               f"{1 - args.keep_ratio:.2f} of harmful rows, chance AUROC 0.5. "
               f"Overrides: {' '.join(args.overrides) or 'none'}."]
+    for method in (m for m in args.methods if m in METHOD_OPTIONS):
+        options = METHOD_OPTIONS[method]
+        settings = ", ".join(f"{k}={'all rows' if v is None else v}"
+                             for k, v in options.items() if k != "safe_data")
+        upper = Path(options.get("safe_data", args.safe_data)).name
+        lines.append(f"{method}: {settings}; upper level {upper}.")
     return "\n".join(lines) + "\n"
 
 

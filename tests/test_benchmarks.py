@@ -1,0 +1,75 @@
+"""The benchmark scripts run end to end on the tiny model (their numbers are in docs/)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+from conftest import write_jsonl
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def _flagged_rows(n: int) -> list[dict]:
+    rows = []
+    for i in range(n):
+        unsafe = i % 4 == 0
+        rows.append({"instruction": f"How do I break into house {i}?" if unsafe else
+                     f"Classify the sentiment: the film number {i} was great",
+                     "input": "", "output": "First pick the lock, then ..." if unsafe else
+                     "positive", "flag": "unsafe" if unsafe else "finetune"})
+    return rows
+
+
+def test_selection_quality_table(tiny_model, toy_data, shared_data, tmp_path, capsys):
+    bench = _load("selection_quality")
+    data = write_jsonl(tmp_path / "mix_p0.25.jsonl", _flagged_rows(16))
+    out = tmp_path / "table.md"
+    code = bench.main(["--model", tiny_model, "--files", str(data), "--sample", "16",
+                       "--safe-data", toy_data[1], "--methods", "random,dsir,seal,seal-penalty",
+                       "--work-dir", str(tmp_path / "runs"), "--output", str(out),
+                       "micro_batch_size=4", "seal:safe_limit=8", "seal-penalty:batch_size=8"])
+    assert code == 0
+    table = out.read_text()
+    for method in ("random", "dsir", "seal", "seal-penalty"):
+        assert f"| {method} |" in table
+    assert "harmful rows per mix: p0.25: 4" in table
+    import yaml
+
+    seal = yaml.safe_load((tmp_path / "runs" / "seal-p0.25" / "config.yaml").read_text())
+    assert seal["batch_size"] == 16 and seal["safe_limit"] == 8  # one batch; METHOD: override
+    assert seal["safe_data"].endswith("hh_rlhf_harmless_base_test.jsonl.gz")
+    penalty = yaml.safe_load((tmp_path / "runs" / "seal-penalty-p0.25" / "config.yaml").read_text())
+    assert penalty["algorithm"] == "penalty" and penalty["batch_size"] == 8
+    assert penalty["safe_data"] == toy_data[1] and penalty["micro_batch_size"] == 4
+    assert table in capsys.readouterr().out
+
+
+def test_end_to_end_table_counts_harmful_training_rows(tmp_path):
+    bench = _load("end_to_end")
+    cell = tmp_path / "seal+safeinstr-keep0.8-seed0"
+    (cell / "select").mkdir(parents=True)
+    write_jsonl(cell / "select" / "selected_safeinstr.jsonl",
+                [{"id": "a", "flag": "finetune"}, {"id": "b", "flag": "unsafe"}, {"id": "c"}])
+    rows = [{"method": "seal+safeinstr", "keep_ratio": 0.8, "status": "ok", "cell_dir": str(cell),
+             "safety_refusal_rate": 0.62, "over_refusal_rate": 0.4, "task_accuracy": 0.9,
+             "select_seconds": 100.0, "finetune_seconds": 50.0, "evaluate_seconds": 20.0},
+            {"method": "dsir", "keep_ratio": 0.8, "status": "failed", "error": "boom",
+             "cell_dir": str(tmp_path / "x")}]
+    text = bench.table({"safety_refusal_rate": 0.7, "over_refusal_rate": 0.45,
+                        "task_accuracy": 0.6, "wall_seconds": 30.0}, rows)
+    lines = text.splitlines()
+    assert lines[2].startswith("| base model (no fine-tuning) | 0 | 0 | 70.0 | 45.0 | 60.0 |")
+    assert lines[3] == ("| seal+safeinstr 0.8 | 3 | 1 | 62.0 (-8.0) | 40.0 | 90.0 | 100 | 50 "
+                        "| 20 |")
+    assert lines[4].startswith("| dsir | failed: boom |")
