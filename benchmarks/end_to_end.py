@@ -44,14 +44,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=QWEN)
     parser.add_argument("--finetune-data", default=str(DATA / "finetune" / "sst2_n1000_p0.2.json"))
-    parser.add_argument("--sample", type=int, default=160, help="fine-tuning rows (seeded)")
+    parser.add_argument("--sample", type=int, default=120, help="fine-tuning rows (seeded)")
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--keep-ratio", type=float, default=0.8)
     parser.add_argument("--seeds", default="0", help="comma-separated")
     parser.add_argument("--harmful-per-set", type=int, default=50,
                         help="prompts from each of AdvBench and HarmBench (seeded)")
-    parser.add_argument("--xstest", type=int, default=100, help="XSTest safe prompts")
-    parser.add_argument("--sst2", type=int, default=200, help="SST-2 validation rows")
+    parser.add_argument("--xstest", type=int, default=50, help="XSTest safe prompts")
+    parser.add_argument("--sst2", type=int, default=100, help="SST-2 validation rows")
+    parser.add_argument("--epochs", type=int, default=2, help="fine-tuning epochs")
+    parser.add_argument("--lr", type=float, default=5e-4, help="fine-tuning LoRA learning rate")
+    parser.add_argument("--lora-targets",
+                        default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
+                        help="LoRA target modules of the fine-tuning (SEAL's selection keeps "
+                             "q_proj,v_proj, as measured in docs/selection.md)")
     parser.add_argument("--output-dir", default="runs/end_to_end")
     parser.add_argument("--output", default=None, help="also write the table to this .md")
     parser.add_argument("overrides", nargs="*", help="ExperimentArgs options as key=value")
@@ -64,8 +70,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def experiment_options(args: argparse.Namespace) -> dict[str, Any]:
     """The grid's settings. Deviations from the paper, for a CPU budget: a sample of the rows,
-    and a LoRA learning rate of 2e-4 with batch 8 (the paper's 1e-5 with batch 64 makes ~5
-    steps on 160 rows, too few to move the model either way)."""
+    and a stronger fine-tuning than the paper's (LoRA on every linear layer, lr 5e-4, batch 8):
+    measured here, LoRA on q/v at lr 2e-4 for 40 steps on 160 rows with 32 harmful ones left
+    Qwen's refusal rate where it was (56% -> 59%), so there was no erosion for any selection to
+    prevent. The paper's 1e-5 with batch 64 makes ~4 steps on 120 rows."""
     refusals = str(DATA / "safe" / "safetyllamas_safety_only.json")
     return {
         "output_dir": args.output_dir,
@@ -85,7 +93,8 @@ def experiment_options(args: argparse.Namespace) -> dict[str, Any]:
             "safe_data": str(DATA / "safe" / "hh_rlhf_harmless_base_test.jsonl.gz"),
             "safe_limit": 64, "epochs": 1, "batch_size": args.sample, "micro_batch_size": 8,
             "safe_batch_size": 16, "lr": 1e-4, "gamma_start": 0.05}},
-        "finetune": {"epochs": 2, "batch_size": 8, "micro_batch_size": 8, "lr": 2e-4},
+        "finetune": {"epochs": args.epochs, "batch_size": 8, "micro_batch_size": 8,
+                     "lr": args.lr, "lora_target_modules": args.lora_targets.split(",")},
         "evaluate": evaluate_options(args),
         "plot": False,
     }
