@@ -9,6 +9,8 @@ evaluated on the same held-out prompts:
   refusal       harmful prompts from AdvBench and HarmBench (never seen by selection or
                 training: SEAL's upper level is the Anthropic HH harmless pairs, DSIR's target
                 and SafeInstr's rows are the safety-tuned-llamas refusals)
+  held-out      harmful questions of the fine-tuning file's own kind (BeaverTails): its unsafe
+                rows outside the sample, which no cell selects from or trains on
   over-refusal  XSTest's safe prompts (refusing them is a failure)
   task          SST-2 validation accuracy
 
@@ -25,19 +27,23 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 from sealft import config as cfg
+from sealft.data import load_examples, sample_rows
 from sealft.evaluate import EvaluateArgs, evaluate
 from sealft.experiment import ExperimentArgs, run_experiment
+from sealft.io import write_jsonl
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data"
 QWEN = "Qwen/Qwen2.5-Coder-0.5B-Instruct"
 METHODS = ("all", "random", "dsir", "seal", "seal+safeinstr")
+HELDOUT = "heldout_harmful"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -52,6 +58,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="prompts from each of AdvBench and HarmBench (seeded)")
     parser.add_argument("--xstest", type=int, default=50, help="XSTest safe prompts")
     parser.add_argument("--sst2", type=int, default=100, help="SST-2 validation rows")
+    parser.add_argument("--heldout", type=int, default=100,
+                        help="held-out harmful questions of the fine-tuning file (seeded)")
     parser.add_argument("--epochs", type=int, default=2, help="fine-tuning epochs")
     parser.add_argument("--lr", type=float, default=5e-4, help="fine-tuning LoRA learning rate")
     parser.add_argument("--lora-targets",
@@ -117,6 +125,48 @@ def evaluate_base(exp: ExperimentArgs) -> dict[str, Any]:
     return json.loads((folder / "summary.json").read_text(encoding="utf-8"))
 
 
+def heldout_harmful_prompts(args: argparse.Namespace, exp: ExperimentArgs) -> Path:
+    """The fine-tuning file's harmful questions that no cell sees: unsafe rows outside every
+    seed's sample, without the Alpaca wrapper. Refusing them measures what fine-tuning on that
+    kind of data did to the model, on questions it never trained on."""
+    examples = load_examples(args.finetune_data)
+    seen = set()
+    for seed in exp.seeds:
+        seen |= {e["id"] for e in sample_rows(examples, args.sample, seed)}
+    rows = [{"id": e["id"], "prompt": _question(e["messages"][-2]["content"])}
+            for e in examples if e["meta"].get("flag") == "unsafe" and e["id"] not in seen]
+    path = Path(exp.output_dir) / "heldout_harmful.jsonl"
+    write_jsonl(path, rows)
+    return path
+
+
+def _question(text: str) -> str:
+    wrapped = re.search(r"### Instruction:\n(.*?)\n\n### Response:", text, re.S)
+    return (wrapped.group(1) if wrapped else text).strip()
+
+
+def evaluate_heldout(args: argparse.Namespace, exp: ExperimentArgs, prompts: Path,
+                     rows: list[dict[str, Any]]) -> dict[str, float | None]:
+    """Refusal rate on the held-out questions for the base model ("base") and every finished
+    cell (by cell dir); each evaluation is cached in its own dir and resumes."""
+    targets = {"base": (None, Path(exp.output_dir) / "base_eval_heldout")}
+    for row in rows:
+        if row["status"] == "ok":
+            cell = Path(row["cell_dir"])
+            targets[row["cell_dir"]] = (str(cell / "finetune" / "adapter"), cell / "eval_heldout")
+    rates = {}
+    for key, (adapter, folder) in targets.items():
+        if not (folder / "summary.json").exists():
+            evaluate(cfg.build(EvaluateArgs, {
+                "model": exp.model, "adapter": adapter, "suite": "custom", "label": key,
+                "prompt_files": [f"{HELDOUT}={prompts}#prompt"], "limit": args.heldout,
+                "max_new_tokens": 32, "batch_size": 16, "progress": False,
+                "output_dir": str(folder), "resume": True}))
+        summary = json.loads((folder / "summary.json").read_text(encoding="utf-8"))
+        rates[key] = summary["refusal_by_set"].get(HELDOUT)
+    return rates
+
+
 def _pct(value: float | None) -> str:
     return "–" if value is None else f"{100 * value:.1f}"
 
@@ -125,29 +175,36 @@ def _secs(value: float | None) -> str:
     return "–" if value is None else f"{value:.0f}"
 
 
-def table(base: dict[str, Any], rows: list[dict[str, Any]]) -> str:
-    head = ("| data | rows trained | harmful rows trained | refusal % (Δ base) | "
-            "over-refusal % | SST-2 acc. % | select s | fine-tune s | eval s |")
-    lines = [head, "|" + "---|" * 9]
-    base_refusal = base.get("safety_refusal_rate")
+def table(base: dict[str, Any], rows: list[dict[str, Any]],
+          heldout: dict[str, float | None]) -> str:
+    head = ("| data | rows trained | harmful rows trained | refusal % (Δ base) | held-out "
+            "harmful refusal % (Δ base) | over-refusal % | SST-2 acc. % | select s | "
+            "fine-tune s | eval s |")
+    lines = [head, "|" + "---|" * 10]
+    base_refusal, base_heldout = base.get("safety_refusal_rate"), heldout.get("base")
     lines.append(f"| base model (no fine-tuning) | 0 | 0 | {_pct(base_refusal)} | "
-                 f"{_pct(base.get('over_refusal_rate'))} | {_pct(base.get('task_accuracy'))} "
-                 f"| – | – | {_secs(base.get('wall_seconds'))} |")
+                 f"{_pct(base_heldout)} | {_pct(base.get('over_refusal_rate'))} | "
+                 f"{_pct(base.get('task_accuracy'))} | – | – | {_secs(base.get('wall_seconds'))} |")
     for row in rows:
         if row["status"] != "ok":
-            lines.append(f"| {row['method']} | failed: {row['error']} |" + " |" * 7)
+            lines.append(f"| {row['method']} | failed: {row['error']} |" + " |" * 8)
             continue
         trained, harmful = trained_rows(Path(row["cell_dir"]))
-        refusal = row["safety_refusal_rate"]
-        delta = (f" ({100 * (refusal - base_refusal):+.1f})"
-                 if None not in (refusal, base_refusal) else "")
         name = row["method"] if row["method"] == "all" else f"{row['method']} {row['keep_ratio']:g}"
         lines.append(
-            f"| {name} | {trained} | {harmful} | {_pct(refusal)}{delta} | "
+            f"| {name} | {trained} | {harmful} | "
+            f"{_with_delta(row['safety_refusal_rate'], base_refusal)} | "
+            f"{_with_delta(heldout.get(row['cell_dir']), base_heldout)} | "
             f"{_pct(row['over_refusal_rate'])} | {_pct(row['task_accuracy'])} | "
             f"{_secs(row['select_seconds'])} | {_secs(row['finetune_seconds'])} | "
             f"{_secs(row['evaluate_seconds'])} |")
     return "\n".join(lines) + "\n"
+
+
+def _with_delta(value: float | None, base: float | None) -> str:
+    if value is None or base is None:
+        return _pct(value)
+    return f"{_pct(value)} ({100 * (value - base):+.1f})"
 
 
 def trained_rows(cell_dir: Path) -> tuple[int, int]:
@@ -165,7 +222,8 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     rows = run_experiment(exp)
     base = evaluate_base(exp)
-    text = table(base, rows)
+    heldout = evaluate_heldout(args, exp, heldout_harmful_prompts(args, exp), rows)
+    text = table(base, rows, heldout)
     minutes = (time.perf_counter() - started) / 60
     print(text)
     print(f"total wall time of this call: {minutes:.1f} min", file=sys.stderr)

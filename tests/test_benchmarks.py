@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import sys
 from pathlib import Path
 
@@ -54,6 +55,25 @@ def test_selection_quality_table(tiny_model, toy_data, shared_data, tmp_path, ca
     assert table in capsys.readouterr().out
 
 
+def test_end_to_end_heldout_prompts_exclude_every_sampled_row(tmp_path):
+    bench = _load("end_to_end")
+    from sealft import config as cfg
+    from sealft.data import load_examples, sample_rows
+    from sealft.experiment import ExperimentArgs
+
+    data = write_jsonl(tmp_path / "mix.jsonl", _flagged_rows(40))
+    args = type("A", (), {"finetune_data": str(data), "sample": 20})()
+    exp = cfg.build(ExperimentArgs, {"output_dir": str(tmp_path / "exp"), "seeds": [0, 1],
+                                     "methods": ["all"]})
+    prompts = bench.heldout_harmful_prompts(args, exp)
+    rows = [json.loads(line) for line in prompts.read_text().splitlines()]
+    examples = load_examples(str(data))
+    seen = {e["id"] for seed in (0, 1) for e in sample_rows(examples, 20, seed)}
+    unsafe = {e["id"] for e in examples if e["meta"]["flag"] == "unsafe"}
+    assert {r["id"] for r in rows} == unsafe - seen and rows
+    assert all(r["prompt"].startswith("How do I break into house") for r in rows)
+
+
 def test_end_to_end_table_counts_harmful_training_rows(tmp_path):
     bench = _load("end_to_end")
     cell = tmp_path / "seal+safeinstr-keep0.8-seed0"
@@ -66,9 +86,10 @@ def test_end_to_end_table_counts_harmful_training_rows(tmp_path):
             {"method": "dsir", "keep_ratio": 0.8, "status": "failed", "error": "boom",
              "cell_dir": str(tmp_path / "x")}]
     text = bench.table({"safety_refusal_rate": 0.7, "over_refusal_rate": 0.45,
-                        "task_accuracy": 0.6, "wall_seconds": 30.0}, rows)
+                        "task_accuracy": 0.6, "wall_seconds": 30.0}, rows,
+                       {"base": 0.5, str(cell): 0.25})
     lines = text.splitlines()
-    assert lines[2].startswith("| base model (no fine-tuning) | 0 | 0 | 70.0 | 45.0 | 60.0 |")
-    assert lines[3] == ("| seal+safeinstr 0.8 | 3 | 1 | 62.0 (-8.0) | 40.0 | 90.0 | 100 | 50 "
-                        "| 20 |")
+    assert lines[2].startswith("| base model (no fine-tuning) | 0 | 0 | 70.0 | 50.0 | 45.0 | 60.0 |")
+    assert lines[3] == ("| seal+safeinstr 0.8 | 3 | 1 | 62.0 (-8.0) | 25.0 (-25.0) | 40.0 | 90.0 "
+                        "| 100 | 50 | 20 |")
     assert lines[4].startswith("| dsir | failed: boom |")
