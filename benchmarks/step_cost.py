@@ -67,10 +67,15 @@ def run_variant(model_name: str, variant: str, steps: int, batch: int, micro: in
     model = add_lora_adapters(model, LoraSettings(), names)
     model.train()
     if variant == "sft":
+        from accelerate import Accelerator
+
+        # The product's SFT step takes an Accelerator (backward, no_sync, reduce); with one
+        # process it adds no work.
+        accelerator = Accelerator(cpu=not torch.cuda.is_available())
         optimizer = torch.optim.Adam(adapter_parameters(model, "theta"), lr=1e-5)
 
         def step():
-            sft_step(model, optimizer, ft, None, batch, lambda params: None)
+            sft_step(model, optimizer, ft, None, 1.0 / batch, accelerator)
     else:
         selector = Selector(batch)
         parts = bilevel.BilevelParts(

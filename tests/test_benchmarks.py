@@ -93,3 +93,15 @@ def test_end_to_end_table_counts_harmful_training_rows(tmp_path):
     assert lines[3] == ("| seal+safeinstr 0.8 | 3 | 1 | 62.0 (-8.0) | 25.0 (-25.0) | 40.0 | 90.0 "
                         "| 100 | 50 | 20 |")
     assert lines[4].startswith("| dsir | failed: boom |")
+
+
+def test_step_cost_runs_every_variant_on_the_tiny_model():
+    import subprocess
+
+    result = subprocess.run([sys.executable, str(REPO / "benchmarks" / "step_cost.py"),
+                             "--models", "tiny", "--steps", "1", "--batch", "4", "--micro", "4"],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = [line for line in result.stdout.splitlines() if line.startswith("| tiny |")]
+    assert [r.split("|")[2].strip() for r in rows] == [
+        "sft", "memory-efficient", "penalty", "safety-step"]
