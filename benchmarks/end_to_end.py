@@ -37,7 +37,7 @@ from sealft import config as cfg
 from sealft.data import load_examples, sample_rows
 from sealft.evaluate import EvaluateArgs, evaluate
 from sealft.experiment import ExperimentArgs, run_experiment
-from sealft.io import write_jsonl
+from sealft.io import read_jsonl, write_jsonl
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data"
@@ -157,10 +157,10 @@ def evaluate_heldout(args: argparse.Namespace, exp: ExperimentArgs, prompts: Pat
     rates = {}
     for key, (adapter, folder) in targets.items():
         if not (folder / "summary.json").exists():
-            evaluate(cfg.build(EvaluateArgs, {
+            generation = {k: exp.evaluate[k] for k in ("max_new_tokens", "batch_size", "progress")}
+            evaluate(cfg.build(EvaluateArgs, generation, {
                 "model": exp.model, "adapter": adapter, "suite": "custom", "label": key,
                 "prompt_files": [f"{HELDOUT}={prompts}#prompt"], "limit": args.heldout,
-                "max_new_tokens": 32, "batch_size": 16, "progress": False,
                 "output_dir": str(folder), "resume": True}))
         summary = json.loads((folder / "summary.json").read_text(encoding="utf-8"))
         rates[key] = summary["refusal_by_set"].get(HELDOUT)
@@ -211,7 +211,7 @@ def trained_rows(cell_dir: Path) -> tuple[int, int]:
     """Rows in the fine-tuning file of a cell, and how many of them carry the unsafe flag."""
     mixed = cell_dir / "select" / "selected_safeinstr.jsonl"
     path = mixed if mixed.exists() else cell_dir / "select" / "selected.jsonl"
-    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
+    rows = read_jsonl(path)
     return len(rows), sum(r.get("flag") == "unsafe" for r in rows)
 
 

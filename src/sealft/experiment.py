@@ -42,6 +42,7 @@ from sealft.errors import ConfigError
 from sealft.evaluate import EvaluateArgs, evaluate
 from sealft.finetune import FinetuneArgs, run_finetune
 from sealft.io import prepare_output_dir, write_json, write_yaml
+from sealft.select import METHODS as SELECT_METHODS
 from sealft.select import SelectArgs, run_select
 
 # SEAL variants: `seal` runs the configured algorithm (select.algorithm, the product default
@@ -52,7 +53,7 @@ SELECTORS = ("all", "random", "dsir", "reference-loss", *SEAL_ALGORITHMS)
 METHODS = ("all", "random", "dsir", "reference-loss", "seal", "seal-memory-efficient",
            "safeinstr", "seal+safeinstr")
 SAFEINSTR = "safeinstr"
-SELECTOR_NAMES = ("all", "random", "dsir", "reference-loss", "seal")
+SELECTOR_NAMES = SELECT_METHODS  # keys of method_select: what `sealft select --method` takes
 # Grid fields: a rerun may change them (to extend the grid); everything else must match.
 GRID_FIELDS = ("methods", "keep_ratios", "seeds", "overwrite", "plot")
 METRIC_COLUMNS = ("safety_refusal_rate", "over_refusal_rate", "task_accuracy", "win_rate")

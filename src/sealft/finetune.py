@@ -26,6 +26,7 @@ from sealft.seal import (
     lora_settings,
     make_accelerator,
     process_state,
+    sharding_engine,
 )
 from sealft.select import peak_memory_mb
 from sealft.selector import align_scores
@@ -167,18 +168,15 @@ def run_finetune(args: FinetuneArgs) -> dict:
 
 def _require_sharding_support(accelerator, args: FinetuneArgs) -> bool:
     """Whether the model is sharded (FSDP / DeepSpeed); refuses what is not supported there."""
-    from accelerate.utils import DistributedType
-
-    sharded = accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
-    if sharded:
-        engine = accelerator.distributed_type.value
+    engine = sharding_engine(accelerator)
+    if engine:
         cfg.require(not (args.save_every or args.resume), "save_every",
                     f"checkpoints and --resume run under DDP only; under {engine} the optimizer "
                     "state is sharded (drop --save-every / --resume, or use configs/accelerate/"
                     "ddp.yaml)")
         cfg.require(not args.merge, "merge", f"cannot merge a sharded model under {engine}; "
                     "merge the saved adapter afterwards (peft merge_and_unload)")
-    return sharded
+    return engine is not None
 
 
 def _save_outputs(model, tokenizer, out: Path, merge: bool, state_dict=None) -> None:

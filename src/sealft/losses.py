@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
+from torch.nn.parallel import DistributedDataParallel
 
 from sealft.tokenize import IGNORE_INDEX
 
@@ -16,13 +18,12 @@ def _causal_lm(model):
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
+_ENGINE_WRAPPERS = (DistributedDataParallel, FullyShardedDataParallel, FSDPModule)
+
+
 def engine_wrapped(model) -> bool:
     """True for a model wrapped by DDP, FSDP (1 or 2) or DeepSpeed via accelerator.prepare."""
-    from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
-    from torch.nn.parallel import DistributedDataParallel
-
-    wrappers = (DistributedDataParallel, FullyShardedDataParallel, FSDPModule)
-    return isinstance(model, wrappers) or type(model).__name__ == "DeepSpeedEngine"
+    return isinstance(model, _ENGINE_WRAPPERS) or type(model).__name__ == "DeepSpeedEngine"
 
 
 def _supervised_logits(model, batch: dict[str, torch.Tensor], supervised: torch.Tensor):

@@ -67,15 +67,22 @@ def gradient_sync(accelerator):
     return sync
 
 
+def sharding_engine(accelerator) -> str | None:
+    """The engine name ("FSDP", "DEEPSPEED") when the launch shards the model, else None."""
+    from accelerate.utils import DistributedType
+
+    kind = accelerator.distributed_type
+    return kind.value if kind in (DistributedType.FSDP, DistributedType.DEEPSPEED) else None
+
+
 def require_data_parallel(accelerator) -> None:
     """Selection replicates the model on every process (see `gradient_sync`); an FSDP or
     DeepSpeed launch would be silently ignored, so it is refused."""
-    from accelerate.utils import DistributedType
-
-    if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+    engine = sharding_engine(accelerator)
+    if engine:
         raise ConfigError(
             f"sealft select runs data-parallel only, not under "
-            f"{accelerator.distributed_type.value}: launch it with configs/accelerate/ddp.yaml "
+            f"{engine}: launch it with configs/accelerate/ddp.yaml "
             "(the model is replicated on each process); FSDP / DeepSpeed apply to `sealft finetune`")
 
 
