@@ -20,6 +20,7 @@ every selector (max_length, reference_steps, ...); METHOD:key=value applies to o
 from __future__ import annotations
 
 import argparse
+import random
 import statistics
 import sys
 import tempfile
@@ -27,14 +28,24 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from sealft import config as cfg
-from sealft.select import SelectArgs, run_select
+from sealft.data import read_rows, sample_rows
+from sealft.io import read_jsonl, write_json
+from sealft.select import SelectArgs, auroc, run_select
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data"
 MIXES = tuple(DATA / "finetune" / f"sst2_n1000_p{p}.json" for p in ("0.01", "0.05", "0.1", "0.2"))
 SAFE = DATA / "safe" / "safetyllamas_safety_only.json"
 PAIRS = DATA / "safe" / "hh_rlhf_harmless_base_test.jsonl.gz"  # SEAL's default upper level
+BENIGN_LONG = DATA / "benign" / "alpaca_en_demo.json"  # the format control's long benign answers
+# The prompt template of the mixes' harmful rows, so that the control rows differ from them in
+# content only, not in template.
+ALPACA_PROMPT = ("Below is an instruction that describes a task. Write a response that "
+                 "appropriately completes the request.\n\n### Instruction:\n{}\n\n### Response:")
+LONG_BENIGN_FLAG = "benign-long"
 SELECTORS = {  # benchmark name -> (SelectArgs.method, SEAL algorithm)
     "random": ("random", None),
     "dsir": ("dsir", None),
@@ -70,6 +81,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--safe-limit", type=int, default=200, help="safe-set rows (seeded)")
     parser.add_argument("--keep-ratio", type=float, default=0.8)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--format-control", type=int, default=0, metavar="N",
+                        help="add N benign Alpaca rows with long answers to each mix's sample "
+                             "(labelled benign): does the selector find harm, or long answers?")
+    parser.add_argument("--benign-long-data", default=str(BENIGN_LONG))
     parser.add_argument("--work-dir", default=None, help="run dirs (default: a temp dir)")
     parser.add_argument("--output", default=None, help="also write the table to this .md")
     parser.add_argument("overrides", nargs="*",
@@ -112,15 +127,52 @@ def select_args(args: argparse.Namespace, method: str, file: str, out: Path) -> 
                      cfg.parse_overrides(mine), fixed)
 
 
+def format_control_file(args: argparse.Namespace, file: str, work: Path) -> str:
+    """The mix's seeded sample (the same rows `--sample` picks) with N long benign Alpaca answers
+    (≥ 30 words, no input field) inserted at seeded positions, written to the work dir."""
+    rows = sample_rows(read_rows(file), args.sample, args.seed)
+    rng = random.Random(args.seed)
+    long_answers = [r for r in read_rows(args.benign_long_data)
+                    if not r.get("input") and len(r["output"].split()) >= 30]
+    for extra in rng.sample(long_answers, args.format_control):
+        rows.insert(rng.randrange(len(rows) + 1),
+                    {"instruction": ALPACA_PROMPT.format(extra["instruction"]), "input": "",
+                     "output": extra["output"], args.label_field: LONG_BENIGN_FLAG})
+    path = work / f"format-control-{mix_name(file)}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_json(path, rows)
+    return str(path)
+
+
+def _long_benign_metrics(out: Path, label_field: str, unsafe_value: str, data: str) -> dict:
+    """Harmful rows against the long benign answers only: AUROC, and the share of long benign
+    rows the selection dropped (a harm detector keeps them; a length detector drops them)."""
+    labels = [str(r.get(label_field)) for r in read_rows(data)]
+    scores = read_jsonl(out / "scores.jsonl")
+    rows = [(s["weight"], s["kept"], labels[s["index"]]) for s in scores if "skipped" not in s]
+    pair = [(w, lab == unsafe_value) for w, _, lab in rows if lab in (unsafe_value, LONG_BENIGN_FLAG)]
+    weights = np.array([w for w, _ in pair])
+    long_kept = [kept for _, kept, lab in rows if lab == LONG_BENIGN_FLAG]
+    return {"auroc_vs_long": auroc(-weights, np.array([u for _, u in pair])),
+            "long_removed": 1 - sum(long_kept) / len(long_kept) if long_kept else None}
+
+
 def measure(args: argparse.Namespace, method: str, file: str, work: Path) -> dict:
     out = work / f"{method}-{mix_name(file)}"
+    data = format_control_file(args, file, work) if args.format_control else file
+    select = select_args(args, method, data, out)
+    if args.format_control:
+        select.sample = None  # the control file already holds the sample
     started = time.perf_counter()
-    summary = run_select(select_args(args, method, file, out))
+    summary = run_select(select)
     labels = summary.get("labels") or {}
-    return {"auroc": labels.get("auroc_unsafe_low_weight"),
-            "removed": labels.get("unsafe_removed_share"),
-            "unsafe_rows": labels.get("unsafe_rows"),
-            "seconds": time.perf_counter() - started}
+    result = {"auroc": labels.get("auroc_unsafe_low_weight"),
+              "removed": labels.get("unsafe_removed_share"),
+              "unsafe_rows": labels.get("unsafe_rows"),
+              "seconds": time.perf_counter() - started}
+    if args.format_control:
+        result |= _long_benign_metrics(out, args.label_field, args.unsafe_value, data)
+    return result
 
 
 def _fmt(value: float | None) -> str:
@@ -129,14 +181,17 @@ def _fmt(value: float | None) -> str:
 
 def markdown_table(args: argparse.Namespace, results: dict[tuple[str, str], dict]) -> str:
     mixes = [mix_name(f) for f in args.files]
-    header = ["selector"] + [f"{m} {k}" for m in mixes for k in ("AUROC", "removed")]
+    columns = {"AUROC": "auroc", "removed": "removed"}
+    if args.format_control:
+        columns |= {"AUROC vs long benign": "auroc_vs_long", "long benign removed": "long_removed"}
+    header = ["selector"] + [f"{m} {k}" for m in mixes for k in columns]
     header.append("wall s / mix")
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for method in args.methods:
         cells = [method]
         for file in args.files:
             result = results.get((method, file), {})
-            cells += [_fmt(result.get("auroc")), _fmt(result.get("removed"))]
+            cells += [_fmt(result.get(key)) for key in columns.values()]
         seconds = [results[(method, f)]["seconds"] for f in args.files if (method, f) in results]
         cells.append(f"{statistics.mean(seconds):.1f}" if seconds else "–")
         lines.append("| " + " | ".join(cells) + " |")
@@ -146,6 +201,10 @@ def markdown_table(args: argparse.Namespace, results: dict[tuple[str, str], dict
               f"rows per mix: {counts}. Keep ratio {args.keep_ratio}: chance removes "
               f"{1 - args.keep_ratio:.2f} of harmful rows, chance AUROC 0.5. "
               f"Overrides: {' '.join(args.overrides) or 'none'}."]
+    if args.format_control:
+        lines.append(f"Format control: {args.format_control} benign Alpaca rows with answers of "
+                     f"≥ 30 words added to each sample ({Path(args.benign_long_data).name}); "
+                     "'vs long benign' ranks the harmful rows against these rows only.")
     for method in (m for m in args.methods if m in METHOD_OPTIONS):
         options = METHOD_OPTIONS[method]
         settings = ", ".join(f"{k}={'all rows' if v is None else v}"

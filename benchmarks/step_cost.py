@@ -1,8 +1,11 @@
 """Cost of one selector step relative to one LoRA SFT step, on the same model and batch.
 
-Each variant runs in its own process (so peak memory is its own): load the model, attach the
-adapters it needs, run warm-up steps, then time `--steps` steps and report the median and the
-peak resident memory above what the loaded model took (CPU) or peak allocated memory (CUDA).
+Time: one process loads the model with both adapters and times every variant in round-robin
+(one step of each per round, `--steps` rounds after a warm-up round), so that a shared
+machine's drifting load hits all variants alike; the median per variant is reported.
+Memory: each variant also runs alone in its own process with only the adapters it needs, and
+reports its peak resident memory above what the loaded model took (CPU) or its peak allocated
+memory (CUDA); its time there is shown too, as a second, less controlled ratio.
 
     python benchmarks/step_cost.py                       # tiny Llama and SmolLM2-135M-Instruct
     python benchmarks/step_cost.py --models tiny --steps 20
@@ -48,7 +51,10 @@ def _batches(tokenizer, n: int, micro: int, seed: int):
             for k in range(0, n, micro)]
 
 
-def run_variant(model_name: str, variant: str, steps: int, batch: int, micro: int) -> dict:
+def _step_functions(model_name: str, variants: tuple[str, ...], batch: int, micro: int,
+                    checkpointing: bool = False):
+    """Load the model once, attach the adapters the variants need, and return one zero-argument
+    step function per variant (all on this one model, so they can be timed side by side)."""
     from sealft import bilevel
     from sealft.finetune import sft_step
     from sealft.models import LoraSettings, adapter_parameters, add_lora_adapters, load_model_and_tokenizer
@@ -63,10 +69,12 @@ def run_variant(model_name: str, variant: str, steps: int, batch: int, micro: in
     if torch.cuda.is_available():
         model = model.cuda()
         torch.cuda.reset_peak_memory_stats()
-    names = ("theta", "theta_prime") if variant in ("penalty", "safety-step") else ("theta",)
-    model = add_lora_adapters(model, LoraSettings(), names)
+    two = any(v in ("penalty", "safety-step") for v in variants)
+    names = ("theta", "theta_prime") if two else ("theta",)
+    model = add_lora_adapters(model, LoraSettings(), names, checkpointing)
     model.train()
-    if variant == "sft":
+    steps = {}
+    if "sft" in variants:
         from accelerate import Accelerator
 
         # The product's SFT step takes an Accelerator (backward, no_sync, reduce); with one
@@ -74,20 +82,34 @@ def run_variant(model_name: str, variant: str, steps: int, batch: int, micro: in
         accelerator = Accelerator(cpu=not torch.cuda.is_available())
         optimizer = torch.optim.Adam(adapter_parameters(model, "theta"), lr=1e-5)
 
-        def step():
+        def sft():
+            model.set_adapter("theta")
             sft_step(model, optimizer, ft, None, 1.0 / batch, accelerator)
-    else:
-        selector = Selector(batch)
-        parts = bilevel.BilevelParts(
-            model=model, selector=selector,
-            theta_optimizer=torch.optim.Adam(adapter_parameters(model, "theta"), lr=1e-5),
-            selector_optimizer=bilevel.VisitedRMSUpdate(selector, 5e-3),
-            theta_prime_optimizer=torch.optim.Adam(adapter_parameters(model, "theta_prime"),
-                                                   lr=1e-5) if len(names) == 2 else None,
-        )
+        steps["sft"] = sft
+    selector = Selector(batch)
+    parts = bilevel.BilevelParts(
+        model=model, selector=selector,
+        theta_optimizer=torch.optim.Adam(adapter_parameters(model, "theta"), lr=1e-5),
+        selector_optimizer=bilevel.VisitedRMSUpdate(selector, 5e-3),
+        theta_prime_optimizer=torch.optim.Adam(adapter_parameters(model, "theta_prime"), lr=1e-5)
+        if two else None,
+    )
+    for variant in variants:
+        if variant != "sft":
+            steps[variant] = (lambda v: lambda: bilevel.ALGORITHMS[v](
+                parts, ft, safe, 0.05, batch, batch))(variant)
+    return steps, base_rss
 
-        def step():
-            bilevel.ALGORITHMS[variant](parts, ft, safe, 0.05, batch, batch)
+
+def _peak_mb() -> float:
+    return torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else _rss_mb()
+
+
+def run_variant(model_name: str, variant: str, steps: int, batch: int, micro: int,
+                checkpointing: bool = False) -> dict:
+    """One variant alone in this process: its peak memory is its own."""
+    step_of, base_rss = _step_functions(model_name, (variant,), batch, micro, checkpointing)
+    step = step_of[variant]
     for _ in range(2):
         step()
     times = []
@@ -95,9 +117,25 @@ def run_variant(model_name: str, variant: str, steps: int, batch: int, micro: in
         start = time.perf_counter()
         step()
         times.append(time.perf_counter() - start)
-    memory = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else _rss_mb()
-    return {"median_s": statistics.median(times), "peak_mb": memory,
-            "above_model_mb": memory - base_rss}
+    return {"median_s": statistics.median(times), "peak_mb": _peak_mb(),
+            "above_model_mb": _peak_mb() - base_rss}
+
+
+def run_interleaved(model_name: str, rounds: int, batch: int, micro: int,
+                    checkpointing: bool = False) -> dict:
+    """Every variant on one model in one process, in round-robin: round r times one step of
+    each. A shared machine's load drifts over minutes; interleaving exposes every variant to
+    the same drift, so the ratios are side by side rather than minutes apart."""
+    steps = _step_functions(model_name, VARIANTS, batch, micro, checkpointing)[0]
+    for step in steps.values():  # warm-up
+        step()
+    times: dict[str, list[float]] = {v: [] for v in VARIANTS}
+    for _ in range(rounds):
+        for variant, step in steps.items():
+            start = time.perf_counter()
+            step()
+            times[variant].append(time.perf_counter() - start)
+    return {v: statistics.median(t) for v, t in times.items()}
 
 
 def _tiny_model(folder: Path) -> str:
@@ -107,42 +145,60 @@ def _tiny_model(folder: Path) -> str:
     return str(build_tiny_model(folder, hidden=64, layers=2))
 
 
+def _child(args: argparse.Namespace, model: str, *mode: str) -> dict:
+    out = subprocess.run(
+        [sys.executable, __file__, *mode, "--model", model, "--steps", str(args.steps),
+         "--batch", str(args.batch), "--micro", str(args.micro),
+         *(["--gradient-checkpointing"] if args.gradient_checkpointing else [])],
+        capture_output=True, text=True)
+    if out.returncode != 0:
+        sys.exit(f"step_cost child {' '.join(mode)} on {model} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", nargs="+",
                         default=["tiny", "HuggingFaceTB/SmolLM2-135M-Instruct"])
-    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=5,
+                        help="timed steps per variant (rounds, side by side)")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--micro", type=int, default=8)
+    parser.add_argument("--gradient-checkpointing", action="store_true",
+                        help="every variant with activation checkpointing")
     parser.add_argument("--variant", help=argparse.SUPPRESS)
+    parser.add_argument("--interleaved", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.variant:  # child process
-        print(json.dumps(run_variant(args.model, args.variant, args.steps, args.batch,
-                                     args.micro)))
+    if args.variant or args.interleaved:  # child process
+        sizes = (args.batch, args.micro, args.gradient_checkpointing)
+        result = (run_interleaved(args.model, args.steps, *sizes) if args.interleaved else
+                  run_variant(args.model, args.variant, args.steps, *sizes))
+        print(json.dumps(result))
         return
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models:
             model = _tiny_model(Path(tmp) / "tiny") if name == "tiny" else name
-            results = {}
+            side_by_side = _child(args, model, "--interleaved")
+            alone = {v: _child(args, model, "--variant", v) for v in VARIANTS}
             for variant in VARIANTS:
-                out = subprocess.run(
-                    [sys.executable, __file__, "--variant", variant, "--model", model,
-                     "--steps", str(args.steps), "--batch", str(args.batch),
-                     "--micro", str(args.micro)],
-                    capture_output=True, text=True, check=True)
-                results[variant] = json.loads(out.stdout.strip().splitlines()[-1])
-            sft = results["sft"]
-            for variant, r in results.items():
-                rows.append((name, variant, r["median_s"], r["median_s"] / sft["median_s"],
-                             r["above_model_mb"], r["peak_mb"] / sft["peak_mb"]))
+                rows.append((name, variant, side_by_side[variant],
+                             side_by_side[variant] / side_by_side["sft"],
+                             alone[variant]["median_s"] / alone["sft"]["median_s"],
+                             alone[variant]["above_model_mb"],
+                             alone[variant]["peak_mb"] / alone["sft"]["peak_mb"]))
     print(f"\nbatch {args.batch} (micro {args.micro}), 60-word prompts + 40-word answers, "
-          f"median of {args.steps} steps, torch threads {torch.get_num_threads()}\n")
-    print("| model | step | median s | × SFT time | MB above model | × SFT peak memory |")
-    print("|---|---|---|---|---|---|")
-    for name, variant, sec, ratio, above, mem in rows:
-        print(f"| {name} | {variant} | {sec:.3f} | {ratio:.2f} | {above:.0f} | {mem:.3f} |")
+          f"median of {args.steps} steps, torch threads {torch.get_num_threads()}, gradient "
+          f"checkpointing {'on' if args.gradient_checkpointing else 'off'}. Time: all "
+          "variants on one model in one process, in round-robin (side by side); memory: each "
+          "variant alone in its own process (its time there in the 'alone' column).\n")
+    print("| model | step | median s | × SFT time | × SFT time, alone | MB above model "
+          "| × SFT peak memory |")
+    print("|---|---|---|---|---|---|---|")
+    for name, variant, sec, ratio, alone_ratio, above, mem in rows:
+        print(f"| {name} | {variant} | {sec:.3f} | {ratio:.2f} | {alone_ratio:.2f} | {above:.0f} "
+              f"| {mem:.3f} |")
 
 
 if __name__ == "__main__":

@@ -55,6 +55,32 @@ def test_selection_quality_table(tiny_model, toy_data, shared_data, tmp_path, ca
     assert table in capsys.readouterr().out
 
 
+def test_selection_quality_format_control_adds_long_benign_rows(tiny_model, toy_data, tmp_path):
+    bench = _load("selection_quality")
+    data = write_jsonl(tmp_path / "mix_p0.25.jsonl", _flagged_rows(16))
+    long_answer = " ".join(["word"] * 40)
+    benign = write_jsonl(tmp_path / "alpaca.jsonl", [
+        {"instruction": f"Explain topic {i}", "input": "", "output": long_answer} for i in range(5)
+    ] + [{"instruction": "Short one", "input": "", "output": "too short"}])
+    out = tmp_path / "table.md"
+    code = bench.main(["--model", tiny_model, "--files", str(data), "--sample", "12",
+                       "--safe-data", toy_data[1], "--methods", "random",
+                       "--format-control", "3", "--benign-long-data", str(benign),
+                       "--work-dir", str(tmp_path / "runs"), "--output", str(out)])
+    assert code == 0
+    rows = json.loads((tmp_path / "runs" / "format-control-p0.25.json").read_text())
+    flags = [r["flag"] for r in rows]
+    assert len(rows) == 15 and flags.count("benign-long") == 3
+    assert all(r["output"] == long_answer for r in rows if r["flag"] == "benign-long")
+    assert all(r["instruction"].startswith("Below is an instruction") for r in rows
+               if r["flag"] == "benign-long")
+    scores = [json.loads(line) for line in
+              (tmp_path / "runs" / "random-p0.25" / "scores.jsonl").read_text().splitlines()]
+    assert len(scores) == 15  # the control file is used whole, not re-sampled
+    table = out.read_text()
+    assert "p0.25 AUROC vs long benign" in table and "Format control: 3" in table
+
+
 def test_end_to_end_heldout_prompts_exclude_every_sampled_row(tmp_path):
     bench = _load("end_to_end")
     from sealft import config as cfg
@@ -105,3 +131,18 @@ def test_step_cost_runs_every_variant_on_the_tiny_model():
     rows = [line for line in result.stdout.splitlines() if line.startswith("| tiny |")]
     assert [r.split("|")[2].strip() for r in rows] == [
         "sft", "memory-efficient", "penalty", "safety-step"]
+    cells = [[float(c) for c in r.split("|")[3:8]] for r in rows]
+    assert cells[0][1:3] == [1.0, 1.0] and cells[0][4] == 1.0  # SFT is its own reference
+    assert all(len(c) == 5 and all(v > 0 for v in c[:2]) for c in cells)
+
+
+def test_activation_memory_table_on_the_tiny_model(tiny_model):
+    import subprocess
+
+    result = subprocess.run([sys.executable, str(REPO / "benchmarks" / "activation_memory.py"),
+                             "--model", tiny_model, "--rows", "2", "--length", "16"],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = [line.split("|") for line in result.stdout.splitlines() if line.startswith("| 2 × 16")]
+    assert [r[2].strip() for r in rows] == ["off", "on"]
+    assert all(float(r[3]) > 0 and float(r[4]) >= 0 for r in rows)

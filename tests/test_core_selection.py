@@ -195,3 +195,34 @@ def test_safety_step_with_preference_pairs(tiny_model, tmp_path):
     first = json.loads((tmp_path / "o" / "metrics.jsonl").read_text().splitlines()[0])
     assert abs(first["f_safe"] - np.log(2)) < 1e-4
     assert summary["algorithm"] == "safety-step" and summary["usable"] == 16
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(tiny_model):
+    """Checkpointing only recomputes activations: per-example losses and LoRA gradients match."""
+    rows = [{"prompt": f"review {i} the movie", "completion": ["great", "bad terrible"][i % 2]}
+            for i in range(4)]
+    grads = []
+    for checkpointing in (False, True):
+        model, tokenizer = load_model_and_tokenizer(tiny_model)
+        torch.manual_seed(3)
+        model = add_lora_adapters(model, LoraSettings(r=4, alpha=8), (bilevel.THETA,),
+                                  gradient_checkpointing=checkpointing)
+        with torch.no_grad():
+            for param in model.parameters():
+                if param.requires_grad:
+                    param.normal_(0, 0.3)
+        model.train()
+        base = model.get_base_model()
+        assert getattr(base, "is_activation_checkpointing",
+                       getattr(base, "is_gradient_checkpointing", None)) == checkpointing
+        tok = tokenize_examples(normalise(rows), tokenizer, 64, cache=False)
+        from sealft.losses import per_example_loss
+
+        losses = per_example_loss(model, collate(tok, [0, 1, 2, 3], tokenizer.pad_token_id))
+        losses.sum().backward()
+        grads.append((losses.detach(), [p.grad.clone() for p in
+                                        adapter_parameters(model, bilevel.THETA)]))
+    (loss_a, grad_a), (loss_b, grad_b) = grads
+    assert torch.allclose(loss_a, loss_b, atol=1e-6)
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(grad_a, grad_b, strict=True))
+    assert any(a.abs().sum() > 0 for a in grad_a)

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from conftest import toy_finetune_rows, write_jsonl
 
 SELECT = ["--epochs", "2", "--batch-size", "4", "--micro-batch-size", "2", "--gamma-start",
@@ -131,6 +132,23 @@ def test_two_process_finetune_matches_one(tiny_model, toy_data, tmp_path):
         assert (a[key] - b[key]).abs().max() <= 1e-5, key
     trained = [k for k in a if "lora_B" in k]
     assert any(a[k].abs().max() > 0 for k in trained)  # the step really moved the adapter
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the fallback happens without GPUs")
+@pytest.mark.parametrize("variable", ["ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED"])
+def test_sharded_launch_without_gpus_is_refused(tiny_model, toy_data, tmp_path, variable):
+    """On CPU, Accelerate turns an FSDP / DeepSpeed launch into plain data parallel; sealft says
+    so instead of training unsharded while the user believes otherwise."""
+    out = tmp_path / "out"
+    result = subprocess.run(
+        [sys.executable, "-m", "sealft", "finetune", "--model", tiny_model, "--data",
+         toy_data[0], "--output-dir", str(out), "--no-show-progress"],
+        capture_output=True, text=True, timeout=300, env={**os.environ, variable: "true"})
+    assert result.returncode == 2, result.stderr[-2000:]
+    engine = variable.rsplit("_", 1)[-1]
+    assert f"the launch asked for {engine}" in result.stderr.strip().splitlines()[-1]
+    assert "configs/accelerate/ddp.yaml" in result.stderr
+    assert not out.exists()
 
 
 BAD_INPUTS = [

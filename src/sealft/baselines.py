@@ -185,7 +185,8 @@ def _score_reference_loss(args, examples: list[Example], safe: list[Example], ou
     model, tokenizer = load_model_and_tokenizer(args.model, args.dtype, args.chat_template,
                                                 args.trust_remote_code)
     tokenized, safe_tok = tokenize_inputs(args, tokenizer, examples, safe)
-    model = add_lora_adapters(model, lora_settings(args), (REFERENCE_ADAPTER,))
+    model = add_lora_adapters(model, lora_settings(args), (REFERENCE_ADAPTER,),
+                              args.gradient_checkpointing)
     model = model.to(accelerator.device)
     batcher = _Batcher(tokenizer.pad_token_id, accelerator.device, args.micro_batch_size)
     final_loss = train_reference(model, safe_tok, batcher, args, out / "metrics.jsonl")

@@ -217,6 +217,9 @@ class RunOptions:
     """Allow model repos to run their own code (off unless you trust the repo)."""
     num_proc: int | None = None
     """Processes for tokenisation (datasets.map)."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in backward instead of storing them: activation memory, which
+    grows with micro-batch × length and dominates for long sequences, for ~one more forward."""
     show_progress: bool = True
     """Show progress bars."""
 

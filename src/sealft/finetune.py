@@ -121,7 +121,8 @@ def run_finetune(args: FinetuneArgs) -> dict:
     require_usable(tokenized, args.data, args.max_length)
     ids = [examples[r]["id"] for r in tokenized.rows]
     weights = _example_weights(args, ids)
-    model = add_lora_adapters(model, lora_settings(args), (ADAPTER,))
+    model = add_lora_adapters(model, lora_settings(args), (ADAPTER,),
+                              args.gradient_checkpointing)
     optimizer = torch.optim.Adam(adapter_parameters(model, ADAPTER), lr=args.lr)
     # The standard Accelerate path: DDP, FSDP or DeepSpeed, whichever `accelerate launch` set.
     model, optimizer = accelerator.prepare(model, optimizer)

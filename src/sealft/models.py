@@ -251,13 +251,28 @@ class LoraSettings:
     target_modules: tuple[str, ...] = ("q_proj", "v_proj")
 
 
-def add_lora_adapters(model, settings: LoraSettings, names: tuple[str, ...]):
+def add_lora_adapters(model, settings: LoraSettings, names: tuple[str, ...],
+                      gradient_checkpointing: bool = False):
     """Wrap `model` with one PEFT LoRA adapter per name, all on the same frozen base weights.
 
     Algorithm 1 needs θ and θ' at once; two adapters on one base cost a few MB instead of a
-    second copy of the model.
+    second copy of the model. `gradient_checkpointing` recomputes each layer's activations
+    during backward instead of keeping them.
     """
     from peft import LoraConfig, get_peft_model
+
+    if gradient_checkpointing:
+        if not model.supports_gradient_checkpointing:
+            raise ModelError(f"{type(model).__name__} does not support gradient checkpointing; "
+                             "drop --gradient-checkpointing")
+        # Non-reentrant checkpointing gives the frozen base's checkpointed blocks a gradient
+        # path to the LoRA weights without forcing requires_grad on the input embeddings.
+        kwargs = {"use_reentrant": False}
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5 name
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        model.config.use_cache = False
 
     config = LoraConfig(
         r=settings.r,
