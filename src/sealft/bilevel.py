@@ -13,7 +13,8 @@ Algorithm 1 (`penalty_step`), per step:
     ω  ← ω  − η_ω ∇ω γ [g(θ, ω) − g(θ', ω)]       examples θ fits worse than θ' lose weight
 Algorithm 2 (`memory_efficient_step`) drops θ': ω ← ω − η_ω ∇ω γ g(θ, ω).
 `safety_step` is Algorithm 1 with θ warm-started at θ' each step and moved by one normalised
-step on f — sealft's default, because it is what measurably ranks harmful rows low.
+step on f — sealft's default, the best on the SST-2 benchmark mixes. With a safety-aligned proxy
+model, Algorithm 2 measured better once benign long answers are mixed in (docs/selection.md).
 
 θ and θ' are two LoRA adapters on one frozen base. Each forward pass is used once: the
 per-example losses ℓ_i(θ) feed both θ's and ω's gradients, ℓ_i(θ') both θ''s and ω's.

@@ -49,7 +49,8 @@ class SelectArgs(cfg.RunOptions):
     """Selector: seal | random | dsir | reference-loss | all."""
     algorithm: str = "safety-step"
     """SEAL algorithm: safety-step (Algorithm 1, θ warm-started from θ' by one safety step;
-    default) | penalty (the paper's Algorithm 1) | memory-efficient (Algorithm 2)."""
+    default) | penalty (the paper's Algorithm 1) | memory-efficient (Algorithm 2; measured
+    best with a safety-aligned proxy model, see docs/selection.md)."""
     safety_step_size: float = 1.0
     """safety-step: length of θ's normalised step from θ' on the safety objective."""
     weighting: str = "softmax"
@@ -178,6 +179,8 @@ def auroc(scores: np.ndarray, positive: np.ndarray) -> float | None:
 
 
 def _average_ranks(values: np.ndarray) -> np.ndarray:
+    """scipy.stats.rankdata's 'average' method, written out to keep scipy out of the runtime
+    dependencies for one function."""
     order = np.argsort(values, kind="mergesort")
     ranks = np.empty(len(values))
     sorted_values = values[order]
