@@ -24,6 +24,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -96,8 +97,8 @@ def _step_functions(model_name: str, variants: tuple[str, ...], batch: int, micr
     )
     for variant in variants:
         if variant != "sft":
-            steps[variant] = (lambda v: lambda: bilevel.ALGORITHMS[v](
-                parts, ft, safe, 0.05, batch, batch))(variant)
+            steps[variant] = partial(bilevel.ALGORITHMS[variant], parts, ft, safe, 0.05, batch,
+                                     batch)
     return steps, base_rss
 
 
