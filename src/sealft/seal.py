@@ -33,21 +33,22 @@ def process_state():
     running N independent single-process jobs."""
     from accelerate import PartialState
 
-    state = PartialState(cpu=not torch.cuda.is_available())
-    _require_requested_engine(state)
-    return state
+    cpu = not torch.cuda.is_available()
+    if cpu:
+        _refuse_sharded_launch_on_cpu()
+    return PartialState(cpu=cpu)
 
 
-def _require_requested_engine(state) -> None:
-    """An FSDP or DeepSpeed launch config on a machine without GPUs makes Accelerate run plain
-    data parallel (MULTI_CPU), quietly: measured with accelerate 1.15. Refuse rather than let
-    a user believe the model is sharded."""
+def _refuse_sharded_launch_on_cpu() -> None:
+    """On CPU, Accelerate turns an FSDP or DeepSpeed launch config into plain data parallel
+    (MULTI_CPU) without a word (measured with accelerate 1.15). Refuse rather than let a user
+    believe the model is sharded. (On GPUs the engine is set later, by the Accelerator.)"""
     for variable, engine in _REQUESTED_ENGINES.items():
-        if os.environ.get(variable, "").lower() in ("1", "true") and state.distributed_type.value != engine:
+        if os.environ.get(variable, "").lower() in ("1", "true"):
             raise ConfigError(
-                f"the launch asked for {engine} ({variable}) but Accelerate runs "
-                f"{state.distributed_type.value}: {engine} needs GPUs here; launch with "
-                "configs/accelerate/ddp.yaml (or torchrun) for data parallel on CPU")
+                f"the launch asked for {engine} ({variable}), but without a GPU Accelerate "
+                "would run plain data parallel instead; launch with configs/accelerate/ddp.yaml "
+                f"(or torchrun) for data parallel on CPU, or use GPUs for {engine}")
 
 
 def make_accelerator(out: Path, log: bool = True):
