@@ -15,17 +15,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 
 import torch
 
-
-def _peak_mb() -> float:
-    if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+from sealft.select import peak_memory_mb
 
 
 def measure(model_name: str, rows: int, length: int, checkpointing: bool) -> dict:
@@ -38,7 +33,7 @@ def measure(model_name: str, rows: int, length: int, checkpointing: bool) -> dic
         model = model.cuda()
     model = add_lora_adapters(model, LoraSettings(), ("theta",), checkpointing)
     model.train()
-    loaded = _peak_mb()
+    loaded = peak_memory_mb()
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
         loaded = torch.cuda.memory_allocated() / 2**20
@@ -48,7 +43,7 @@ def measure(model_name: str, rows: int, length: int, checkpointing: bool) -> dic
     labels[:, : length // 2] = -100  # half prompt, half response
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
     per_example_loss(model, batch).sum().backward()
-    return {"loaded_mb": loaded, "added_mb": _peak_mb() - loaded}
+    return {"loaded_mb": loaded, "added_mb": peak_memory_mb() - loaded}
 
 
 def main() -> None:

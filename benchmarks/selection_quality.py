@@ -157,11 +157,13 @@ def _long_benign_metrics(out: Path, label_field: str, unsafe_value: str, data: s
             "long_removed": 1 - sum(long_kept) / len(long_kept) if long_kept else None}
 
 
-def measure(args: argparse.Namespace, method: str, file: str, work: Path) -> dict:
+def measure(args: argparse.Namespace, method: str, file: str, work: Path,
+            control: str | None = None) -> dict:
+    """One selector on one mix; with `control` (the mix's format-control file) on that file."""
     out = work / f"{method}-{mix_name(file)}"
-    data = format_control_file(args, file, work) if args.format_control else file
+    data = control or file
     select = select_args(args, method, data, out)
-    if args.format_control:
+    if control:
         select.sample = None  # the control file already holds the sample
     started = time.perf_counter()
     summary = run_select(select)
@@ -170,8 +172,8 @@ def measure(args: argparse.Namespace, method: str, file: str, work: Path) -> dic
               "removed": labels.get("unsafe_removed_share"),
               "unsafe_rows": labels.get("unsafe_rows"),
               "seconds": time.perf_counter() - started}
-    if args.format_control:
-        result |= _long_benign_metrics(out, args.label_field, args.unsafe_value, data)
+    if control:
+        result |= _long_benign_metrics(out, args.label_field, args.unsafe_value, control)
     return result
 
 
@@ -217,11 +219,14 @@ def markdown_table(args: argparse.Namespace, results: dict[tuple[str, str], dict
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="sealft-selection-quality-"))
+    # One control file per mix, shared by every selector.
+    controls = ({f: format_control_file(args, f, work) for f in args.files}
+                if args.format_control else {})
     results: dict[tuple[str, str], dict] = {}
     for method in args.methods:
         for file in args.files:
             print(f"[selection_quality] {method} on {mix_name(file)}", file=sys.stderr)
-            results[(method, file)] = measure(args, method, file, work)
+            results[(method, file)] = measure(args, method, file, work, controls.get(file))
     table = markdown_table(args, results)
     print(table)
     if args.output:

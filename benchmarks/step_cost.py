@@ -29,6 +29,8 @@ from pathlib import Path
 
 import torch
 
+from sealft.select import peak_memory_mb
+
 REPO = Path(__file__).resolve().parents[1]
 VARIANTS = ("sft", "memory-efficient", "penalty", "safety-step")
 
@@ -102,10 +104,6 @@ def _step_functions(model_name: str, variants: tuple[str, ...], batch: int, micr
     return steps, base_rss
 
 
-def _peak_mb() -> float:
-    return torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else _rss_mb()
-
-
 def run_variant(model_name: str, variant: str, steps: int, batch: int, micro: int,
                 checkpointing: bool = False) -> dict:
     """One variant alone in this process: its peak memory is its own."""
@@ -118,8 +116,8 @@ def run_variant(model_name: str, variant: str, steps: int, batch: int, micro: in
         start = time.perf_counter()
         step()
         times.append(time.perf_counter() - start)
-    return {"median_s": statistics.median(times), "peak_mb": _peak_mb(),
-            "above_model_mb": _peak_mb() - base_rss}
+    peak = peak_memory_mb()
+    return {"median_s": statistics.median(times), "peak_mb": peak, "above_model_mb": peak - base_rss}
 
 
 def run_interleaved(model_name: str, rounds: int, batch: int, micro: int,

@@ -235,9 +235,9 @@ def peak_memory_mb() -> float:
 
 
 def run_select(args: SelectArgs) -> dict:
+    """Select data; returns the summary (also written to summary.json)."""
     from sealft.seal import process_state
 
-    """Select data; returns the summary (also written to summary.json)."""
     started = time.perf_counter()
     is_main = process_state().is_main_process
     out = Path(args.output_dir)
