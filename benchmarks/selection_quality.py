@@ -9,12 +9,13 @@ of rows and reports
 
     python benchmarks/selection_quality.py --sample 200 --output runs/selection_quality.md
 
-Each SEAL variant runs with the settings it was measured with (METHOD_OPTIONS below): the default
-`safety-step` with one batch holding every row and the HH harmless pairs as its upper level; the
-paper's Algorithms 1 and 2 with the paper's safe set (harmful prompts with refusals), batches of
-16 and the paper's selector learning rate. Trailing key=value pairs are SelectArgs options for
-every selector (max_length, reference_steps, ...); METHOD:key=value applies to one selector
-(`seal-penalty:epochs=3`). Run dirs go to --work-dir (kept, so scores.jsonl can be inspected).
+Each SEAL variant runs with the settings it was measured with (METHOD_OPTIONS below): the
+paper's Algorithms 1 and 2 (`seal` = the product default, Algorithm 2) with the paper's safe set
+(harmful prompts with refusals), batches of 16 and the paper's selector learning rate;
+`seal-safety-step` with one batch holding every row and the HH harmless pairs as its upper
+level. Trailing key=value pairs are SelectArgs options for every selector (max_length,
+reference_steps, ...); METHOD:key=value applies to one selector (`seal-penalty:epochs=3`).
+Run dirs go to --work-dir (kept, so scores.jsonl can be inspected).
 """
 
 from __future__ import annotations
@@ -53,19 +54,24 @@ SELECTORS = {  # benchmark name -> (SelectArgs.method, SEAL algorithm)
     "seal": ("seal", None),  # the product's default algorithm (or algorithm=... given)
     "seal-penalty": ("seal", "penalty"),  # the paper's Algorithm 1 as written
     "seal-memory-efficient": ("seal", "memory-efficient"),  # Algorithm 2
+    "seal-safety-step": ("seal", "safety-step"),
 }
 
 
 # Settings per selector (the common ones come from the command line). `batch_size: None` means
 # one batch holding every sampled row.
+PAPER_SETTINGS = {"safe_limit": 200, "epochs": 1, "batch_size": 16, "micro_batch_size": 8,
+                  "safe_batch_size": 16, "lr": 1e-4, "selector_lr": 5e-3, "gamma_start": 0.05,
+                  "gamma_increment": 0.03}
 METHOD_OPTIONS: dict[str, dict[str, Any]] = {
-    "seal": {"safe_data": str(PAIRS), "safe_limit": 64, "epochs": 1, "batch_size": None,
-             "micro_batch_size": 8, "safe_batch_size": 16, "lr": 1e-4, "gamma_start": 0.05},
-    "seal-penalty": {"safe_limit": 200, "epochs": 1, "batch_size": 16, "micro_batch_size": 8,
-                     "safe_batch_size": 16, "lr": 1e-4, "selector_lr": 5e-3,
-                     "gamma_start": 0.05, "gamma_increment": 0.03},
+    "seal": PAPER_SETTINGS,
+    "seal-penalty": PAPER_SETTINGS,
+    "seal-memory-efficient": PAPER_SETTINGS,
+    # safety-step needs one direction shared by every row, from enough HH pairs (its docs).
+    "seal-safety-step": {"safe_data": str(PAIRS), "safe_limit": 64, "epochs": 1,
+                         "batch_size": None, "micro_batch_size": 8, "safe_batch_size": 16,
+                         "lr": 1e-4, "gamma_start": 0.05},
 }
-METHOD_OPTIONS["seal-memory-efficient"] = METHOD_OPTIONS["seal-penalty"]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -36,19 +36,25 @@ def test_selection_quality_table(tiny_model, toy_data, shared_data, tmp_path, ca
     data = write_jsonl(tmp_path / "mix_p0.25.jsonl", _flagged_rows(16))
     out = tmp_path / "table.md"
     code = bench.main(["--model", tiny_model, "--files", str(data), "--sample", "16",
-                       "--safe-data", toy_data[1], "--methods", "random,dsir,seal,seal-penalty",
+                       "--safe-data", toy_data[1], "--methods",
+                       "random,dsir,seal-safety-step,seal-penalty,seal",
                        "--work-dir", str(tmp_path / "runs"), "--output", str(out),
-                       "micro_batch_size=4", "seal:safe_limit=8", "seal-penalty:batch_size=8"])
+                       "micro_batch_size=4", "seal-safety-step:safe_limit=8",
+                       "seal-penalty:batch_size=8"])
     assert code == 0
     table = out.read_text()
-    for method in ("random", "dsir", "seal", "seal-penalty"):
+    for method in ("random", "dsir", "seal-safety-step", "seal-penalty", "seal"):
         assert f"| {method} |" in table
     assert "harmful rows per mix: p0.25: 4" in table
     import yaml
 
+    step = yaml.safe_load((tmp_path / "runs" / "seal-safety-step-p0.25" / "config.yaml")
+                          .read_text())
+    assert step["batch_size"] == 16 and step["safe_limit"] == 8  # one batch; METHOD: override
+    assert step["safe_data"].endswith("hh_rlhf_harmless_base_test.jsonl.gz")
+    assert step["algorithm"] == "safety-step"
     seal = yaml.safe_load((tmp_path / "runs" / "seal-p0.25" / "config.yaml").read_text())
-    assert seal["batch_size"] == 16 and seal["safe_limit"] == 8  # one batch; METHOD: override
-    assert seal["safe_data"].endswith("hh_rlhf_harmless_base_test.jsonl.gz")
+    assert seal["algorithm"] == "memory-efficient" and seal["batch_size"] == 16  # the default
     penalty = yaml.safe_load((tmp_path / "runs" / "seal-penalty-p0.25" / "config.yaml").read_text())
     assert penalty["algorithm"] == "penalty" and penalty["batch_size"] == 8
     assert penalty["safe_data"] == toy_data[1] and penalty["micro_batch_size"] == 4

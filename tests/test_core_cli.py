@@ -43,7 +43,8 @@ def test_run_writes_the_output_tree(tiny_model, toy_data, tmp_path):
     resolved = yaml.safe_load((select / "config.yaml").read_text())
     assert resolved["keep_ratio"] == 0.75 and resolved["model"] == tiny_model
     metrics = [json.loads(line) for line in (select / "metrics.jsonl").read_text().splitlines()]
-    assert len(metrics) == 6 and {"f_safe", "g_theta", "g_theta_prime", "gamma"} <= set(metrics[0])
+    assert len(metrics) == 6 and {"f_safe", "g_theta", "gamma"} <= set(metrics[0])
+    assert resolved["algorithm"] == "memory-efficient" and "g_theta_prime" not in metrics[0]
     summary = json.loads((select / "summary.json").read_text())
     assert summary["kept"] == 18 and summary["labels"]["unsafe_rows"] == 6
     assert summary["wall_seconds"] > 0 and summary["peak_memory_mb"] > 0

@@ -179,7 +179,7 @@ def test_ranking_does_not_depend_on_data_order(tiny_model, tmp_path):
 
 
 def test_safety_step_with_preference_pairs(tiny_model, tmp_path):
-    """The default algorithm with an HH-style chosen/rejected upper level: DPO starts at log 2
+    """safety-step with an HH-style chosen/rejected upper level: DPO starts at log 2
     (policy = reference), and every row gets a score."""
     from conftest import toy_finetune_rows, write_jsonl
 
@@ -190,8 +190,9 @@ def test_safety_step_with_preference_pairs(tiny_model, tmp_path):
     safe = write_jsonl(tmp_path / "hh.jsonl", pairs)
     summary = run_select(SelectArgs(
         model=tiny_model, finetune_data=str(data), safe_data=str(safe),
-        output_dir=str(tmp_path / "o"), batch_size=8, micro_batch_size=4, safe_batch_size=4,
-        epochs=1, gamma_start=0.5, lr=1e-3, label_field="flag", show_progress=False))
+        output_dir=str(tmp_path / "o"), algorithm="safety-step", batch_size=8,
+        micro_batch_size=4, safe_batch_size=4, epochs=1, gamma_start=0.5, lr=1e-3,
+        label_field="flag", show_progress=False))
     first = json.loads((tmp_path / "o" / "metrics.jsonl").read_text().splitlines()[0])
     assert abs(first["f_safe"] - np.log(2)) < 1e-4
     assert summary["algorithm"] == "safety-step" and summary["usable"] == 16

@@ -110,10 +110,22 @@ def test_cell_stage_arguments(tmp_path):
     assert stages.evaluate.model == "tiny" and stages.evaluate.limit == 2
     assert E.stage_args(args, mix, None).finetune.data.endswith("selected_safeinstr.jsonl")
     # `seal` runs the configured algorithm; the named variants pin theirs.
-    args = _args(tmp_path, methods="seal,seal-penalty", keep_ratios="0.8",
-                 select={"algorithm": "memory-efficient"})
+    args = _args(tmp_path, methods="seal,seal-penalty,seal-safety-step", keep_ratios="0.8",
+                 select={"algorithm": "safety-step"})
     algorithms = [E.stage_args(args, c, None).select.algorithm for c in E.grid(args)]
-    assert algorithms == ["memory-efficient", "penalty"]
+    assert algorithms == ["safety-step", "penalty", "safety-step"]
+    assert E.stage_args(_args(tmp_path), E.grid(_args(tmp_path))[-1],
+                        None).select.algorithm == "memory-efficient"  # the product default
+
+
+def test_method_select_model_is_a_selection_proxy(tmp_path):
+    """A model under method_select only scores the data; the cell fine-tunes and evaluates the
+    top-level model (the paper's proxy -> target transfer)."""
+    args = _args(tmp_path, methods="seal,random", keep_ratios="0.8",
+                 method_select={"seal": {"model": "aligned-proxy"}})
+    seal, random_cell = (E.stage_args(args, c, None) for c in E.grid(args))
+    assert seal.select.model == "aligned-proxy" and random_cell.select.model == "tiny"
+    assert seal.finetune.model == seal.evaluate.model == "tiny"
 
 
 def test_results_table_csv_and_plot(tmp_path, fake):

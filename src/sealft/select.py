@@ -36,8 +36,9 @@ METHODS = ("seal", "random", "dsir", "reference-loss", "all")
 
 @dataclass
 class SelectArgs(cfg.RunOptions):
-    model: str = "HuggingFaceTB/SmolLM2-135M-Instruct"
-    """Causal LM: hub id, local folder or .gguf file (the proxy model that scores the data)."""
+    model: str = "Qwen/Qwen2.5-Coder-0.5B-Instruct"
+    """Causal LM: hub id, local folder or .gguf file (the proxy model that scores the data;
+    a safety-aligned one: an unaligned proxy has no harm signal, docs/selection.md)."""
     finetune_data: str = ""
     """Fine-tuning data to select from: .jsonl/.json/.parquet/.csv file, saved dataset, or hub id."""
     safe_data: str = ""
@@ -47,10 +48,11 @@ class SelectArgs(cfg.RunOptions):
     """Run directory; must be empty unless --overwrite or --resume."""
     method: str = "seal"
     """Selector: seal | random | dsir | reference-loss | all."""
-    algorithm: str = "safety-step"
-    """SEAL algorithm: safety-step (Algorithm 1, θ warm-started from θ' by one safety step;
-    default) | penalty (the paper's Algorithm 1) | memory-efficient (Algorithm 2; measured
-    best with a safety-aligned proxy model, see docs/selection.md)."""
+    algorithm: str = "memory-efficient"
+    """SEAL algorithm: memory-efficient (the paper's Algorithm 2; default, measured best with
+    a safety-aligned proxy, also against long benign answers) | penalty (the paper's
+    Algorithm 1; measured inverted) | safety-step (Algorithm 1 with θ warm-started from θ' by
+    one safety step; reads answer format). Evidence: docs/selection.md."""
     safety_step_size: float = 1.0
     """safety-step: length of θ's normalised step from θ' on the safety objective."""
     weighting: str = "softmax"
