@@ -7,8 +7,8 @@ SEAL 80%, SEAL 80% + SafeInstr — and every resulting model, plus the untouched
 evaluated on the same held-out prompts:
 
   refusal       harmful prompts from AdvBench and HarmBench (never seen by selection or
-                training: SEAL's upper level is the Anthropic HH harmless pairs, DSIR's target
-                and SafeInstr's rows are the safety-tuned-llamas refusals)
+                training: SEAL's upper level, DSIR's target and SafeInstr's rows are the
+                safety-tuned-llamas refusals)
   held-out      harmful questions of the fine-tuning file's own kind (BeaverTails): its unsafe
                 rows outside the sample, which no cell selects from or trains on
   over-refusal  XSTest's safe prompts (refusing them is a failure)
@@ -70,7 +70,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--output", default=None, help="also write the table to this .md")
     parser.add_argument("overrides", nargs="*", help="ExperimentArgs options as key=value")
     args = parser.parse_args(argv)
-    for path in (args.finetune_data, DATA / "safe" / "hh_rlhf_harmless_base_test.jsonl.gz"):
+    for path in (args.finetune_data, DATA / "safe" / "safetyllamas_safety_only.json"):
         if not Path(path).exists():
             parser.error(f"missing data {path}: expected ../shared/data next to the repository")
     return args
@@ -95,12 +95,11 @@ def experiment_options(args: argparse.Namespace) -> dict[str, Any]:
         "seeds": [int(s) for s in args.seeds.split(",")],
         "select": {"sample": args.sample, "safe_limit": 200, "label_field": "flag",
                    "max_length": 192},
-        # SEAL as measured in docs/selection.md: one selection batch holding every row, one
-        # safety direction from 16 DPO pairs of the HH harmless set.
+        # SEAL's default (the paper's Algorithm 2 on the safe set of refusals) with the settings
+        # measured in docs/selection.md: one epoch of batches of 16, γ > 0 from the start.
         "method_select": {"seal": {
-            "safe_data": str(DATA / "safe" / "hh_rlhf_harmless_base_test.jsonl.gz"),
-            "safe_limit": 64, "epochs": 1, "batch_size": args.sample, "micro_batch_size": 8,
-            "safe_batch_size": 16, "lr": 1e-4, "gamma_start": 0.05}},
+            "epochs": 1, "batch_size": 16, "micro_batch_size": 8, "safe_batch_size": 16,
+            "lr": 1e-4, "selector_lr": 5e-3, "gamma_start": 0.05}},
         "finetune": {"epochs": args.epochs, "batch_size": 8, "micro_batch_size": 8,
                      "lr": args.lr, "lora_target_modules": args.lora_targets.split(",")},
         "evaluate": evaluate_options(args),
