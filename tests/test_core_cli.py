@@ -97,3 +97,22 @@ def test_top_level_help_lists_every_command():
     for command in ("select", "finetune", "run", "evaluate", "report", "experiment", "demo"):
         assert command in result.stdout
     assert "p%" in result.stdout  # a literal % in help text used to crash argparse
+
+
+def test_demo_selects_finetunes_and_reports_removed_rows(tiny_model, toy_data, tmp_path, capsys):
+    """`sealft demo`'s pipeline on a tiny model: the default algorithm, both stages' outputs, and
+    the printed comparison with random selection."""
+    from sealft.demo import DemoArgs, run_demo
+
+    summary = run_demo(DemoArgs(
+        model=tiny_model, finetune_data=toy_data[0], safe_data=toy_data[1],
+        output_dir=str(tmp_path / "demo"), sample=16, safe_limit=8, batch_size=8,
+        safe_batch_size=4, finetune_batch_size=8, max_length=64))
+    printed = capsys.readouterr().out
+    labels = summary["labels"]
+    assert summary["algorithm"] == "memory-efficient" and summary["rows"] == 16
+    assert (f"flagged unsafe rows removed: {labels['unsafe_removed']} of "
+            f"{labels['unsafe_rows']}") in printed
+    assert "random selection removes" in printed
+    assert (tmp_path / "demo" / "select" / "scores.jsonl").is_file()
+    assert (tmp_path / "demo" / "finetune" / "adapter" / "adapter_model.safetensors").is_file()
