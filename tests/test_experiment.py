@@ -263,3 +263,19 @@ def test_real_stages_on_the_tiny_model(tiny_model, tmp_path):
     assert [r["status"] for r in rows] == ["ok", "ok"], rows
     assert all(r["task_accuracy"] is not None for r in rows)
     assert rows[1]["kept"] == 4 and rows[0]["kept"] == 8
+
+
+@pytest.mark.parametrize("name", ["experiment_cpu.yaml", "experiment_paper.yaml"])
+def test_shipped_configs_build_every_cell(name, tmp_path, monkeypatch):
+    """The shipped grids are valid, cell by cell (no model or data is loaded)."""
+    monkeypatch.setenv("SEALFT_JUDGE_URL", "http://localhost:8000/v1")  # the paper grid's judge
+    monkeypatch.setenv("SEALFT_JUDGE_MODEL", "judge")
+    options = cfg.load_yaml(Path(__file__).resolve().parents[1] / "configs" / name)
+    args = cfg.build(E.ExperimentArgs, options, {"output_dir": str(tmp_path / "exp")})
+    stages = {c.name: E.stage_args(args, c, None) for c in E.grid(args)}
+    seal = stages["seal-keep0.8-seed0"]
+    assert seal.select.algorithm == "memory-efficient"
+    assert seal.finetune.model == seal.evaluate.model == args.model
+    if name == "experiment_cpu.yaml":  # an aligned proxy scores the data for the unaligned target
+        assert seal.select.model == "Qwen/Qwen2.5-Coder-0.5B-Instruct" != args.model
+        assert stages["dsir-keep0.8-seed0"].select.model == args.model
