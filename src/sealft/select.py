@@ -38,7 +38,7 @@ METHODS = ("seal", "random", "dsir", "reference-loss", "all")
 class SelectArgs(cfg.RunOptions):
     model: str = "Qwen/Qwen2.5-Coder-0.5B-Instruct"
     """Causal LM: hub id, local folder or .gguf file (the proxy model that scores the data;
-    a safety-aligned one: an unaligned proxy has no harm signal, docs/selection.md)."""
+    a safety-aligned one finds harmful rows in the fewest steps, docs/selection.md)."""
     finetune_data: str = ""
     """Fine-tuning data to select from: .jsonl/.json/.parquet/.csv file, saved dataset, or hub id."""
     safe_data: str = ""
