@@ -107,6 +107,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"sealft {namespace.command}: interrupted; rerun with --resume to continue",
               file=sys.stderr)
         return 130
+    finally:
+        close_process_group()
+
+
+def close_process_group() -> None:
+    # torchrun / accelerate launch leave a process group that nothing else closes. Left to
+    # interpreter teardown, gloo's threads occasionally abort a finished run ("terminate called
+    # without an active exception", exit -6), so close it while the interpreter is intact.
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
