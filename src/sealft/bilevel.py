@@ -11,10 +11,10 @@ Algorithm 1 (`penalty_step`), per step:
     θ' ← θ' − η ∇θ' g(θ', ω)                      θ' tracks the lower-level optimum
     θ  ← θ  − η ∇θ [f(θ) + γ g(θ, ω)]             θ fits the data under the safety objective
     ω  ← ω  − η_ω ∇ω γ [g(θ, ω) − g(θ', ω)]       examples θ fits worse than θ' lose weight
-Algorithm 2 (`memory_efficient_step`) drops θ': ω ← ω − η_ω ∇ω γ g(θ, ω).
+Algorithm 2 (`memory_efficient_step`) drops θ': ω ← ω − η_ω ∇ω γ g(θ, ω) — sealft's default,
+the only one that measurably ranks harmful rows below benign long answers (docs/selection.md).
 `safety_step` is Algorithm 1 with θ warm-started at θ' each step and moved by one normalised
-step on f — sealft's default, the best on the SST-2 benchmark mixes. With a safety-aligned proxy
-model, Algorithm 2 measured better once benign long answers are mixed in (docs/selection.md).
+step on f (the earlier default; on the SST-2 mixes it mostly reads answer length).
 
 θ and θ' are two LoRA adapters on one frozen base. Each forward pass is used once: the
 per-example losses ℓ_i(θ) feed both θ's and ω's gradients, ℓ_i(θ') both θ''s and ω's.
