@@ -29,6 +29,7 @@ import torch
 
 from sealft.losses import per_example_loss, preference_loss, sequence_nll
 from sealft.selector import Selector
+from sealft.tokenize import IGNORE_INDEX
 
 THETA, THETA_PRIME = "theta", "theta_prime"
 Batch = dict[str, torch.Tensor]
@@ -285,6 +286,54 @@ def safety_step(
 
 ALGORITHMS = {"penalty": penalty_step, "memory-efficient": memory_efficient_step,
               "safety-step": safety_step}
+
+
+SIGNALS = ("refusal-margin", "loss", "loss-shift")
+
+
+def _through_first_tokens(batch: Batch, k: int) -> Batch:
+    """The batch cut after every row's k-th response token: a causal model's logits up to
+    there do not depend on what follows, so the cut changes no score and saves the forward
+    pass over long answers."""
+    supervised = batch["labels"] != IGNORE_INDEX
+    needed = supervised & (supervised.long().cumsum(dim=1) <= k)
+    columns = needed.any(dim=0).nonzero()
+    end = int(columns.max()) + 1 if len(columns) else batch["labels"].shape[1]
+    return {key: value[:, :end] if value.dim() == 2 else value for key, value in batch.items()}
+
+
+@torch.no_grad()
+def final_scores(model: torch.nn.Module, batch: Batch, refusal_batches: list[Batch],
+                 signal: str, first_tokens: int | None) -> torch.Tensor:
+    """Each row's harm score (higher = more harmful) under the final θ, for the scoring pass.
+
+    Every row is scored by one θ after training, instead of by the θ of the step that happened
+    to visit it (rows visited early and late would be ranked by different models). Signals:
+      loss            ℓ_i(θ) over the first response tokens: Algorithm 2's ω signal, evaluated
+                      once for all rows. Mixes harm with how hard the text is.
+      loss-shift      ℓ_i(θ) − ℓ_i(θ₀): how much the safety pull (θ against the frozen base θ₀)
+                      raised the row's loss; text difficulty cancels.
+      refusal-margin  ℓ_i(θ) − min_r ℓ(r | prompt_i; θ): how strongly θ prefers answering the
+                      row's own prompt with a refusal r over the row's answer. It asks the
+                      upper level's question (refuse harmful prompts) of each row's prompt; an
+                      answer that is itself a refusal scores low, so refusals are kept.
+    `first_tokens` limits ℓ_i to the first k response tokens, where an aligned model decides
+    between refusing and complying (Qi et al. 2024); the refusals are scored in full.
+    """
+    model.set_adapter(THETA)
+    if first_tokens is not None:
+        batch = _through_first_tokens(batch, first_tokens)
+    loss = per_example_loss(model, batch, first_tokens)
+    if signal == "loss":
+        return loss
+    if signal == "loss-shift":
+        with model.disable_adapter():
+            return loss - per_example_loss(model, batch, first_tokens)
+    if first_tokens is not None:
+        refusal_batches = [_through_first_tokens(r, first_tokens) for r in refusal_batches]
+    refusal = torch.stack([per_example_loss(model, r, first_tokens)
+                           for r in refusal_batches]).min(dim=0).values
+    return loss - refusal
 
 
 def gamma_at(schedule: str, start: float, increment: float, epoch: int, progress: float) -> float:

@@ -42,6 +42,8 @@ class Stage:
 COMMANDS: dict[str, Stage] = {
     "select": Stage("sealft.select", "SelectArgs", "run_select",
                     "learn per-example weights (SEAL or a baseline) and keep the top p%"),
+    "score": Stage("sealft.score", "ScoreArgs", "run_score",
+                   "score new rows with a finished selection run's scorer (forward passes)"),
     "finetune": Stage("sealft.finetune", "FinetuneArgs", "run_finetune",
                       "LoRA fine-tuning on (selected) data"),
     "run": Stage("sealft.pipeline", "RunArgs", "run_pipeline",

@@ -19,9 +19,11 @@ from sealft.models import (
     add_lora_adapters,
     load_model_and_tokenizer,
 )
-from sealft.selector import Selector
+from sealft.selector import Selector, keep_count_for
 from sealft.tokenize import Tokenized, collate, require_usable, tokenize_examples
 from sealft.train import LoopSettings, adapter_checkpoint, train_loop
+
+SCORER_DIR = "scorer"
 
 # Set by `accelerate launch` from the config file's distributed_type.
 _REQUESTED_ENGINES = {"ACCELERATE_USE_FSDP": "FSDP", "ACCELERATE_USE_DEEPSPEED": "DEEPSPEED"}
@@ -199,15 +201,136 @@ def learn_selector(args, examples: list[Example], safe: list[Example], out: Path
         log=partial(log_metrics, accelerator),
     )
     finish_logging(accelerator)
+    harm = None
+    if args.scoring == "final-pass":
+        model.eval()
+        scorer = Scorer(model, tokenizer, args)
+        harm = scorer.score_tokenized(tokenized, [examples[r] for r in tokenized.rows],
+                                      accelerator)
+        with torch.no_grad():
+            selector.logits.copy_(-(harm - harm.mean()) / _spread(harm))
+        if accelerator.is_main_process:
+            count = keep_count_for(len(harm), args.keep_ratio, args.keep_count)
+            scorer.save(out / SCORER_DIR, harm, float(harm.sort().values[count - 1]))
     learned = selector.logits.detach().cpu().numpy()
     learned_weights = selector.weights().detach().cpu().numpy()
     if accelerator.is_main_process:
         selector.save(out / "selector.safetensors", ids)
     logits, weights = _per_row(len(examples), tokenized.rows, learned, learned_weights)
-    extra = {"algorithm": args.algorithm, "steps": state.global_step,
+    harm_per_row = None
+    if harm is not None:
+        harm_per_row = np.full(len(examples), np.nan)
+        harm_per_row[tokenized.rows] = harm.numpy()
+    extra = {"algorithm": args.algorithm, "scoring": args.scoring, "steps": state.global_step,
              "train_seconds": round(state.elapsed, 2), "truncated": len(tokenized.truncated),
-             "processes": accelerator.num_processes}
+             "processes": accelerator.num_processes, "harm_scores": harm_per_row}
     return logits, weights, tokenized.skipped, extra
+
+
+def _spread(scores: torch.Tensor) -> torch.Tensor:
+    # Standardised logits keep the weights N·softmax(ω) on a scale that does not depend on the
+    # signal's units.
+    return scores.std().clamp(min=1e-8) if len(scores) > 1 else torch.ones(())
+
+
+class Scorer:
+    """The scoring pass: the final θ (adapter `theta` on the frozen base) and the signal
+    settings of the run. Scores the fitted rows after training and, loaded from a run dir,
+    rows the run never saw (`sealft score`)."""
+
+    def __init__(self, model, tokenizer, args):
+        self.model, self.tokenizer, self.args = model, tokenizer, args
+
+    def refusal_data(self, examples: list[Example], tokenized: Tokenized) -> list[Tokenized]:
+        """Each usable row's own prompt answered by each of `args.refusals`, aligned with
+        `tokenized` (position p is the same row in all). Only refusal-margin needs them."""
+        args = self.args
+        if args.score_signal != "refusal-margin":
+            return []
+        out = []
+        for text in args.refusals:
+            rows = [{**e, "messages": e["messages"][:-1]
+                     + [{"role": "assistant", "content": text}]} for e in examples]
+            refusal = tokenize_examples(rows, self.tokenizer, args.max_length, args.num_proc,
+                                        cache=False, desc="tokenising refusals")
+            if len(refusal) != len(tokenized):
+                raise ConfigError(f"--refusals {text!r}: cannot follow every prompt within "
+                                  f"--max-length {args.max_length}; raise --max-length")
+            out.append(refusal)
+        return out
+
+    def score_tokenized(self, tokenized: Tokenized, usable: list[Example],
+                        accelerator=None) -> torch.Tensor:
+        """Harm score of every row of `tokenized` (`usable`: its examples, in order). Each
+        process scores its shard; a sum over processes (each row scored once) gives every
+        rank all scores."""
+        from tqdm.auto import tqdm
+
+        args = self.args
+        rank = accelerator.process_index if accelerator else 0
+        world = accelerator.num_processes if accelerator else 1
+        device = next(self.model.parameters()).device
+        refusals = self.refusal_data(usable, tokenized)
+        pad = self.tokenizer.pad_token_id
+
+        def to_batch(data: Tokenized, positions: list[int]):
+            return {k: v.to(device) for k, v in collate(data, positions, pad).items()}
+
+        mine = list(range(len(tokenized)))[rank::world]
+        scores = torch.zeros(len(tokenized), device=device)
+        bar = tqdm(total=len(mine), desc="scoring rows", unit="row",
+                   disable=not (args.show_progress and rank == 0))
+        for start in range(0, len(mine), args.micro_batch_size):
+            micro = mine[start:start + args.micro_batch_size]
+            scores[micro] = bilevel.final_scores(
+                self.model, to_batch(tokenized, micro), [to_batch(r, micro) for r in refusals],
+                args.score_signal, args.score_tokens).float()
+            bar.update(len(micro))
+        bar.close()
+        if world > 1:
+            scores = accelerator.reduce(scores, reduction="sum")
+        return scores.cpu()
+
+    def save(self, directory: Path, fitted: torch.Tensor, kept_threshold: float) -> None:
+        """θ as a PEFT adapter plus the settings and the fit's score scale, in `directory`."""
+        from sealft.io import write_json
+
+        self.model.save_pretrained(directory, selected_adapters=[bilevel.THETA],
+                                   safe_serialization=True)
+        args = self.args
+        write_json(directory / "scoring.json", {
+            "signal": args.score_signal, "tokens": args.score_tokens,
+            "refusals": list(args.refusals), "mean": float(fitted.mean()),
+            "spread": float(_spread(fitted)), "threshold": kept_threshold})
+
+
+def load_scorer(run: Path, fitted, dtype: str | None = None) -> Scorer:
+    """The scorer a `final-pass` run saved in `run/scorer/`, on its base model."""
+    from peft import PeftModel
+
+    model, tokenizer = load_model_and_tokenizer(fitted.model, dtype or fitted.dtype,
+                                                fitted.chat_template, fitted.trust_remote_code)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = PeftModel.from_pretrained(model, str(run / SCORER_DIR / bilevel.THETA),
+                                      adapter_name=bilevel.THETA).to(device)
+    model.eval()
+    return Scorer(model, tokenizer, fitted)
+
+
+def score_examples(scorer: Scorer, examples: list[Example], micro_batch_size: int | None = None,
+                   show_progress: bool = True) -> tuple[np.ndarray, dict[str, str]]:
+    """Harm score per example (NaN where unusable) and the unusable ones' reasons."""
+    args = scorer.args
+    if micro_batch_size:
+        args.micro_batch_size = micro_batch_size
+    args.show_progress = show_progress
+    tokenized = tokenize_examples(examples, scorer.tokenizer, args.max_length, args.num_proc,
+                                  desc="tokenising rows to score")
+    scores = np.full(len(examples), np.nan)
+    if len(tokenized):
+        scores[tokenized.rows] = scorer.score_tokenized(
+            tokenized, [examples[r] for r in tokenized.rows]).numpy()
+    return scores, tokenized.skipped
 
 
 def _per_row(n: int, rows: list[int], logits: np.ndarray, weights: np.ndarray):

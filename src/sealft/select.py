@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from sealft import config as cfg
+from sealft.bilevel import SIGNALS
 from sealft.data import (
     Example,
     is_preference_data,
@@ -53,6 +54,19 @@ class SelectArgs(cfg.RunOptions):
     a safety-aligned proxy, also against long benign answers) | penalty (the paper's
     Algorithm 1; measured inverted) | safety-step (Algorithm 1 with θ warm-started from θ' by
     one safety step; reads answer format). Evidence: docs/selection.md."""
+    scoring: str = "final-pass"
+    """How rows are ranked after training: final-pass (every row scored once by the final θ
+    with --score-signal; rows never visited in training can be scored the same way) | visits
+    (the selector logits as the bilevel updates left them, each row scored at its visits)."""
+    score_signal: str = "refusal-margin"
+    """final-pass signal: refusal-margin (row's loss minus the loss of a refusal to the row's
+    own prompt, under θ) | loss (row's loss under θ) | loss-shift (loss under θ minus loss
+    under the frozen base). docs/selection.md says what each measures."""
+    score_tokens: int | None = 1
+    """final-pass: score the first N response tokens only (none = all)."""
+    refusals: tuple[str, ...] = ("I'm sorry, but I can't assist with that.",
+                                 "I cannot help with that request.")
+    """refusal-margin: refusals to compare each row's answer with (the likeliest one counts)."""
     safety_step_size: float = 1.0
     """safety-step: length of θ's normalised step from θ' on the safety objective."""
     weighting: str = "softmax"
@@ -117,6 +131,13 @@ class SelectArgs(cfg.RunOptions):
         cfg.require(self.algorithm in ("safety-step", "penalty", "memory-efficient"),
                     "algorithm", "use safety-step, penalty (Algorithm 1) or memory-efficient "
                     "(Algorithm 2)")
+        cfg.require(self.scoring in ("final-pass", "visits"), "scoring",
+                    "use final-pass or visits")
+        cfg.require(self.score_signal in SIGNALS, "score_signal", f"use one of {', '.join(SIGNALS)}")
+        cfg.require(self.score_tokens is None or self.score_tokens > 0, "score_tokens",
+                    "must be positive (or none for the whole response)")
+        cfg.require(self.score_signal != "refusal-margin" or any(r.strip() for r in self.refusals),
+                    "refusals", "give at least one refusal text")
         cfg.require(self.weighting in PARAMETRIZATIONS, "weighting", "use softmax or sigmoid")
         cfg.require(self.selector_optimizer in ("visited-rms", "adam"), "selector_optimizer",
                     "use visited-rms or adam")
@@ -199,6 +220,7 @@ def _average_ranks(values: np.ndarray) -> np.ndarray:
 def write_outputs(
     out: Path, args: SelectArgs, examples: list[Example], logits: np.ndarray,
     weights: np.ndarray, skipped: dict[str, str], extra_summary: dict,
+    harm_scores: np.ndarray | None = None,
 ) -> dict:
     """scores.jsonl, selected.jsonl and summary.json from per-row scores (NaN = skipped)."""
     ids = [e["id"] for e in examples]
@@ -210,6 +232,8 @@ def write_outputs(
         row = {"index": example["index"], "id": example["id"],
                "weight": None if not usable[k] else float(weights[k]),
                "logit": None if not usable[k] else float(logits[k]), "kept": bool(kept[k])}
+        if harm_scores is not None and usable[k]:
+            row["score"] = float(harm_scores[k])
         if not usable[k]:
             row["skipped"] = skipped[example["id"]]
         rows.append(row)
@@ -259,8 +283,9 @@ def run_select(args: SelectArgs) -> dict:
         logits, weights, skipped, extra = score_baseline(args, examples, safe, out)
     extra = {**extra, "wall_seconds": round(time.perf_counter() - started, 2),
              "peak_memory_mb": round(peak_memory_mb(), 1)}
+    harm = extra.pop("harm_scores", None)
     summary = {}
     if is_main:
-        summary = write_outputs(out, args, examples, logits, weights, skipped, extra)
+        summary = write_outputs(out, args, examples, logits, weights, skipped, extra, harm)
     process_state().wait_for_everyone()
     return summary

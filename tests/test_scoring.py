@@ -1,0 +1,98 @@
+"""The final scoring pass: every row scored by one θ, saved with the run, and rows the run never
+saw scored the same way (`sealft score`)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from conftest import toy_finetune_rows, toy_safe_rows, write_jsonl
+
+from sealft.cli import main
+from sealft.losses import per_example_loss
+from sealft.select import SelectArgs, run_select
+
+
+def _scores(path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def _select(tiny_model, tmp_path, rows, name="sel", **options):
+    data = write_jsonl(tmp_path / f"{name}.jsonl", rows)
+    safe = write_jsonl(tmp_path / "safe.jsonl", toy_safe_rows())
+    settings = dict(batch_size=8, micro_batch_size=4, epochs=1, lr=1e-3, gamma_start=0.5,
+                    max_length=64, show_progress=False, label_field="flag")
+    settings.update(options)
+    return run_select(SelectArgs(model=tiny_model, finetune_data=str(data), safe_data=str(safe),
+                                 output_dir=str(tmp_path / name), **settings))
+
+
+@pytest.mark.parametrize("signal", ["refusal-margin", "loss", "loss-shift"])
+def test_final_pass_ranks_rows_by_their_score(tiny_model, tmp_path, signal):
+    summary = _select(tiny_model, tmp_path, toy_finetune_rows(20), score_signal=signal)
+    rows = _scores(tmp_path / "sel" / "scores.jsonl")
+    assert summary["scoring"] == "final-pass" and len(rows) == 20
+    score = np.array([r["score"] for r in rows])
+    weight = np.array([r["weight"] for r in rows])
+    # A higher harm score is a lower weight, row for row.
+    assert (np.argsort(score, kind="stable") == np.argsort(-weight, kind="stable")).all()
+    kept = np.array([r["kept"] for r in rows])
+    assert score[kept].max() <= score[~kept].min()
+    saved = json.loads((tmp_path / "sel" / "scorer" / "scoring.json").read_text())
+    assert saved["signal"] == signal and saved["threshold"] == pytest.approx(score[kept].max())
+
+
+def test_visits_scoring_keeps_the_bilevel_logits(tiny_model, tmp_path):
+    summary = _select(tiny_model, tmp_path, toy_finetune_rows(16), scoring="visits")
+    rows = _scores(tmp_path / "sel" / "scores.jsonl")
+    assert summary["scoring"] == "visits" and all("score" not in r for r in rows)
+    assert not (tmp_path / "sel" / "scorer").exists()
+
+
+def test_cut_after_first_tokens_changes_no_score(tiny_model):
+    """The scoring pass cuts each batch after the k-th response token: a causal model's
+    loss over those tokens must not change."""
+    from sealft.bilevel import _through_first_tokens
+    from sealft.data import normalise
+    from sealft.models import load_model_and_tokenizer
+    from sealft.tokenize import collate, tokenize_examples
+
+    model, tokenizer = load_model_and_tokenizer(tiny_model)
+    examples = normalise(toy_finetune_rows(8), "rows")
+    tokenized = tokenize_examples(examples, tokenizer, 64, cache=False)
+    batch = collate(tokenized, list(range(len(tokenized))), tokenizer.pad_token_id)
+    cut = _through_first_tokens(batch, 2)
+    assert cut["input_ids"].shape[1] < batch["input_ids"].shape[1]
+    with torch.no_grad():
+        torch.testing.assert_close(per_example_loss(model, cut, 2),
+                                   per_example_loss(model, batch, 2))
+
+
+def test_score_command_reproduces_the_fit_and_scores_new_rows(tiny_model, tmp_path):
+    rows = toy_finetune_rows(24)
+    _select(tiny_model, tmp_path, rows[:16])
+    fitted = {r["id"]: r["score"] for r in _scores(tmp_path / "sel" / "scores.jsonl")}
+    data = write_jsonl(tmp_path / "all.jsonl", rows)
+    code = main(["score", "--selection", str(tmp_path / "sel"), "--data", str(data),
+                 "--output-dir", str(tmp_path / "new"), "--label-field", "flag",
+                 "--no-show-progress"])
+    assert code == 0
+    new = _scores(tmp_path / "new" / "scores.jsonl")
+    assert [r["index"] for r in new] == list(range(24))
+    for r in new:  # rows of the fit get the score they got in the fit
+        if r["id"] in fitted:
+            assert r["score"] == pytest.approx(fitted[r["id"]], abs=1e-5)
+    threshold = json.loads((tmp_path / "sel" / "scorer" / "scoring.json").read_text())["threshold"]
+    assert all(r["kept"] == (r["score"] <= threshold) for r in new)
+    summary = json.loads((tmp_path / "new" / "summary.json").read_text())
+    assert summary["rows"] == 24 and summary["labels"]["unsafe_rows"] == 6
+
+
+def test_score_refuses_a_run_without_a_scorer(tiny_model, tmp_path, capsys):
+    _select(tiny_model, tmp_path, toy_finetune_rows(8), scoring="visits")
+    code = main(["score", "--selection", str(tmp_path / "sel"), "--data",
+                 str(tmp_path / "sel.jsonl"), "--output-dir", str(tmp_path / "new")])
+    assert code == 2
+    assert "--selection" in capsys.readouterr().err
