@@ -96,3 +96,32 @@ def test_score_refuses_a_run_without_a_scorer(tiny_model, tmp_path, capsys):
                  str(tmp_path / "sel.jsonl"), "--output-dir", str(tmp_path / "new")])
     assert code == 2
     assert "--selection" in capsys.readouterr().err
+
+
+def test_fit_sample_fits_on_a_subset_and_scores_every_row(tiny_model, tmp_path):
+    summary = _select(tiny_model, tmp_path, toy_finetune_rows(24), fit_sample=8)
+    rows = _scores(tmp_path / "sel" / "scores.jsonl")
+    assert summary["fitted_rows"] == 8 and summary["usable"] == 24
+    assert [r["index"] for r in rows] == list(range(24))
+    assert all(isinstance(r["score"], float) for r in rows)
+    assert sum(r["kept"] for r in rows) == summary["kept"] == 20
+
+
+def test_api_round_trip(tiny_model, tmp_path):
+    """fit → save → load → score gives the saved scores for the same rows."""
+    from sealft import SealSelector
+
+    rows = toy_finetune_rows(16)
+    safe = write_jsonl(tmp_path / "safe.jsonl", toy_safe_rows())
+    selector = SealSelector(run_dir=tmp_path / "fit", model=tiny_model, safe_data=str(safe),
+                            batch_size=8, micro_batch_size=4, epochs=1, lr=1e-3,
+                            gamma_start=0.5, max_length=64, show_progress=False)
+    weights = selector.fit(rows).scores()
+    assert weights.shape == (16,) and np.isfinite(weights).all()
+    kept = selector.select()
+    assert len(kept) == 13 and len(selector.select(keep_count=4)) == 4
+    saved = selector.save(tmp_path / "saved")
+    again = SealSelector.load(saved)
+    fitted = np.array([r["score"] for r in _scores(saved / "scores.jsonl")])
+    np.testing.assert_allclose(again.score(rows), fitted, atol=1e-5)
+    np.testing.assert_allclose(again.scores(), weights)

@@ -141,6 +141,16 @@ def _subset(data: Tokenized, rows: list[int]) -> Tokenized:
                      labels=[data.labels[where[r]] for r in rows], rows=rows)
 
 
+def fit_subset(tokenized: Tokenized, sample: int | None, seed: int) -> Tokenized:
+    """The rows the bilevel problem is fitted on: all, or a seeded sample of `sample` usable
+    rows (input order kept); the scoring pass then scores every row with the fitted θ."""
+    if not sample or sample >= len(tokenized):
+        return tokenized
+    import random
+
+    return _subset(tokenized, sorted(random.Random(seed).sample(list(tokenized.rows), sample)))
+
+
 def learn_selector(args, examples: list[Example], safe: list[Example], out: Path):
     """Returns (logits, weights, skipped, summary extras), one score per input row."""
     torch.manual_seed(args.seed)
@@ -149,11 +159,12 @@ def learn_selector(args, examples: list[Example], safe: list[Example], out: Path
     model, tokenizer = load_model_and_tokenizer(args.model, args.dtype, args.chat_template,
                                                 args.trust_remote_code)
     tokenized, safe_tok = tokenize_inputs(args, tokenizer, examples, safe)
+    fit = fit_subset(tokenized, args.fit_sample, args.seed)
     two_adapters = args.algorithm in ("penalty", "safety-step")
     adapters = (bilevel.THETA, bilevel.THETA_PRIME) if two_adapters else (bilevel.THETA,)
     model = add_lora_adapters(model, lora_settings(args), adapters,
                               args.gradient_checkpointing).to(accelerator.device)
-    selector = Selector(len(tokenized), args.weighting).to(accelerator.device)
+    selector = Selector(len(fit), args.weighting).to(accelerator.device)
     optimizer_cls = bilevel.SELECTOR_OPTIMIZERS[args.selector_optimizer]
     parts = bilevel.BilevelParts(
         model=model,
@@ -179,11 +190,11 @@ def learn_selector(args, examples: list[Example], safe: list[Example], out: Path
     def step(ft_micro, safe_micro, progress, batch, safe_total):
         gamma = bilevel.gamma_at(args.gamma_schedule, args.gamma_start, args.gamma_increment,
                                  int(progress), progress)
-        return step_rule(parts, [to_batch(tokenized, m) for m in ft_micro],
+        return step_rule(parts, [to_batch(fit, m) for m in ft_micro],
                          [to_batch(safe_tok, m) for m in safe_micro], gamma, len(batch),
                          safe_total, visited=torch.tensor(batch))
 
-    ids = [examples[r]["id"] for r in tokenized.rows]
+    fit_ids = [examples[r]["id"] for r in fit.rows]
     settings = LoopSettings(
         epochs=args.epochs, batch_size=args.batch_size, micro_batch_size=args.micro_batch_size,
         safe_batch_size=args.safe_batch_size, seed=args.seed, save_every=args.save_every,
@@ -192,12 +203,12 @@ def learn_selector(args, examples: list[Example], safe: list[Example], out: Path
     )
     model.train()
     state = train_loop(
-        len(tokenized), len(safe_tok[0] if isinstance(safe_tok, tuple) else safe_tok),
+        len(fit), len(safe_tok[0] if isinstance(safe_tok, tuple) else safe_tok),
         settings, step, out / "metrics.jsonl",
         adapter_checkpoint(out, model, {a: a for a in adapters}, {
             "theta": parts.theta_optimizer, "theta_prime": parts.theta_prime_optimizer,
             "selector": parts.selector_optimizer}, {"logits": selector.logits}), args.resume,
-        describe=lambda positions: ", ".join(ids[p] for p in positions[:8]),
+        describe=lambda positions: ", ".join(fit_ids[p] for p in positions[:8]),
         log=partial(log_metrics, accelerator),
     )
     finish_logging(accelerator)
@@ -207,6 +218,8 @@ def learn_selector(args, examples: list[Example], safe: list[Example], out: Path
         scorer = Scorer(model, tokenizer, args)
         harm = scorer.score_tokenized(tokenized, [examples[r] for r in tokenized.rows],
                                       accelerator)
+        if fit is not tokenized:  # a selector over every row, not only the fitted ones
+            selector = Selector(len(tokenized), args.weighting)
         with torch.no_grad():
             selector.logits.copy_(-(harm - harm.mean()) / _spread(harm))
         if accelerator.is_main_process:
@@ -215,7 +228,7 @@ def learn_selector(args, examples: list[Example], safe: list[Example], out: Path
     learned = selector.logits.detach().cpu().numpy()
     learned_weights = selector.weights().detach().cpu().numpy()
     if accelerator.is_main_process:
-        selector.save(out / "selector.safetensors", ids)
+        selector.save(out / "selector.safetensors", [examples[r]["id"] for r in tokenized.rows])
     logits, weights = _per_row(len(examples), tokenized.rows, learned, learned_weights)
     harm_per_row = None
     if harm is not None:
@@ -223,7 +236,8 @@ def learn_selector(args, examples: list[Example], safe: list[Example], out: Path
         harm_per_row[tokenized.rows] = harm.numpy()
     extra = {"algorithm": args.algorithm, "scoring": args.scoring, "steps": state.global_step,
              "train_seconds": round(state.elapsed, 2), "truncated": len(tokenized.truncated),
-             "processes": accelerator.num_processes, "harm_scores": harm_per_row}
+             "processes": accelerator.num_processes, "fitted_rows": len(fit),
+             "harm_scores": harm_per_row}
     return logits, weights, tokenized.skipped, extra
 
 

@@ -58,6 +58,9 @@ class SelectArgs(cfg.RunOptions):
     """How rows are ranked after training: final-pass (every row scored once by the final θ
     with --score-signal; rows never visited in training can be scored the same way) | visits
     (the selector logits as the bilevel updates left them, each row scored at its visits)."""
+    fit_sample: int | None = None
+    """Fit the selector on a seeded sample of N usable rows, then score every row with the
+    final pass (needs --scoring final-pass): selection cost grows with N, not the data."""
     score_signal: str = "refusal-margin"
     """final-pass signal: refusal-margin (row's loss minus the loss of a refusal to the row's
     own prompt, under θ) | loss (row's loss under θ) | loss-shift (loss under θ minus loss
@@ -133,6 +136,10 @@ class SelectArgs(cfg.RunOptions):
                     "(Algorithm 2)")
         cfg.require(self.scoring in ("final-pass", "visits"), "scoring",
                     "use final-pass or visits")
+        cfg.require(self.fit_sample is None or self.fit_sample > 0, "fit_sample",
+                    "must be positive")
+        cfg.require(self.fit_sample is None or self.scoring == "final-pass", "fit_sample",
+                    "scores unfitted rows with the final pass; drop --scoring visits")
         cfg.require(self.score_signal in SIGNALS, "score_signal", f"use one of {', '.join(SIGNALS)}")
         cfg.require(self.score_tokens is None or self.score_tokens > 0, "score_tokens",
                     "must be positive (or none for the whole response)")

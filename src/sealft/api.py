@@ -1,0 +1,146 @@
+"""SEAL from Python: a small object with verbs, in the style of DSIR's `data-selection`.
+
+    from sealft import SealSelector
+
+    selector = SealSelector(safe_data="safe.json", epochs=1, batch_size=16, lr=1e-4)
+    selector.fit("train.jsonl")              # bilevel fit + scoring pass; a run dir like `select`'s
+    weights = selector.scores()              # one weight per input row (NaN: unusable row)
+    kept_rows = selector.select(keep_ratio=0.8)
+    selector.save("runs/my-selector")
+    again = SealSelector.load("runs/my-selector")
+    harm = again.score("more_rows.jsonl")    # rows it never saw: forward passes only
+
+`fit` runs the same stage as `sealft select` (`run_select`), so the CLI, the demo and this
+object share one implementation; options are `SelectArgs` fields.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from sealft import config as cfg
+from sealft.errors import ConfigError
+from sealft.io import read_jsonl
+
+# What a fitted selector is made of; `save` copies these and nothing else.
+RUN_FILES = ("config.yaml", "scores.jsonl", "selector.safetensors", "summary.json", "scorer")
+
+
+class SealSelector:
+    """A SEAL data selector. Options are `sealft.select.SelectArgs` fields (model, safe_data,
+    algorithm, epochs, ...); `run_dir` is where `fit` writes (default: a new temp dir)."""
+
+    def __init__(self, run_dir: str | Path | None = None, **options: Any):
+        self.options = options
+        self.run_dir = Path(run_dir) if run_dir else None
+        self._scorer = None
+
+    def fit(self, data: str | Path | list[dict]) -> SealSelector:
+        """Learn the selector on `data` (a file or dataset `sealft select` reads, or a list of
+        rows in any supported format) and score every row."""
+        from sealft.select import SelectArgs, run_select
+
+        run = self.run_dir or Path(tempfile.mkdtemp(prefix="sealft-selector-"))
+        if isinstance(data, list):
+            run.mkdir(parents=True, exist_ok=True)
+            path = Path(tempfile.mkdtemp(prefix="sealft-rows-")) / "rows.jsonl"
+            path.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in data))
+            data = path
+        args = cfg.build(SelectArgs, self.options, {"finetune_data": str(data),
+                                                    "output_dir": str(run)})
+        run_select(args)
+        self.run_dir = run
+        return self
+
+    def _fitted(self) -> Path:
+        if self.run_dir is None or not (self.run_dir / "scores.jsonl").is_file():
+            raise ConfigError("SealSelector: call fit(data) (or SealSelector.load(dir)) first")
+        return self.run_dir
+
+    def scores(self) -> np.ndarray:
+        """The fitted rows' weights, in input order (higher = keep; NaN = unusable row)."""
+        rows = read_jsonl(self._fitted() / "scores.jsonl")
+        return np.array([np.nan if r["weight"] is None else r["weight"] for r in rows])
+
+    def select(self, keep_ratio: float | None = None, keep_count: int | None = None) -> list[dict]:
+        """The kept rows (normalised, with their ids). Without arguments: the fit's own
+        selection; otherwise the top `keep_ratio` share or `keep_count` rows by weight."""
+        from sealft.selector import keep_count_for, keep_mask
+
+        run = self._fitted()
+        scores = read_jsonl(run / "scores.jsonl")
+        if keep_ratio is None and keep_count is None:
+            kept = {r["id"] for r in scores if r["kept"]}
+        else:
+            weights = np.array([-np.inf if r["weight"] is None else r["weight"] for r in scores])
+            usable = np.isfinite(weights)
+            count = keep_count_for(int(usable.sum()), keep_ratio, keep_count)
+            ids = [r["id"] for r in scores]
+            kept = {ids[i] for i in np.flatnonzero(keep_mask(weights, ids, usable, count))}
+        from sealft.data import load_examples
+
+        args = cfg.build(_select_args_class(), _saved_config(run))
+        examples = load_examples(args.finetune_data, args.split, args.format, args.limit,
+                                 args.drop_duplicates)
+        return [{"id": e["id"], "messages": e["messages"], **e["meta"]}
+                for e in examples if e["id"] in kept]
+
+    def save(self, directory: str | Path) -> Path:
+        """Copy the fitted selector (config, scores, logits, scorer) to `directory`."""
+        run, target = self._fitted(), Path(directory)
+        if target.resolve() == run.resolve():
+            return target
+        target.mkdir(parents=True, exist_ok=True)
+        for name in RUN_FILES:
+            source = run / name
+            if source.is_dir():
+                shutil.copytree(source, target / name, dirs_exist_ok=True)
+            elif source.is_file():
+                shutil.copy2(source, target / name)
+        return target
+
+    @classmethod
+    def load(cls, directory: str | Path) -> SealSelector:
+        run = Path(directory)
+        selector = cls(run_dir=run, **_saved_config(run))
+        selector._fitted()
+        return selector
+
+    def score(self, data: str | Path | list[dict]) -> np.ndarray:
+        """Harm score of each row of `data` under the fitted scorer (higher = more harmful,
+        NaN = unusable), with forward passes only; the model stays loaded between calls."""
+        from sealft.data import load_examples, normalise
+        from sealft.score import fitted_select_args
+        from sealft.seal import load_scorer, score_examples
+
+        run = self._fitted()
+        fitted, _ = fitted_select_args(run)
+        if self._scorer is None:
+            self._scorer = load_scorer(run, fitted)
+        if isinstance(data, list):
+            examples = normalise(data, "rows")
+        else:
+            examples = load_examples(str(data))
+        scores, _ = score_examples(self._scorer, examples, show_progress=False)
+        return scores
+
+
+def _select_args_class():
+    from sealft.select import SelectArgs
+
+    return SelectArgs
+
+
+def _saved_config(run: Path) -> dict:
+    import yaml
+
+    path = run / "config.yaml"
+    if not path.is_file():
+        raise ConfigError(f"{run}: no config.yaml; not a `sealft select` run dir")
+    return yaml.safe_load(path.read_text())
