@@ -123,10 +123,7 @@ class SealSelector:
         fitted, _ = fitted_select_args(run)
         if self._scorer is None:
             self._scorer = load_scorer(run, fitted)
-        if isinstance(data, list):
-            examples = normalise(data, "rows")
-        else:
-            examples = load_examples(str(data))
+        examples = normalise(data, "rows") if isinstance(data, list) else load_examples(str(data))
         scores, _ = score_examples(self._scorer, examples, show_progress=False)
         return scores
 
