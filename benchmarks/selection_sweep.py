@@ -126,6 +126,8 @@ def main(argv: list[str] | None = None) -> int:
         record = {"variant": variant, "file": file, "seed": seed, "mix": mix_label(file),
                   "seconds": round(time.perf_counter() - t0, 1),
                   "train_seconds": summary.get("train_seconds"),
+                  "score_seconds": summary.get("score_seconds"),
+                  "steps": summary.get("steps"), "fitted_rows": summary.get("fitted_rows"),
                   **metrics(out, rows, "flag")}
         with results.open("a") as handle:
             handle.write(json.dumps(record) + "\n")

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+import time
 from functools import partial
 from pathlib import Path
 
@@ -212,12 +213,14 @@ def learn_selector(args, examples: list[Example], safe: list[Example], out: Path
         log=partial(log_metrics, accelerator),
     )
     finish_logging(accelerator)
-    harm = None
+    harm, score_seconds = None, 0.0
     if args.scoring == "final-pass":
         model.eval()
         scorer = Scorer(model, tokenizer, args)
+        scoring_started = time.perf_counter()
         harm = scorer.score_tokenized(tokenized, [examples[r] for r in tokenized.rows],
                                       accelerator)
+        score_seconds = time.perf_counter() - scoring_started
         if fit is not tokenized:  # a selector over every row, not only the fitted ones
             selector = Selector(len(tokenized), args.weighting)
         with torch.no_grad():
@@ -236,6 +239,7 @@ def learn_selector(args, examples: list[Example], safe: list[Example], out: Path
         harm_per_row[tokenized.rows] = harm.numpy()
     extra = {"algorithm": args.algorithm, "scoring": args.scoring, "steps": state.global_step,
              "train_seconds": round(state.elapsed, 2), "truncated": len(tokenized.truncated),
+             "score_seconds": round(score_seconds, 2),
              "processes": accelerator.num_processes, "fitted_rows": len(fit),
              "harm_scores": harm_per_row}
     return logits, weights, tokenized.skipped, extra
