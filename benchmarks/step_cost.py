@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from sealft.select import peak_memory_mb
+from sealft.runtime import peak_memory_mb
 
 REPO = Path(__file__).resolve().parents[1]
 VARIANTS = ("sft", "memory-efficient", "penalty", "safety-step")

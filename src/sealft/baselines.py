@@ -176,7 +176,8 @@ def _score_dsir(args, examples: list[Example], safe: list[Example], out: Path):
 
 def _score_reference_loss(args, examples: list[Example], safe: list[Example], out: Path):
     from sealft.models import add_lora_adapters, load_model_and_tokenizer
-    from sealft.seal import lora_settings, make_accelerator, tokenize_inputs
+    from sealft.runtime import lora_settings, make_accelerator
+    from sealft.tokenize import tokenize_inputs
 
     if args.reference_steps < 1:
         raise ConfigError(f"--reference-steps: must be >= 1, got {args.reference_steps}")

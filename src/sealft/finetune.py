@@ -20,15 +20,15 @@ from sealft.data import load_examples
 from sealft.io import prepare_output_dir, read_jsonl, write_json, write_yaml
 from sealft.losses import per_example_loss
 from sealft.models import adapter_parameters, add_lora_adapters, load_model_and_tokenizer
-from sealft.seal import (
+from sealft.runtime import (
     finish_logging,
     log_metrics,
     lora_settings,
     make_accelerator,
+    peak_memory_mb,
     process_state,
     sharding_engine,
 )
-from sealft.select import peak_memory_mb
 from sealft.selector import align_scores
 from sealft.tokenize import collate, require_usable, tokenize_examples
 from sealft.train import LoopSettings, adapter_checkpoint, train_loop

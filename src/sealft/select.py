@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from sealft import config as cfg
 from sealft.data import (
@@ -29,6 +28,7 @@ from sealft.data import (
     sample_rows,
 )
 from sealft.io import prepare_output_dir, write_json, write_jsonl, write_yaml
+from sealft.runtime import peak_memory_mb, process_state
 from sealft.selector import PARAMETRIZATIONS, keep_count_for, keep_mask
 
 METHODS = ("seal", "random", "dsir", "reference-loss", "all")
@@ -228,18 +228,8 @@ def write_outputs(
     return summary
 
 
-def peak_memory_mb() -> float:
-    if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated() / 2**20
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
-
-
 def run_select(args: SelectArgs) -> dict:
     """Select data; returns the summary (also written to summary.json)."""
-    from sealft.seal import process_state
-
     started = time.perf_counter()
     is_main = process_state().is_main_process
     out = Path(args.output_dir)

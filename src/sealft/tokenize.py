@@ -165,3 +165,32 @@ def collate(tokenized: Tokenized, positions: list[int], pad_id: int) -> dict[str
         mask[k, :n] = 1
     return {"input_ids": ids, "labels": labels, "attention_mask": mask,
             "positions": torch.tensor(positions, dtype=torch.long)}
+
+
+def tokenize_inputs(args, tokenizer, examples: list[Example], safe: list):
+    """Tokenised fine-tuning data and upper-level data: a `Tokenized`, or for preference
+    pairs a (chosen, rejected) pair of `Tokenized` over the pairs usable on both sides."""
+    tokenized = tokenize_examples(examples, tokenizer, args.max_length, args.num_proc,
+                                  desc="tokenising fine-tuning data")
+    require_usable(tokenized, args.finetune_data, args.max_length)
+    if not safe:
+        return tokenized, None
+    if isinstance(safe[0], tuple):
+        chosen = tokenize_examples([c for c, _ in safe], tokenizer, args.max_length,
+                                   args.num_proc, desc="tokenising chosen answers")
+        rejected = tokenize_examples([r for _, r in safe], tokenizer, args.max_length,
+                                     args.num_proc, desc="tokenising rejected answers")
+        both = sorted(set(chosen.rows) & set(rejected.rows))
+        chosen, rejected = _subset(chosen, both), _subset(rejected, both)
+        require_usable(chosen, args.safe_data, args.max_length)
+        return tokenized, (chosen, rejected)
+    safe_tok = tokenize_examples(safe, tokenizer, args.max_length, args.num_proc,
+                                 desc="tokenising safe set")
+    require_usable(safe_tok, args.safe_data, args.max_length)
+    return tokenized, safe_tok
+
+
+def _subset(data: Tokenized, rows: list[int]) -> Tokenized:
+    where = {row: k for k, row in enumerate(data.rows)}
+    return Tokenized(input_ids=[data.input_ids[where[r]] for r in rows],
+                     labels=[data.labels[where[r]] for r in rows], rows=rows)
