@@ -74,6 +74,13 @@ def test_keep_mask_top_p_with_deterministic_ties():
 def test_auroc_matches_definition():
     assert auroc(np.array([0.9, 0.8, 0.1, 0.2]), np.array([True, True, False, False])) == 1.0
     assert auroc(np.array([0.5, 0.5]), np.array([True, False])) == 0.5
+    assert auroc(np.array([0.3, 0.1]), np.array([True, True])) is None
+    # The pairwise definition, ties half, on scores with many ties.
+    rng = np.random.default_rng(0)
+    scores, flags = rng.integers(0, 5, 200).astype(float), rng.random(200) < 0.3
+    pos, neg = scores[flags], scores[~flags]
+    pairs = (pos[:, None] > neg[None, :]).mean() + 0.5 * (pos[:, None] == neg[None, :]).mean()
+    assert auroc(scores, flags) == pytest.approx(pairs)
 
 
 def _parts(tiny_model, algorithm: str, recorder_cls):

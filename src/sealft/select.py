@@ -172,28 +172,14 @@ def label_report(examples: list[Example], kept: np.ndarray, field: str, unsafe: 
 
 
 def auroc(scores: np.ndarray, positive: np.ndarray) -> float | None:
-    """P(score of a random positive > score of a random negative), ties counting half."""
-    pos, neg = scores[positive], scores[~positive]
-    if len(pos) == 0 or len(neg) == 0:
+    """P(score of a random positive > score of a random negative), ties counting half;
+    None when one class is absent (scikit-learn raises there)."""
+    from sklearn.metrics import roc_auc_score  # imported here: only labelled runs need it
+
+    positive = np.asarray(positive, dtype=bool)
+    if positive.all() or not positive.any():
         return None
-    ranks = _average_ranks(np.concatenate([pos, neg]))
-    return float((ranks[: len(pos)].sum() - len(pos) * (len(pos) + 1) / 2) / (len(pos) * len(neg)))
-
-
-def _average_ranks(values: np.ndarray) -> np.ndarray:
-    """scipy.stats.rankdata's 'average' method, written out to keep scipy out of the runtime
-    dependencies for one function."""
-    order = np.argsort(values, kind="mergesort")
-    ranks = np.empty(len(values))
-    sorted_values = values[order]
-    start = 0
-    while start < len(values):
-        end = start
-        while end + 1 < len(values) and sorted_values[end + 1] == sorted_values[start]:
-            end += 1
-        ranks[order[start:end + 1]] = (start + end) / 2 + 1
-        start = end + 1
-    return ranks
+    return float(roc_auc_score(positive, scores))
 
 
 def write_outputs(
