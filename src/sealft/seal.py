@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from sealft import bilevel
-from sealft.data import Example
+from sealft.data import Example, ids_at
 from sealft.models import (
     adapter_parameters,
     add_lora_adapters,
@@ -71,7 +71,7 @@ def learn_selector(args, examples: list[Example], safe: list[Example], out: Path
                          [to_batch(safe_tok, m) for m in safe_micro], gamma, len(batch),
                          safe_total, visited=torch.tensor(batch))
 
-    ids = [examples[r]["id"] for r in tokenized.rows]
+    ids = ids_at(examples, tokenized.rows)
     settings = LoopSettings(
         epochs=args.epochs, batch_size=args.batch_size, micro_batch_size=args.micro_batch_size,
         safe_batch_size=args.safe_batch_size, seed=args.seed, save_every=args.save_every,
