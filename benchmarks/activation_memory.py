@@ -20,7 +20,7 @@ import sys
 
 import torch
 
-from sealft.select import peak_memory_mb
+from sealft.runtime import peak_memory_mb
 
 
 def measure(model_name: str, rows: int, length: int, checkpointing: bool) -> dict:

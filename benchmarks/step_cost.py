@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from sealft.select import peak_memory_mb
+from sealft.runtime import peak_memory_mb
 
 REPO = Path(__file__).resolve().parents[1]
 VARIANTS = ("sft", "memory-efficient", "penalty", "safety-step")
@@ -55,7 +55,7 @@ def _batches(tokenizer, n: int, micro: int, seed: int):
 
 
 def _step_functions(model_name: str, variants: tuple[str, ...], batch: int, micro: int,
-                    checkpointing: bool = False):
+                    checkpointing: bool = False, dtype: str = "float32"):
     """Load the model once, attach the adapters the variants need, and return one zero-argument
     step function per variant (all on this one model, so they can be timed side by side)."""
     from sealft import bilevel
@@ -64,7 +64,7 @@ def _step_functions(model_name: str, variants: tuple[str, ...], batch: int, micr
     from sealft.selector import Selector
 
     torch.manual_seed(0)
-    model, tokenizer = load_model_and_tokenizer(model_name)
+    model, tokenizer = load_model_and_tokenizer(model_name, dtype)
     ft, safe = _batches(tokenizer, batch, micro, 0), _batches(tokenizer, batch, micro, 1)
     for b in ft:  # selector rows
         b["positions"] = b["positions"] % batch
@@ -105,9 +105,10 @@ def _step_functions(model_name: str, variants: tuple[str, ...], batch: int, micr
 
 
 def run_variant(model_name: str, variant: str, steps: int, batch: int, micro: int,
-                checkpointing: bool = False) -> dict:
+                checkpointing: bool = False, dtype: str = "float32") -> dict:
     """One variant alone in this process: its peak memory is its own."""
-    step_of, base_rss = _step_functions(model_name, (variant,), batch, micro, checkpointing)
+    step_of, base_rss = _step_functions(model_name, (variant,), batch, micro, checkpointing,
+                                        dtype)
     step = step_of[variant]
     for _ in range(2):
         step()
@@ -121,11 +122,11 @@ def run_variant(model_name: str, variant: str, steps: int, batch: int, micro: in
 
 
 def run_interleaved(model_name: str, rounds: int, batch: int, micro: int,
-                    checkpointing: bool = False) -> dict:
+                    checkpointing: bool = False, dtype: str = "float32") -> dict:
     """Every variant on one model in one process, in round-robin: round r times one step of
     each. A shared machine's load drifts over minutes; interleaving exposes every variant to
     the same drift, so the ratios are side by side rather than minutes apart."""
-    steps = _step_functions(model_name, VARIANTS, batch, micro, checkpointing)[0]
+    steps = _step_functions(model_name, VARIANTS, batch, micro, checkpointing, dtype)[0]
     for step in steps.values():  # warm-up
         step()
     times: dict[str, list[float]] = {v: [] for v in VARIANTS}
@@ -147,7 +148,7 @@ def _tiny_model(folder: Path) -> str:
 def _child(args: argparse.Namespace, model: str, *mode: str) -> dict:
     out = subprocess.run(
         [sys.executable, __file__, *mode, "--model", model, "--steps", str(args.steps),
-         "--batch", str(args.batch), "--micro", str(args.micro),
+         "--batch", str(args.batch), "--micro", str(args.micro), "--dtype", args.dtype,
          *(["--gradient-checkpointing"] if args.gradient_checkpointing else [])],
         capture_output=True, text=True)
     if out.returncode != 0:
@@ -165,12 +166,13 @@ def main() -> None:
     parser.add_argument("--micro", type=int, default=8)
     parser.add_argument("--gradient-checkpointing", action="store_true",
                         help="every variant with activation checkpointing")
+    parser.add_argument("--dtype", default="float32", help="model dtype (e.g. bfloat16 on GPU)")
     parser.add_argument("--variant", help=argparse.SUPPRESS)
     parser.add_argument("--interleaved", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.variant or args.interleaved:  # child process
-        sizes = (args.batch, args.micro, args.gradient_checkpointing)
+        sizes = (args.batch, args.micro, args.gradient_checkpointing, args.dtype)
         result = (run_interleaved(args.model, args.steps, *sizes) if args.interleaved else
                   run_variant(args.model, args.variant, args.steps, *sizes))
         print(json.dumps(result))
@@ -189,7 +191,7 @@ def main() -> None:
                              alone[variant]["peak_mb"] / alone["sft"]["peak_mb"]))
     print(f"\nbatch {args.batch} (micro {args.micro}), 60-word prompts + 40-word answers, "
           f"median of {args.steps} steps, torch threads {torch.get_num_threads()}, gradient "
-          f"checkpointing {'on' if args.gradient_checkpointing else 'off'}. Time: all "
+          f"checkpointing {'on' if args.gradient_checkpointing else 'off'}, {args.dtype}. Time: all "
           "variants on one model in one process, in round-robin (side by side); memory: each "
           "variant alone in its own process (its time there in the 'alone' column).\n")
     print("| model | step | median s | × SFT time | × SFT time, alone | MB above model "

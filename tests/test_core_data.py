@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from sealft.data import detect_format, example_id, load_examples, normalise
+from sealft.data import Examples, detect_format, example_id, load_examples, normalise, sample_rows
 from sealft.errors import DataError
 
 
@@ -106,3 +106,56 @@ def test_real_shared_files_load(shared_data):
     assert sum(e["meta"]["flag"] == "unsafe" for e in examples) == 100
     safe = load_examples(str(shared_data / "safe" / "hh_rlhf_harmless_base_test.jsonl.gz"))
     assert safe[0]["messages"][0]["role"] == "user"
+
+
+def _mixed_rows(n: int) -> list[dict]:
+    return [{"instruction": f"question {i}", "output": f"answer {i}", "flag": "unsafe" if i % 3
+             else "safe", "score": i / 2} for i in range(n)]
+
+
+def test_loaded_examples_live_in_arrow_and_read_back_as_normalised(tmp_path):
+    rows = _mixed_rows(25)
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    loaded = load_examples(str(tmp_path / "d.jsonl"))
+    expected = normalise(rows)
+    assert isinstance(loaded, Examples) and not isinstance(loaded, list)
+    assert len(loaded) == 25 and list(loaded) == expected
+    assert loaded[3] == expected[3] and loaded[-1] == expected[-1]
+    assert loaded.column("id") == [e["id"] for e in expected]
+    # Views index the same file; row numbers stay the input's.
+    view = loaded.take([4, 1, 20])
+    assert [e["index"] for e in view] == [4, 1, 20] and view[2] == expected[20]
+    assert [e["index"] for e in loaded[5:8]] == [5, 6, 7]
+    assert [e["index"] for e in view.take([2, 0])] == [20, 4]
+    assert [e["index"] for e in sample_rows(loaded, 6, seed=1)] == [
+        e["index"] for e in sample_rows(expected, 6, seed=1)]
+    with pytest.raises(IndexError):
+        loaded[25]
+
+
+def test_loaded_examples_keep_load_errors_and_limit(tmp_path):
+    rows = _mixed_rows(10)
+    rows[7] = {"instruction": "no output"}
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert len(load_examples(str(tmp_path / "d.jsonl"), limit=5)) == 5
+    with pytest.raises(DataError, match="row 7"):
+        load_examples(str(tmp_path / "d.jsonl"))
+
+
+def test_examples_file_is_removed_with_the_last_view(tmp_path, monkeypatch):
+    import gc
+
+    import sealft.models
+
+    monkeypatch.setattr(sealft.models, "CACHE_DIR", tmp_path / "cache")
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in _mixed_rows(5)))
+    loaded = load_examples(str(tmp_path / "d.jsonl"))
+    view = loaded.take([1])
+    folders = list((tmp_path / "cache" / "examples").iterdir())
+    assert len(folders) == 1
+    del loaded
+    gc.collect()
+    assert folders[0].exists() and view[0]["index"] == 1  # the view still holds the file
+    del view
+    gc.collect()
+    assert not folders[0].exists()

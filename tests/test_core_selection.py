@@ -40,7 +40,7 @@ def test_unusable_examples_are_reported_not_dropped(tiny_model):
         {"prompt": "long answer", "completion": "great " * 80},
     ])
     tok = tokenize_examples(examples, tokenizer, max_length=32, cache=False)
-    assert tok.rows == [0, 3]
+    assert tok.rows.tolist() == [0, 3]
     assert "max_length is 32" in tok.skipped[examples[1]["id"]]
     assert tok.skipped[examples[2]["id"]] == "empty response"
     assert tok.truncated == [examples[3]["id"]]
@@ -74,6 +74,13 @@ def test_keep_mask_top_p_with_deterministic_ties():
 def test_auroc_matches_definition():
     assert auroc(np.array([0.9, 0.8, 0.1, 0.2]), np.array([True, True, False, False])) == 1.0
     assert auroc(np.array([0.5, 0.5]), np.array([True, False])) == 0.5
+    assert auroc(np.array([0.3, 0.1]), np.array([True, True])) is None
+    # The pairwise definition, ties half, on scores with many ties.
+    rng = np.random.default_rng(0)
+    scores, flags = rng.integers(0, 5, 200).astype(float), rng.random(200) < 0.3
+    pos, neg = scores[flags], scores[~flags]
+    pairs = (pos[:, None] > neg[None, :]).mean() + 0.5 * (pos[:, None] == neg[None, :]).mean()
+    assert auroc(scores, flags) == pytest.approx(pairs)
 
 
 def _parts(tiny_model, algorithm: str, recorder_cls):
@@ -227,3 +234,28 @@ def test_gradient_checkpointing_gives_the_same_gradients(tiny_model):
     assert torch.allclose(loss_a, loss_b, atol=1e-6)
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(grad_a, grad_b, strict=True))
     assert any(a.abs().sum() > 0 for a in grad_a)
+
+
+def test_tokenized_ids_stay_in_arrow_and_match_a_list_input(tiny_model, tmp_path):
+    from sealft.data import load_examples
+
+    _, tokenizer = load_model_and_tokenizer(tiny_model)
+    # Every fifth answer is empty (skipped), long prompts are skipped, long answers truncated.
+    rows = [{"prompt": "how do i " * (i % 7 + 1), "completion": "sorry cannot " * (i % 5)}
+            for i in range(30)]
+    path = tmp_path / "d.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    arrow = tokenize_examples(load_examples(str(path)), tokenizer, 24, cache=False)
+    plain = tokenize_examples(normalise(rows), tokenizer, 24, cache=False)
+    assert not isinstance(arrow.input_ids, list)
+    assert arrow.rows.tolist() == plain.rows.tolist()
+    assert arrow.skipped == plain.skipped and arrow.truncated == plain.truncated
+    assert "empty response" in arrow.skipped.values() and arrow.truncated
+    assert any("prompt has" in reason for reason in arrow.skipped.values())
+    for p in range(len(arrow)):
+        assert arrow.input_ids[p] == plain.input_ids[p] and arrow.labels[p] == plain.labels[p]
+    assert arrow.lengths().tolist() == [len(arrow.input_ids[p]) for p in range(len(arrow))]
+    batch = collate(arrow, [2, 0], tokenizer.pad_token_id)
+    assert batch["input_ids"][1, :len(arrow.input_ids[0])].tolist() == arrow.input_ids[0]
+    part = arrow.subset(arrow.rows[[3, 1]])
+    assert part.input_ids[0] == arrow.input_ids[3] and len(part) == 2

@@ -124,3 +124,39 @@ def test_training_cost_comes_from_the_adapters_run_dir(runs, tmp_path):
     (run / "summary.json").write_text(json.dumps(summary))
     md = report(ReportArgs(runs=(str(run),), output=str(tmp_path / "r"))).read_text()
     assert "Train time" in md and "66.7 min" in md and "2.0 GiB" in md
+
+
+SWEEP_ROWS = [
+    {"method": "seal", "keep_ratio": 0.5, "safety": 0.8, "acc": 0.7, "note": None},
+    {"method": "seal", "keep_ratio": 0.5, "safety": 0.6, "acc": float("nan")},
+    {"method": "seal", "keep_ratio": 0.8, "safety": 0.5, "acc": 0.75},
+    {"method": "all", "keep_ratio": 1.0, "safety": 0.2, "acc": 0.8},
+]
+
+
+def test_rows_render_as_markdown_and_csv(tmp_path):
+    import csv
+
+    from sealft.report import rows_markdown, write_rows_csv
+
+    text = rows_markdown(SWEEP_ROWS[:2], {"Method": "method", "Safety": "safety", "Acc": "acc",
+                                          "Note": "note"})
+    assert text.splitlines() == ["| Method | Safety | Acc | Note |", "|---|---:|---:|---:|",
+                                 "| seal | 0.800 | 0.700 | – |", "| seal | 0.600 | – | – |"]
+    path = write_rows_csv(tmp_path / "rows.csv", SWEEP_ROWS, first=("method", "keep_ratio"))
+    read = list(csv.DictReader(path.open()))
+    assert list(read[0]) == ["method", "keep_ratio", "acc", "note", "safety"]
+    assert [r["safety"] for r in read] == ["0.8", "0.6", "0.5", "0.2"] and read[0]["note"] == ""
+
+
+def test_plot_sweep_averages_points_and_skips_empty(tmp_path):
+    from sealft.report import _group_means, plot_sweep
+
+    means = _group_means(SWEEP_ROWS, "keep_ratio", ["safety", "acc"], "method")
+    assert means["seal"][0.5] == {"safety": pytest.approx(0.7), "acc": 0.7}  # NaN left out
+    assert means["all"] == {1.0: {"safety": 0.2, "acc": 0.8}}
+    path = plot_sweep(SWEEP_ROWS, "keep_ratio", {"safety": "Safety (%)", "acc": "Acc (%)"},
+                      "method", tmp_path / "sweep.png", flat=("all",))
+    assert path.read_bytes()[:8] == PNG_MAGIC
+    assert plot_sweep(SWEEP_ROWS, "keep_ratio", {"missing": "x"}, "method",
+                      tmp_path / "none.png") is None

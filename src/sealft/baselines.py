@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from sealft.data import Example, load_examples
+from sealft.data import Example, ids_at, load_examples
 from sealft.errors import ConfigError, DataError
 from sealft.io import append_jsonl, write_json, write_jsonl
 from sealft.tokenize import Tokenized, collate
@@ -124,7 +124,7 @@ def hashed_uniform(ids: Iterable[str], seed: int) -> np.ndarray:
 
 def _score_random(args, examples: list[Example], safe: list[Example], out: Path):
     tokenized = _tokenize_for_skips(args, examples)
-    u = hashed_uniform((examples[r]["id"] for r in tokenized.rows), args.seed)
+    u = hashed_uniform(ids_at(examples, tokenized.rows), args.seed)
     return _result(len(examples), tokenized, np.log(u / (1 - u)), 2 * u, {"seed": args.seed})
 
 
@@ -176,7 +176,8 @@ def _score_dsir(args, examples: list[Example], safe: list[Example], out: Path):
 
 def _score_reference_loss(args, examples: list[Example], safe: list[Example], out: Path):
     from sealft.models import add_lora_adapters, load_model_and_tokenizer
-    from sealft.seal import lora_settings, make_accelerator, tokenize_inputs
+    from sealft.runtime import lora_settings, make_accelerator
+    from sealft.tokenize import tokenize_inputs
 
     if args.reference_steps < 1:
         raise ConfigError(f"--reference-steps: must be >= 1, got {args.reference_steps}")
@@ -260,7 +261,7 @@ def example_losses(model, tokenized: Tokenized, batcher: _Batcher) -> np.ndarray
 
     model.eval()
     # Sorting by length keeps padding (wasted compute) low; results go back by position.
-    order = sorted(range(len(tokenized)), key=lambda p: len(tokenized.input_ids[p]))
+    order = np.argsort(tokenized.lengths(), kind="stable").tolist()
     losses = np.zeros(len(tokenized))
     for batch in batcher(tokenized, order):
         losses[batch["positions"].cpu().numpy()] = per_example_loss(model, batch).cpu().numpy()

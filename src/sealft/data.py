@@ -13,15 +13,19 @@ import gzip
 import hashlib
 import json
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from sealft.errors import DataError
-from sealft.io import read_jsonl
+from sealft.io import iter_jsonl, read_jsonl
 
 Message = dict[str, str]
 Example = dict[str, Any]
+
+_BATCH = 10_000  # rows per Arrow record batch / per read
 
 FORMATS = ("messages", "sharegpt", "prompt_completion", "alpaca", "orca", "hh")
 
@@ -75,6 +79,28 @@ def read_rows(source: str, split: str = "train") -> list[dict[str, Any]]:
 
 
 _FILE_SUFFIXES = (".json", ".jsonl", ".parquet", ".csv", ".gz")
+
+
+def iter_rows(source: str, split: str = "train") -> Iterator[dict[str, Any]]:
+    """`read_rows` one row at a time where the format allows (JSONL, Parquet, a saved
+    dataset), so a million-row file never sits in memory as Python objects."""
+    path = Path(source).expanduser()
+    name = path.name.lower()
+    if path.is_file() and name.endswith((".jsonl", ".jsonl.gz", ".ndjson")):
+        yield from iter_jsonl(path)
+    elif path.is_file() and name.endswith(".parquet"):
+        import pyarrow.parquet as pq
+
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=_BATCH):
+            yield from batch.to_pylist()
+    elif path.is_dir() and (path / "dataset_info.json").exists():
+        import datasets
+
+        loaded = datasets.load_from_disk(str(path))  # memory-mapped
+        for start in range(0, len(loaded), _BATCH):
+            yield from loaded.select(range(start, min(start + _BATCH, len(loaded)))).to_list()
+    else:
+        yield from read_rows(source, split)
 
 
 def _read_hub_dataset(name: str, split: str) -> list[dict[str, Any]]:
@@ -234,16 +260,27 @@ def normalise(
 ) -> list[Example]:
     """Turn raw rows into examples with stable, unique ids. Never silently drops a row:
     `drop_duplicates` is the one opt-in exception, for exact repeats."""
-    if not rows:
+    examples = list(normalise_rows(rows, source, fmt, drop_duplicates))
+    if not examples:
         raise DataError(f"{source}: the dataset is empty; nothing to select or train on")
+    return examples
+
+
+def normalise_rows(
+    rows: Iterable[dict[str, Any]],
+    source: str = "<data>",
+    fmt: str = "auto",
+    drop_duplicates: bool = False,
+) -> Iterator[Example]:
+    """`normalise`, one example at a time (an empty input yields nothing)."""
     if fmt != "auto" and fmt not in FORMATS:
         raise DataError(f"--format {fmt!r}: use auto or one of {', '.join(FORMATS)}")
-    fmt = detect_format(rows[0], f"{source} row 0") if fmt == "auto" else fmt
-    normaliser = _NORMALISERS[fmt]
-    examples: list[Example] = []
+    normaliser = None if fmt == "auto" else _NORMALISERS[fmt]
     first_row_of: dict[str, int] = {}
     for index, row in enumerate(rows):
         where = f"{source} row {index}"
+        if normaliser is None:  # the first row decides the format of all
+            normaliser = _NORMALISERS[detect_format(row, where)]
         messages = normaliser(row, where)
         ex_id = str(row["id"]) if row.get("id") not in (None, "") else example_id(messages)
         if ex_id in first_row_of:
@@ -256,8 +293,97 @@ def normalise(
             )
         first_row_of[ex_id] = index
         meta = {k: v for k, v in row.items() if k not in _CONTENT_FIELDS}
-        examples.append({"id": ex_id, "index": index, "messages": messages, "meta": meta})
-    return examples
+        yield {"id": ex_id, "index": index, "messages": messages, "meta": meta}
+
+
+class Examples(Sequence):
+    """Examples in a memory-mapped Arrow file rather than as Python objects: a million chat
+    rows cost disk, not RAM. `examples[k]` builds the one example dict asked for; a slice or
+    `take` is a view over the same file. Written once, read-only after."""
+
+    def __init__(self, dataset, positions: np.ndarray | None = None, keep: Any = None):
+        self.dataset = dataset  # datasets.Dataset: id, index, messages (JSON), meta (JSON)
+        self.table = dataset.data.table  # the pyarrow view of the same memory map
+        self.positions = positions
+        self._keep = keep  # the temporary folder of the file, removed with the last view
+
+    @classmethod
+    def write(cls, examples: Iterable[Example], folder: Path) -> Examples:
+        """Stream `examples` to folder/examples.arrow in record batches and map it."""
+        import datasets
+        import pyarrow as pa
+
+        schema = pa.schema([("id", pa.string()), ("index", pa.int64()),
+                            ("messages", pa.string()), ("meta", pa.string())])
+        path = folder / "examples.arrow"
+        with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
+            for batch in _batched(examples, _BATCH):
+                writer.write_batch(pa.record_batch([
+                    [e["id"] for e in batch], [e["index"] for e in batch],
+                    [json.dumps(e["messages"], ensure_ascii=False) for e in batch],
+                    [json.dumps(e["meta"], ensure_ascii=False, default=str) for e in batch],
+                ], schema=schema))
+        return cls(datasets.Dataset.from_file(str(path)))
+
+    def __len__(self) -> int:
+        return self.table.num_rows if self.positions is None else len(self.positions)
+
+    def __getitem__(self, key):
+        if isinstance(key, slice):
+            return self.take(np.arange(len(self))[key])
+        k = int(key)
+        if k < 0:
+            k += len(self)
+        if not 0 <= k < len(self):
+            raise IndexError(f"example {key} of {len(self)}")
+        row = k if self.positions is None else int(self.positions[k])
+        return _decode(self.table.slice(row, 1).to_pylist()[0])
+
+    def __iter__(self) -> Iterator[Example]:
+        # A batch at a time: per-row slicing of the table is the slow way through a million.
+        for start in range(0, len(self), _BATCH):
+            if self.positions is None:
+                part = self.table.slice(start, _BATCH)
+            else:
+                part = self.table.take(self.positions[start:start + _BATCH])
+            yield from (_decode(row) for row in part.to_pylist())
+
+    def take(self, positions: Sequence[int]) -> Examples:
+        """The examples at `positions` (a view; row numbers stay the input's)."""
+        positions = np.asarray(positions, dtype=np.int64)
+        if self.positions is not None:
+            positions = self.positions[positions]
+        return Examples(self.dataset, positions, self._keep)
+
+    def column(self, name: str) -> list:
+        """One plain column (id or index) for all examples, in order, without decoding JSON."""
+        values = self.table.column(name)
+        if self.positions is not None:
+            values = values.take(self.positions)
+        return values.to_pylist()
+
+    def as_dataset(self):
+        """The examples as a `datasets.Dataset` (for `map`), in this view's order."""
+        if self.positions is None:
+            return self.dataset
+        return self.dataset.select(self.positions)
+
+
+def _decode(row: dict[str, Any]) -> Example:
+    row["messages"] = json.loads(row["messages"])
+    row["meta"] = json.loads(row["meta"])
+    return row
+
+
+def _batched(items: Iterable, size: int) -> Iterator[list]:
+    batch = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
 
 
 def load_examples(
@@ -266,21 +392,55 @@ def load_examples(
     fmt: str = "auto",
     limit: int | None = None,
     drop_duplicates: bool = False,
-) -> list[Example]:
-    """read_rows + normalise. `limit` keeps the first rows (a deterministic subset)."""
-    rows = read_rows(source, split)
-    if limit is not None:
-        rows = rows[:limit]
-    return normalise(rows, source, fmt, drop_duplicates)
+) -> Examples:
+    """iter_rows + normalise into a memory-mapped `Examples`. `limit` keeps the first rows
+    (a deterministic subset)."""
+    import itertools
+    import shutil
+    import tempfile
+    import weakref
+
+    from sealft.models import CACHE_DIR  # on disk: a tmpfs /tmp would put the file in RAM
+
+    root = CACHE_DIR / "examples"
+    root.mkdir(parents=True, exist_ok=True)
+    folder = Path(tempfile.mkdtemp(dir=root))
+    try:
+        rows = itertools.islice(iter_rows(source, split), limit)
+        examples = Examples.write(normalise_rows(rows, source, fmt, drop_duplicates), folder)
+    except BaseException:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
+    # The folder lives as long as some view of it; removed when the last one is collected.
+    keep = _Folder(folder)
+    weakref.finalize(keep, shutil.rmtree, folder, True)
+    examples._keep = keep
+    if len(examples) == 0:
+        raise DataError(f"{source}: the dataset is empty; nothing to select or train on")
+    return examples
 
 
-def sample_rows(examples: list[Example], n: int | None, seed: int) -> list[Example]:
+class _Folder:
+    def __init__(self, path: Path):
+        self.path = path
+
+
+def ids_at(examples: Sequence[Example], rows: Iterable[int]) -> list[str]:
+    """The ids of the examples at `rows`; from an `Examples` file, one column read."""
+    if isinstance(examples, Examples):
+        return examples.take(np.asarray(rows, dtype=np.int64)).column("id")
+    return [examples[r]["id"] for r in rows]
+
+
+def sample_rows(examples: Sequence[Example], n: int | None, seed: int) -> Sequence[Example]:
     """A seeded random subset that keeps input order (so row numbers stay meaningful)."""
     if n is None or n >= len(examples):
         return examples
     import random
 
     picked = sorted(random.Random(seed).sample(range(len(examples)), n))
+    if isinstance(examples, Examples):
+        return examples.take(picked)
     return [examples[i] for i in picked]
 
 

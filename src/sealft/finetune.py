@@ -16,19 +16,19 @@ import numpy as np
 import torch
 
 from sealft import config as cfg
-from sealft.data import load_examples
+from sealft.data import ids_at, load_examples
 from sealft.io import prepare_output_dir, read_jsonl, write_json, write_yaml
 from sealft.losses import per_example_loss
 from sealft.models import adapter_parameters, add_lora_adapters, load_model_and_tokenizer
-from sealft.seal import (
+from sealft.runtime import (
     finish_logging,
     log_metrics,
     lora_settings,
     make_accelerator,
+    peak_memory_mb,
     process_state,
     sharding_engine,
 )
-from sealft.select import peak_memory_mb
 from sealft.selector import align_scores
 from sealft.tokenize import collate, require_usable, tokenize_examples
 from sealft.train import LoopSettings, adapter_checkpoint, train_loop
@@ -119,7 +119,7 @@ def run_finetune(args: FinetuneArgs) -> dict:
                                                 args.trust_remote_code)
     tokenized = tokenize_examples(examples, tokenizer, args.max_length, args.num_proc)
     require_usable(tokenized, args.data, args.max_length)
-    ids = [examples[r]["id"] for r in tokenized.rows]
+    ids = ids_at(examples, tokenized.rows)
     weights = _example_weights(args, ids)
     model = add_lora_adapters(model, lora_settings(args), (ADAPTER,),
                               args.gradient_checkpointing)

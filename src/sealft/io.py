@@ -73,7 +73,11 @@ def write_yaml(path: str | Path, obj: Any) -> None:
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
     """Read a JSONL file (optionally .gz); a malformed line is an error naming the file and
     line number."""
-    rows = []
+    return list(iter_jsonl(path))
+
+
+def iter_jsonl(path: str | Path) -> Iterator[dict[str, Any]]:
+    """`read_jsonl` one row at a time, for files too large to hold as Python objects."""
     opener = gzip.open if str(path).endswith(".gz") else open
     with opener(path, "rt", encoding="utf-8") as handle:
         for line_no, line in enumerate(handle, start=1):
@@ -88,8 +92,7 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
                 ) from None
             if not isinstance(row, dict):
                 raise DataError(f"{path}:{line_no}: expected a JSON object per line")
-            rows.append(row)
-    return rows
+            yield row
 
 
 def append_jsonl(path: str | Path, row: dict[str, Any]) -> None:

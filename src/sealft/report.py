@@ -282,6 +282,44 @@ def html_table(header: list[str], rows: list[list[str]]) -> str:
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
+def cell_text(value: Any, digits: int = 3) -> str:
+    """One table cell: floats rounded, missing values as an en dash."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "–"
+    if isinstance(value, float):
+        return f"{value:.{digits}g}" if abs(value) < 1e-3 and value else f"{value:.{digits}f}"
+    return str(value)
+
+
+def rows_table(rows: list[dict[str, Any]], columns: dict[str, str] | None = None,
+               digits: int = 3) -> tuple[list[str], list[list[str]]]:
+    """(header, cells) of row dicts, for `md_table` / `html_table`. `columns` maps header ->
+    key, in order; by default every key, in first-seen order."""
+    if columns is None:
+        columns = {k: k for k in dict.fromkeys(k for row in rows for k in row)}
+    return list(columns), [[cell_text(row.get(key), digits) for key in columns.values()]
+                           for row in rows]
+
+
+def rows_markdown(rows: list[dict[str, Any]], columns: dict[str, str] | None = None,
+                  digits: int = 3) -> str:
+    return md_table(*rows_table(rows, columns, digits))
+
+
+def write_rows_csv(path: Path, rows: list[dict[str, Any]], first: tuple[str, ...] = ()) -> Path:
+    """Row dicts as CSV: the `first` columns in order, then every other key sorted; missing
+    values empty. Written atomically, like every run output."""
+    import csv
+
+    columns = list(first) + sorted({k for row in rows for k in row} - set(first))
+    with atomic_write(path) as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns, lineterminator="\n")
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: "" if row.get(k) is None else row[k] for k in columns})
+    return path
+
+
 # ---------------------------------------------------------------------------------------------
 # Plots
 # ---------------------------------------------------------------------------------------------
@@ -451,6 +489,50 @@ def plot_kept_by_flag(runs: list[SelectionRun], out: Path) -> Path | None:
 # ---------------------------------------------------------------------------------------------
 # Assembling the report
 # ---------------------------------------------------------------------------------------------
+
+
+def plot_sweep(rows: list[dict[str, Any]], x: str, panels: dict[str, str], group: str,
+               path: Path, flat: tuple[str, ...] = (), scale: float = 100.0) -> Path | None:
+    """One panel per metric (key -> title): the mean over rows of each (group, x) point, one
+    line per group. Groups in `flat` do not depend on x (e.g. all-data baselines) and are
+    drawn as dashed horizontal lines. None when no row has a value to plot."""
+    means = _group_means(rows, x, list(panels), group)
+    if not means:
+        return None
+    plt = _pyplot()
+    xs = sorted({point for points in means.values() for point in points})
+    span = (min(xs) - 0.02, max(xs) + 0.02)
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.2), squeeze=False)
+    for ax, (key, title) in zip(axes[0], panels.items(), strict=True):
+        for k, (name, points) in enumerate(means.items()):
+            values = [(px, v[key] * scale) for px, v in sorted(points.items()) if key in v]
+            if not values:
+                continue
+            color = f"C{k % 10}"
+            if name in flat:
+                ax.hlines(values[0][1], *span, linestyles="dashed", label=name, colors=color)
+            else:
+                ax.plot(*zip(*values, strict=True), marker="o", label=name, color=color)
+        ax.set(title=title, xlabel=x, xlim=span)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 4) or 1,
+               frameon=False, bbox_to_anchor=(0.5, -0.08))
+    return _save(fig, path)
+
+
+def _group_means(rows: list[dict[str, Any]], x: str, keys: list[str],
+                 group: str) -> dict[str, dict[float, dict[str, float]]]:
+    """group -> x -> key -> mean of the rows' numeric values (missing / NaN left out)."""
+    collected: dict[str, dict[float, dict[str, list[float]]]] = {}
+    for row in rows:
+        for key in keys:
+            value = row.get(key)
+            if value in (None, "") or math.isnan(float(value)):
+                continue
+            point = collected.setdefault(str(row[group]), {}).setdefault(float(row[x]), {})
+            point.setdefault(key, []).append(float(value))
+    return {name: {px: {k: sum(v) / len(v) for k, v in values.items()}
+                   for px, values in points.items()} for name, points in collected.items()}
 
 
 @dataclass

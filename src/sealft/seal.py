@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import os
 import time
 from functools import partial
 from pathlib import Path
@@ -12,134 +11,26 @@ import numpy as np
 import torch
 
 from sealft import bilevel
-from sealft.data import Example
+from sealft.data import Example, ids_at
 from sealft.errors import ConfigError
 from sealft.models import (
-    LoraSettings,
     adapter_parameters,
     add_lora_adapters,
     load_model_and_tokenizer,
 )
+from sealft.runtime import (
+    finish_logging,
+    gradient_sync,
+    log_metrics,
+    lora_settings,
+    make_accelerator,
+    require_data_parallel,
+)
 from sealft.selector import Selector, keep_count_for
-from sealft.tokenize import Tokenized, collate, require_usable, tokenize_examples
+from sealft.tokenize import Tokenized, collate, tokenize_examples, tokenize_inputs
 from sealft.train import LoopSettings, adapter_checkpoint, train_loop
 
 SCORER_DIR = "scorer"
-
-# Set by `accelerate launch` from the config file's distributed_type.
-_REQUESTED_ENGINES = {"ACCELERATE_USE_FSDP": "FSDP", "ACCELERATE_USE_DEEPSPEED": "DEEPSPEED"}
-
-
-def process_state():
-    """Accelerate's view of the processes. On machines without an accelerator, `cpu=True` is
-    what makes `torchrun` / `accelerate launch` run as MULTI_CPU (gloo) instead of silently
-    running N independent single-process jobs."""
-    from accelerate import PartialState
-
-    cpu = not torch.cuda.is_available()
-    if cpu:
-        _refuse_sharded_launch_on_cpu()
-    return PartialState(cpu=cpu)
-
-
-def _refuse_sharded_launch_on_cpu() -> None:
-    """On CPU, Accelerate turns an FSDP or DeepSpeed launch config into plain data parallel
-    (MULTI_CPU) without a word (measured with accelerate 1.15). Refuse rather than let a user
-    believe the model is sharded. (On GPUs the engine is set later, by the Accelerator.)"""
-    for variable, engine in _REQUESTED_ENGINES.items():
-        if os.environ.get(variable, "").lower() in ("1", "true"):
-            raise ConfigError(
-                f"the launch asked for {engine} ({variable}), but without a GPU Accelerate "
-                "would run plain data parallel instead; launch with configs/accelerate/ddp.yaml "
-                f"(or torchrun) for data parallel on CPU, or use GPUs for {engine}")
-
-
-def make_accelerator(out: Path, log: bool = True):
-    from accelerate import Accelerator
-
-    try:
-        import tensorboard  # noqa: F401
-
-        trackers = "tensorboard" if log else None
-    except ImportError:
-        trackers = None
-    process_state()
-    accelerator = Accelerator(cpu=not torch.cuda.is_available(), log_with=trackers,
-                              project_dir=str(out / "logs"))
-    if trackers:
-        accelerator.init_trackers("sealft")
-    return accelerator
-
-
-def gradient_sync(accelerator):
-    """Sum gradients over processes. Each process divides its losses by the *global* batch
-    size, so the sum is the full-batch gradient on every rank: θ, θ' and the selector logits
-    stay identical everywhere. Done with Accelerate's collective rather than a DDP wrapper
-    because a step alternates two adapters on one model, which DDP's one-forward-one-backward
-    bookkeeping does not express."""
-    if accelerator.num_processes == 1:
-        return lambda params: None
-
-    def sync(params: list[torch.nn.Parameter]) -> None:
-        for param in params:
-            if param.grad is None:
-                param.grad = torch.zeros_like(param)
-            param.grad = accelerator.reduce(param.grad, reduction="sum")
-
-    return sync
-
-
-def sharding_engine(accelerator) -> str | None:
-    """The engine name ("FSDP", "DEEPSPEED") when the launch shards the model, else None."""
-    from accelerate.utils import DistributedType
-
-    kind = accelerator.distributed_type
-    return kind.value if kind in (DistributedType.FSDP, DistributedType.DEEPSPEED) else None
-
-
-def require_data_parallel(accelerator) -> None:
-    """Selection replicates the model on every process (see `gradient_sync`); an FSDP or
-    DeepSpeed launch would be silently ignored, so it is refused."""
-    engine = sharding_engine(accelerator)
-    if engine:
-        raise ConfigError(
-            f"sealft select runs data-parallel only, not under "
-            f"{engine}: launch it with configs/accelerate/ddp.yaml "
-            "(the model is replicated on each process); FSDP / DeepSpeed apply to `sealft finetune`")
-
-
-def lora_settings(args) -> LoraSettings:
-    return LoraSettings(args.lora_r, args.lora_alpha, args.lora_dropout,
-                        tuple(args.lora_target_modules))
-
-
-def tokenize_inputs(args, tokenizer, examples: list[Example], safe: list):
-    """Tokenised fine-tuning data and upper-level data: a `Tokenized`, or for preference
-    pairs a (chosen, rejected) pair of `Tokenized` over the pairs usable on both sides."""
-    tokenized = tokenize_examples(examples, tokenizer, args.max_length, args.num_proc,
-                                  desc="tokenising fine-tuning data")
-    require_usable(tokenized, args.finetune_data, args.max_length)
-    if not safe:
-        return tokenized, None
-    if isinstance(safe[0], tuple):
-        chosen = tokenize_examples([c for c, _ in safe], tokenizer, args.max_length,
-                                   args.num_proc, desc="tokenising chosen answers")
-        rejected = tokenize_examples([r for _, r in safe], tokenizer, args.max_length,
-                                     args.num_proc, desc="tokenising rejected answers")
-        both = sorted(set(chosen.rows) & set(rejected.rows))
-        chosen, rejected = _subset(chosen, both), _subset(rejected, both)
-        require_usable(chosen, args.safe_data, args.max_length)
-        return tokenized, (chosen, rejected)
-    safe_tok = tokenize_examples(safe, tokenizer, args.max_length, args.num_proc,
-                                 desc="tokenising safe set")
-    require_usable(safe_tok, args.safe_data, args.max_length)
-    return tokenized, safe_tok
-
-
-def _subset(data: Tokenized, rows: list[int]) -> Tokenized:
-    where = {row: k for k, row in enumerate(data.rows)}
-    return Tokenized(input_ids=[data.input_ids[where[r]] for r in rows],
-                     labels=[data.labels[where[r]] for r in rows], rows=rows)
 
 
 def fit_subset(tokenized: Tokenized, sample: int | None, seed: int) -> Tokenized:
@@ -149,7 +40,7 @@ def fit_subset(tokenized: Tokenized, sample: int | None, seed: int) -> Tokenized
         return tokenized
     import random
 
-    return _subset(tokenized, sorted(random.Random(seed).sample(list(tokenized.rows), sample)))
+    return tokenized.subset(sorted(random.Random(seed).sample(list(tokenized.rows), sample)))
 
 
 def learn_selector(args, examples: list[Example], safe: list[Example], out: Path):
@@ -195,7 +86,7 @@ def learn_selector(args, examples: list[Example], safe: list[Example], out: Path
                          [to_batch(safe_tok, m) for m in safe_micro], gamma, len(batch),
                          safe_total, visited=torch.tensor(batch))
 
-    fit_ids = [examples[r]["id"] for r in fit.rows]
+    fit_ids = ids_at(examples, fit.rows)
     settings = LoopSettings(
         epochs=args.epochs, batch_size=args.batch_size, micro_batch_size=args.micro_batch_size,
         safe_batch_size=args.safe_batch_size, seed=args.seed, save_every=args.save_every,
@@ -231,7 +122,7 @@ def learn_selector(args, examples: list[Example], safe: list[Example], out: Path
     learned = selector.logits.detach().cpu().numpy()
     learned_weights = selector.weights().detach().cpu().numpy()
     if accelerator.is_main_process:
-        selector.save(out / "selector.safetensors", [examples[r]["id"] for r in tokenized.rows])
+        selector.save(out / "selector.safetensors", ids_at(examples, tokenized.rows))
     logits, weights = _per_row(len(examples), tokenized.rows, learned, learned_weights)
     harm_per_row = None
     if harm is not None:
@@ -355,15 +246,3 @@ def _per_row(n: int, rows: list[int], logits: np.ndarray, weights: np.ndarray):
     full_logits, full_weights = np.full(n, np.nan), np.full(n, np.nan)
     full_logits[rows], full_weights[rows] = logits, weights
     return full_logits, full_weights
-
-
-def finish_logging(accelerator) -> None:
-    # Not accelerator.end_training(): it also tears down the process group, and the stage
-    # still needs it to agree on outputs.
-    for tracker in accelerator.trackers:
-        tracker.finish()
-
-
-def log_metrics(accelerator, metrics: dict[str, float], step: int) -> None:
-    if accelerator.trackers:
-        accelerator.log(metrics, step=step)

@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from sealft import config as cfg
 from sealft.bilevel import SIGNALS
@@ -30,6 +29,7 @@ from sealft.data import (
     sample_rows,
 )
 from sealft.io import prepare_output_dir, write_json, write_jsonl, write_yaml
+from sealft.runtime import peak_memory_mb, process_state
 from sealft.selector import PARAMETRIZATIONS, keep_count_for, keep_mask
 
 METHODS = ("seal", "random", "dsir", "reference-loss", "all")
@@ -200,28 +200,14 @@ def label_report(examples: list[Example], kept: np.ndarray, field: str, unsafe: 
 
 
 def auroc(scores: np.ndarray, positive: np.ndarray) -> float | None:
-    """P(score of a random positive > score of a random negative), ties counting half."""
-    pos, neg = scores[positive], scores[~positive]
-    if len(pos) == 0 or len(neg) == 0:
+    """P(score of a random positive > score of a random negative), ties counting half;
+    None when one class is absent (scikit-learn raises there)."""
+    from sklearn.metrics import roc_auc_score  # imported here: only labelled runs need it
+
+    positive = np.asarray(positive, dtype=bool)
+    if positive.all() or not positive.any():
         return None
-    ranks = _average_ranks(np.concatenate([pos, neg]))
-    return float((ranks[: len(pos)].sum() - len(pos) * (len(pos) + 1) / 2) / (len(pos) * len(neg)))
-
-
-def _average_ranks(values: np.ndarray) -> np.ndarray:
-    """scipy.stats.rankdata's 'average' method, written out to keep scipy out of the runtime
-    dependencies for one function."""
-    order = np.argsort(values, kind="mergesort")
-    ranks = np.empty(len(values))
-    sorted_values = values[order]
-    start = 0
-    while start < len(values):
-        end = start
-        while end + 1 < len(values) and sorted_values[end + 1] == sorted_values[start]:
-            end += 1
-        ranks[order[start:end + 1]] = (start + end) / 2 + 1
-        start = end + 1
-    return ranks
+    return float(roc_auc_score(positive, scores))
 
 
 def write_outputs(
@@ -259,18 +245,8 @@ def write_outputs(
     return summary
 
 
-def peak_memory_mb() -> float:
-    if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated() / 2**20
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
-
-
 def run_select(args: SelectArgs) -> dict:
     """Select data; returns the summary (also written to summary.json)."""
-    from sealft.seal import process_state
-
     started = time.perf_counter()
     is_main = process_state().is_main_process
     out = Path(args.output_dir)

@@ -10,33 +10,64 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass, field
+from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import torch
 
-from sealft.data import Example
+from sealft.data import Example, Examples
 from sealft.errors import DataError
 from sealft.models import CACHE_DIR
 
 IGNORE_INDEX = -100
 
 
-@dataclass
 class Tokenized:
-    """Token ids and labels for the usable examples, plus an account of the unusable ones."""
+    """Token ids and labels for the usable examples, plus an account of the unusable ones.
 
-    input_ids: list[list[int]]
-    labels: list[list[int]]
-    rows: list[int]
-    """Position of each usable example in the input example list."""
-    skipped: dict[str, str] = field(default_factory=dict)
-    """id -> reason, for examples that cannot be trained on."""
-    truncated: list[str] = field(default_factory=list)
-    """ids whose response was cut at max_length (still used)."""
+    The ids stay in the memory-mapped Arrow file `datasets.map` wrote (one row per input
+    example); `input_ids[p]` / `labels[p]` read the p-th usable example's list from it, so a
+    million examples cost disk, not Python lists."""
+
+    def __init__(self, table, rows: np.ndarray, skipped: dict[str, str] | None = None,
+                 truncated: list[str] | None = None):
+        self.table = table
+        """The Arrow table (pyarrow) with input_ids / labels, indexed by input row."""
+        self.rows = np.asarray(rows, dtype=np.int64)
+        """Position of each usable example in the input example list."""
+        self.skipped = skipped or {}
+        """id -> reason, for examples that cannot be trained on."""
+        self.truncated = truncated or []
+        """ids whose response was cut at max_length (still used)."""
+        self.input_ids = _Column(table.column("input_ids"), self.rows)
+        self.labels = _Column(table.column("labels"), self.rows)
 
     def __len__(self) -> int:
         return len(self.rows)
+
+    def lengths(self) -> np.ndarray:
+        """Tokens per usable example, without reading the ids."""
+        import pyarrow.compute as pc
+
+        return pc.list_value_length(self.table.column("input_ids")).to_numpy()[self.rows]
+
+    def subset(self, rows) -> Tokenized:
+        """The usable examples at input rows `rows` (each must be usable here)."""
+        return Tokenized(self.table, rows)
+
+
+class _Column:
+    """One list-of-ints column, indexed by usable position; each read is one row's list."""
+
+    def __init__(self, array, rows: np.ndarray):
+        self.array, self.rows = array, rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, p: int) -> list[int]:
+        return self.array[int(self.rows[p])].as_py()
 
 
 def _render(tokenizer, messages: list[dict[str, str]], generation_prompt: bool) -> str:
@@ -85,20 +116,33 @@ def _tokenize_batch(batch: dict[str, list[Any]], tokenizer, max_length: int) -> 
     return out
 
 
-def _fingerprint(tokenizer, examples: list[Example], max_length: int) -> str:
+def _fingerprint(tokenizer, examples, max_length: int) -> str:
     digest = hashlib.sha1()
     digest.update(str(tokenizer.name_or_path).encode())
     digest.update(str(tokenizer.chat_template).encode())
     digest.update(str(len(tokenizer)).encode())
     digest.update(str(max_length).encode())
-    for example in examples:
-        digest.update(example["id"].encode())
-        digest.update(json.dumps(example["messages"], ensure_ascii=False).encode())
+    for ex_id, messages in _ids_and_messages(examples):
+        digest.update(ex_id.encode())
+        digest.update(messages.encode())
     return digest.hexdigest()[:20]
 
 
+def _ids_and_messages(examples):
+    """(id, messages as JSON) per example; from an `Examples` file without decoding it."""
+    if isinstance(examples, Examples):
+        table = examples.as_dataset().with_format("arrow")
+        for start in range(0, len(table), 10_000):
+            part = table[start:start + 10_000]
+            yield from zip(part.column("id").to_pylist(), part.column("messages").to_pylist(),
+                           strict=True)
+    else:
+        for e in examples:
+            yield e["id"], json.dumps(e["messages"], ensure_ascii=False)
+
+
 def tokenize_examples(
-    examples: list[Example],
+    examples: Sequence[Example],
     tokenizer,
     max_length: int,
     num_proc: int | None = None,
@@ -109,9 +153,12 @@ def tokenize_examples(
     tokenizer + template + data, so a rerun on the same data skips the work)."""
     import datasets
 
-    table = datasets.Dataset.from_dict(
-        {"messages": [json.dumps(e["messages"], ensure_ascii=False) for e in examples]}
-    )
+    if isinstance(examples, Examples):  # already Arrow, messages already JSON
+        table = examples.as_dataset().select_columns(["messages"])
+    else:
+        table = datasets.Dataset.from_dict(
+            {"messages": [json.dumps(e["messages"], ensure_ascii=False) for e in examples]}
+        )
     cache_file = None
     if cache:
         cache_dir = CACHE_DIR / "tokenized"
@@ -128,19 +175,24 @@ def tokenize_examples(
         load_from_cache_file=cache,
         desc=desc,
     )
-    columns = mapped.to_dict()
-    result = Tokenized(input_ids=[], labels=[], rows=[])
-    for row, example in enumerate(examples):
-        reason = columns["skip"][row]
-        if reason:
-            result.skipped[example["id"]] = reason
-            continue
-        result.input_ids.append(columns["input_ids"][row])
-        result.labels.append(columns["labels"][row])
-        result.rows.append(row)
-        if columns["truncated"][row]:
-            result.truncated.append(example["id"])
-    return result
+    return _account(mapped.data.table, examples)
+
+
+def _account(table, examples) -> Tokenized:
+    """Usable rows, and the ids of the skipped / truncated ones, from the mapped table's
+    columns (vectorised: no per-row Python objects for the usable majority)."""
+    import pyarrow.compute as pc
+
+    skip = table.column("skip")
+    skipped_rows = np.flatnonzero(pc.not_equal(skip, "").to_numpy(zero_copy_only=False))
+    truncated_rows = np.flatnonzero(table.column("truncated").to_numpy(zero_copy_only=False))
+    usable = np.ones(table.num_rows, dtype=bool)
+    usable[skipped_rows] = False
+    return Tokenized(
+        table, np.flatnonzero(usable),
+        skipped={examples[r]["id"]: skip[int(r)].as_py() for r in skipped_rows},
+        truncated=[examples[r]["id"] for r in truncated_rows],
+    )
 
 
 def require_usable(tokenized: Tokenized, source: str, max_length: int) -> None:
@@ -165,3 +217,26 @@ def collate(tokenized: Tokenized, positions: list[int], pad_id: int) -> dict[str
         mask[k, :n] = 1
     return {"input_ids": ids, "labels": labels, "attention_mask": mask,
             "positions": torch.tensor(positions, dtype=torch.long)}
+
+
+def tokenize_inputs(args, tokenizer, examples: Sequence[Example], safe: list):
+    """Tokenised fine-tuning data and upper-level data: a `Tokenized`, or for preference
+    pairs a (chosen, rejected) pair of `Tokenized` over the pairs usable on both sides."""
+    tokenized = tokenize_examples(examples, tokenizer, args.max_length, args.num_proc,
+                                  desc="tokenising fine-tuning data")
+    require_usable(tokenized, args.finetune_data, args.max_length)
+    if not safe:
+        return tokenized, None
+    if isinstance(safe[0], tuple):
+        chosen = tokenize_examples([c for c, _ in safe], tokenizer, args.max_length,
+                                   args.num_proc, desc="tokenising chosen answers")
+        rejected = tokenize_examples([r for _, r in safe], tokenizer, args.max_length,
+                                     args.num_proc, desc="tokenising rejected answers")
+        both = np.intersect1d(chosen.rows, rejected.rows)
+        chosen, rejected = chosen.subset(both), rejected.subset(both)
+        require_usable(chosen, args.safe_data, args.max_length)
+        return tokenized, (chosen, rejected)
+    safe_tok = tokenize_examples(safe, tokenizer, args.max_length, args.num_proc,
+                                 desc="tokenising safe set")
+    require_usable(safe_tok, args.safe_data, args.max_length)
+    return tokenized, safe_tok
