@@ -31,7 +31,7 @@ from sealft.data import (
 from sealft.io import prepare_output_dir, write_json, write_jsonl, write_yaml
 from sealft.selector import PARAMETRIZATIONS, keep_count_for, keep_mask
 
-METHODS = ("seal", "random", "dsir", "reference-loss", "all")
+METHODS = ("seal", "random", "dsir", "reference-loss", "all", "oracle")
 
 
 @dataclass
