@@ -15,6 +15,7 @@ import html
 import json
 import math
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -337,6 +338,49 @@ def plot_safety_vs_helpfulness(runs: list[EvalRun], out: Path) -> tuple[Path, st
     ax.set_title("Safety vs. helpfulness (upper right is better)")
     ax.legend(loc="best", fontsize=8, frameon=True)
     return _save(fig, out / "safety_vs_helpfulness.png"), x_name
+
+
+def plot_refusal_vs_task(summary: list[dict[str, Any]], path: Path,
+                         colour: Callable[[str], str] | None = None) -> Path | None:
+    """An experiment's trade-off: refusal on harmful prompts against task accuracy, one point
+    per method and keep ratio at its mean over seeds, error bars = 95% confidence intervals
+    (none for one seed). A second panel shows the held-out harmful questions when measured.
+
+    `summary` holds `sealft experiment`'s results_summary rows (COLUMN_mean / COLUMN_ci95)."""
+    panels = [(key, title) for key, title in (
+        ("safety_refusal_rate", "Refusal on harmful prompts (AdvBench, HarmBench…)"),
+        ("heldout_refusal_rate", "Refusal on held-out harmful questions of the data's kind"))
+        if any(s.get(f"{key}_mean") is not None for s in summary)]
+    points = [s for s in summary if s.get("task_accuracy_mean") is not None]
+    if not panels or not points:
+        return None
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.2 * len(panels), 4.8), squeeze=False)
+    for ax, (key, title) in zip(axes[0], panels, strict=True):
+        for k, group in enumerate(points):
+            y = group.get(f"{key}_mean")
+            if y is None:
+                continue
+            label = group["method"] if group["keep_ratio"] == 1 else \
+                f"{group['method']} {group['keep_ratio']:g}"
+            ax.errorbar(100 * group["task_accuracy_mean"], 100 * y,
+                        xerr=_bar(group.get("task_accuracy_ci95")),
+                        yerr=_bar(group.get(f"{key}_ci95")), fmt="o", markersize=7,
+                        capsize=4, elinewidth=1.2, label=label, zorder=3,
+                        color=colour(group["method"]) if colour else f"C{k % 10}")
+        ax.grid(True, axis="both")
+        ax.set_xlabel("Task accuracy (%) → more useful")
+        ax.set_ylabel("Refusal (%) → safer")
+        ax.set_title(title)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 5), frameon=False,
+               bbox_to_anchor=(0.5, -0.02 - 0.05 * ((len(labels) - 1) // 5)))
+    fig.suptitle("Safety vs. task accuracy (mean over seeds, 95% CI; upper right is better)")
+    return _save(fig, path)
+
+
+def _bar(half_width: float | None) -> float | None:
+    return None if half_width is None else 100 * half_width
 
 
 def plot_refusal_by_set(runs: list[EvalRun], out: Path) -> Path | None:
