@@ -364,9 +364,9 @@ def test_two_seeds_on_the_tiny_model_write_interval_columns(tiny_model, tmp_path
     for method in ("all", "oracle"):
         assert summary[method]["seeds_ok"] == "2"
         assert float(summary[method]["finetune_seconds_ci95"]) >= 0  # an interval from 2 seeds
-        assert summary[method]["safety_refusal_rate_ci95"] != ""
-    assert summary["base"]["safety_refusal_rate_ci95"] == ""  # one evaluation: no interval
-    assert summary["base"]["safety_refusal_rate_mean"] != ""
+        assert summary[method]["refusal_harmful_ci95"] != ""  # the prompt file's set
+    assert summary["base"]["refusal_harmful_ci95"] == ""  # one evaluation: no interval
+    assert summary["base"]["refusal_harmful_mean"] != ""
     assert (out / "tradeoff.png").exists() is False  # no task accuracy measured: no trade-off
 
 

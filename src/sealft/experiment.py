@@ -469,6 +469,8 @@ def result_row(cell: Cell, select: dict, finetune: dict, evaluation: dict, mix: 
         "win_rate_reference": win_reference or ("default" if evaluation.get("win_rate")
                                                 is not None else None),
         "error": None, "cell_dir": str(cell.folder),
+        # per prompt set (advbench, harmbench, xstest, custom files): refusal rate
+        **{f"refusal_{name}": rate for name, rate in sorted(by_set.items())},
     }
 
 
@@ -653,7 +655,8 @@ def run_experiment(args: ExperimentArgs, runner: CellRunner = run_cell) -> int:
 def write_reports(out: Path, rows: list[dict[str, Any]], plot: bool = True) -> None:
     summary = aggregate(rows)
     write_csv(out / "results.csv", rows, RESULT_COLUMNS)
-    write_csv(out / "results_summary.csv", summary, SUMMARY_COLUMNS)
+    # mean and interval side by side, in result-column order (the first row has every key)
+    write_csv(out / "results_summary.csv", summary, tuple(summary[0]) if summary else ())
     (out / "results.md").write_text(results_markdown(rows, summary), encoding="utf-8")
     if plot and any(r["status"] == "ok" for r in rows):
         from sealft.report import plot_refusal_vs_task

@@ -374,7 +374,7 @@ def plot_refusal_vs_task(summary: list[dict[str, Any]], path: Path,
         ax.set_title(title)
     handles, labels = axes[0][0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 5), frameon=False,
-               bbox_to_anchor=(0.5, -0.02 - 0.05 * ((len(labels) - 1) // 5)))
+               bbox_to_anchor=(0.5, -0.07 - 0.05 * ((len(labels) - 1) // 5)))
     fig.suptitle("Safety vs. task accuracy (mean over seeds, 95% CI; upper right is better)")
     return _save(fig, path)
 
