@@ -273,7 +273,8 @@ def test_real_stages_on_the_tiny_model(tiny_model, tmp_path):
     assert rows[1]["kept"] == 4 and rows[0]["kept"] == 8
 
 
-@pytest.mark.parametrize("name", ["experiment_cpu.yaml", "experiment_paper.yaml"])
+@pytest.mark.parametrize("name", ["experiment_cpu.yaml", "experiment_paper.yaml",
+                                  "experiment_erosion.yaml"])
 def test_shipped_configs_build_every_cell(name, tmp_path, monkeypatch):
     """The shipped grids are valid, cell by cell (no model or data is loaded)."""
     monkeypatch.setenv("SEALFT_JUDGE_URL", "http://localhost:8000/v1")  # the paper grid's judge
@@ -441,3 +442,21 @@ def test_heldout_harmful_questions_join_every_evaluation(tmp_path, fake):
         assert "custom=3" in evaluation.suite_limits
     with pytest.raises(ConfigError, match="select.label_field"):
         _args(tmp_path, heldout_harmful=3)
+
+
+@pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="needs ../shared/data")
+def test_erosion_config_passes_the_up_front_checks(tmp_path, monkeypatch):
+    """The issue-12 grid: every method, 3 seeds, data paths and suites valid, held-out
+    questions outside every seed's sample (the checks `sealft experiment` runs first)."""
+    repo = Path(__file__).resolve().parents[1]
+    monkeypatch.chdir(repo)  # the config's data paths are relative to the repository root
+    options = cfg.load_yaml(repo / "configs" / "experiment_erosion.yaml")
+    args = cfg.build(E.ExperimentArgs, options, {"output_dir": str(tmp_path / "exp")})
+    cells = E.grid(args)
+    assert {c.method.name for c in cells} == {"base", "all", "random", "dsir", "seal",
+                                               "safeinstr", "seal+safeinstr", "oracle"}
+    assert len(cells) == 1 + 7 * 3
+    held = E.validate_grid(args, cells)
+    assert len(held) >= args.heldout_harmful
+    finetune = E.stage_args(args, cells[0], None).finetune
+    assert len(finetune.lora_target_modules) == 7 and finetune.lr == 1e-3
