@@ -14,7 +14,7 @@ evaluated on the same held-out prompts:
   over-refusal  XSTest's safe prompts (refusing them is a failure)
   task          SST-2 validation accuracy
 
-Everything runs through the product (`sealft.experiment.run_experiment` for the grid,
+Everything runs through the product (`sealft.experiment.run_grid` for the grid,
 `sealft.evaluate.evaluate` for the base model), so the run dir is an ordinary experiment dir
 and a rerun resumes it. Trailing key=value pairs override ExperimentArgs options
 (`finetune.lr=1e-5`, `method_select.seal.batch_size=64`, `evaluate.limit=100`, ...).

@@ -6,11 +6,14 @@ Each argument is a run dir; a dir that is none of these but holds some is expand
   selection dir    scores.jsonl + config.yaml (from `sealft select`); ground-truth flags are
                    joined by id from the fine-tuning data named in its config
   other run dir    summary.json with wall_seconds / peak_memory_mb (e.g. fine-tuning)
+  experiment dir   results_summary.csv (from `sealft experiment`): its per-method table, mean
+                   ± 95% CI over seeds, and the refusal-vs-task-accuracy plot with error bars
 """
 
 from __future__ import annotations
 
 import base64
+import csv
 import html
 import json
 import math
@@ -88,6 +91,8 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 
 def _kind(path: Path) -> str | None:
+    if (path / "results_summary.csv").is_file():
+        return "experiment"
     summary = path / "summary.json"
     if summary.is_file() and _read_json(summary).get("stage") == "evaluate":
         return "evaluate"
@@ -115,6 +120,50 @@ def discover(paths: tuple[str, ...]) -> list[tuple[str, Path]]:
                             "summary.json or scores.jsonl), and holds none")
         found += inner
     return found
+
+
+@dataclass
+class ExperimentRun:
+    path: Path
+    summary: list[dict[str, Any]]
+    """results_summary.csv rows: numbers as floats, empty fields as None."""
+
+
+def load_experiment(path: Path) -> ExperimentRun:
+    with open(path / "results_summary.csv", newline="", encoding="utf-8") as handle:
+        rows = [{k: _number(v) for k, v in row.items()} for row in csv.DictReader(handle)]
+    return ExperimentRun(path, rows)
+
+
+def _number(text: str) -> Any:
+    if text == "":
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        return text
+
+
+# (header, column) of the experiment table; rates, shown in %.
+EXPERIMENT_COLUMNS = (("Refusal %", "safety_refusal_rate"),
+                      ("Held-out harmful refusal %", "heldout_refusal_rate"),
+                      ("Over-refusal %", "over_refusal_rate"), ("Task acc. %", "task_accuracy"))
+
+
+def experiment_table(run: ExperimentRun) -> tuple[list[str], list[list[str]]]:
+    columns = [c for c in EXPERIMENT_COLUMNS
+               if any(r.get(f"{c[1]}_mean") is not None for r in run.summary)]
+    header = ["Method", "Keep", "Seeds ok", *(name for name, _ in columns)]
+    rows = [[str(r["method"]), f"{r['keep_ratio']:g}", f"{r['seeds_ok']:g}/{r['seeds']:g}",
+             *(_with_ci(r.get(f"{key}_mean"), r.get(f"{key}_ci95")) for _, key in columns)]
+            for r in run.summary]
+    return header, rows
+
+
+def _with_ci(mean: float | None, half_width: float | None) -> str:
+    if mean is None:
+        return "–"
+    return pct(mean) if half_width is None else f"{pct(mean)} ± {pct(half_width)}"
 
 
 def _train_summary(adapter: str | None) -> dict[str, Any]:
@@ -517,8 +566,15 @@ def _judge_notes(runs: list[EvalRun]) -> str:
 
 
 def build_sections(evals: list[EvalRun], selections: list[SelectionRun],
-                   others: list[OtherRun], out: Path) -> list[Section]:
+                   others: list[OtherRun], out: Path,
+                   experiments: list[ExperimentRun] | None = None) -> list[Section]:
     sections = []
+    for run in experiments or []:
+        plot = plot_refusal_vs_task(run.summary, out / f"tradeoff_{_slug(run.path.name)}.png")
+        sections.append(Section(
+            f"Experiment {run.path.name}",
+            "Mean over seeds ± half-width of the 95% confidence interval (Student t).",
+            experiment_table(run), [plot] if plot else []))
     if evals:
         sections.append(Section("Methods × metrics", _judge_notes(evals), methods_table(evals)))
         scatter = plot_safety_vs_helpfulness(evals, out)
@@ -583,8 +639,11 @@ def report(args: ReportArgs) -> Path:
     evals: list[EvalRun] = []
     selections: list[SelectionRun] = []
     others: list[OtherRun] = []
+    experiments: list[ExperimentRun] = []
     for kind, path in found:
-        if kind == "evaluate":
+        if kind == "experiment":
+            experiments.append(load_experiment(path))
+        elif kind == "evaluate":
             evals.append(load_eval(path, labels.pop(0) if labels else None))
         elif kind == "selection":
             selections.append(load_selection(path, args.flag_field))
@@ -594,7 +653,7 @@ def report(args: ReportArgs) -> Path:
     _dedupe_labels(evals)
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
-    sections = build_sections(evals, selections, others, out)
+    sections = build_sections(evals, selections, others, out, experiments)
     with atomic_write(out / "report.md") as handle:
         handle.write(render_markdown(args.title, sections, out))
     with atomic_write(out / "report.html") as handle:
@@ -602,8 +661,9 @@ def report(args: ReportArgs) -> Path:
     for name in ("report.md", "report.html"):
         (out / name).chmod(0o644)  # temp files are created private; a report is for sharing
     plots = sum(len(section.images) for section in sections)
-    print(f"sealft report: {len(evals)} evaluation, {len(selections)} selection and "
-          f"{len(others)} other run(s) -> {out / 'report.md'}, report.html and {plots} plot(s)",
+    print(f"sealft report: {len(experiments)} experiment, {len(evals)} evaluation, "
+          f"{len(selections)} selection and {len(others)} other run(s) -> "
+          f"{out / 'report.md'}, report.html and {plots} plot(s)",
           file=sys.stderr)
     return out / "report.md"
 
