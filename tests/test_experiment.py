@@ -253,6 +253,13 @@ def test_safeinstr_twin_reuses_the_selection(tmp_path, fake):
 
 def test_changed_settings_are_refused_on_rerun(tmp_path, fake):
     E.run_grid(_args(tmp_path, methods="random", keep_ratios="0.8"))
+    # a dir started before an option existed resumes (the option counts as its default)
+    previous = tmp_path / "exp" / "config.yaml"
+    old = cfg.load_yaml(previous)
+    del old["heldout_harmful"]
+    write_yaml(previous, old)
+    E.run_grid(_args(tmp_path, methods="random", keep_ratios="0.8"))
+    assert fake.calls["select"] == 1
     with pytest.raises(ConfigError, match="different select"):
         E.run_grid(_args(tmp_path, methods="random", keep_ratios="0.8",
                                select={"epochs": 2}))

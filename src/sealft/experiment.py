@@ -34,6 +34,7 @@ depend on the seed).
 from __future__ import annotations
 
 import csv
+import dataclasses
 import gc
 import json
 import math
@@ -542,7 +543,9 @@ def prepare_experiment_dir(args: ExperimentArgs) -> Path:
                           "another dir or --overwrite")
     if previous.exists() and not args.overwrite:
         old, new = cfg.load_yaml(previous), cfg.to_dict(args)
-        changed = [k for k in new if k not in GRID_FIELDS and old.get(k) != new[k]]
+        # An option added since that run was started counts as its default there.
+        defaults = field_defaults(ExperimentArgs)
+        changed = [k for k in new if k not in GRID_FIELDS and old.get(k, defaults[k]) != new[k]]
         if changed:
             raise ConfigError(
                 f"--output-dir {out} holds an experiment with different {', '.join(changed)}; "
@@ -613,6 +616,15 @@ def validate_grid(args: ExperimentArgs, cells: list[Cell]) -> list[dict[str, str
         raise ConfigError(f"nothing was run, {sum(map(len, problems.values()))} check(s) "
                           f"failed: {listed}")
     return heldout
+
+
+def field_defaults(cls: type) -> dict[str, Any]:
+    """A dataclass's defaults as config.yaml holds them (tuples as lists)."""
+    values = {}
+    for spec in dataclasses.fields(cls):
+        value = spec.default_factory() if spec.default is dataclasses.MISSING else spec.default
+        values[spec.name] = list(value) if isinstance(value, tuple) else value
+    return values
 
 
 def run_grid(args: ExperimentArgs, runner: CellRunner = run_cell) -> list[dict[str, Any]]:
