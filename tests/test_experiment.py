@@ -396,6 +396,8 @@ def _no_compute(monkeypatch) -> FakeStages:
      "dsir-keep0.8-seed0: safe_data: missing/refusals.json does not exist"),
     ({"methods": "all,oracle"}, "oracle-keep1-seed0: --select.label-field"),
     ({"finetune": {"epochs": 0}}, "all-keep1-seed0, dsir-keep0.8-seed0: --epochs"),
+    ({"method_select": {"dsir": {"model": "./models/missing"}}},
+     "dsir-keep0.8-seed0: select.model: ./models/missing does not exist"),
 ])
 def test_a_bad_cell_stops_everything_before_compute(tmp_path, monkeypatch, capsys, bad, culprit):
     from sealft.cli import main

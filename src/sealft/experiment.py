@@ -569,11 +569,21 @@ def check_data_source(source: str, flag: str) -> None:
     raise ConfigError(f"{flag}: {source} does not exist (relative to {Path.cwd()})")
 
 
+def check_model_source(model: str, flag: str) -> None:
+    """A model written as a path (./, ../, /, ~ or a .gguf file) must exist; hub ids are
+    resolved when the stage loads them."""
+    looks_local = model.startswith(("/", "./", "../", "~")) or model.endswith(".gguf")
+    if looks_local and not Path(model).expanduser().exists():
+        raise ConfigError(f"{flag}: {model} does not exist (relative to {Path.cwd()})")
+
+
 def check_cell(args: ExperimentArgs, cell: Cell) -> None:
     """Everything about one cell that can fail without loading a model."""
     stages = stage_args(args, cell, reference_eval_dir(args, cell))
+    check_model_source(stages.evaluate.model, "model")
     if stages.select is None:
         return
+    check_model_source(stages.select.model, "select.model")
     check_data_source(stages.select.finetune_data, "finetune_data")
     if stages.select.safe_data:
         check_data_source(stages.select.safe_data, "safe_data")
