@@ -47,7 +47,7 @@ class SelectArgs(cfg.RunOptions):
     output_dir: str = ""
     """Run directory; must be empty unless --overwrite or --resume."""
     method: str = "seal"
-    """Selector: seal | random | dsir | reference-loss | all."""
+    """Selector: seal | random | dsir | reference-loss | all | oracle (needs --label-field)."""
     algorithm: str = "memory-efficient"
     """SEAL algorithm: memory-efficient (the paper's Algorithm 2; default, measured best with
     a safety-aligned proxy, also against long benign answers) | penalty (the paper's
