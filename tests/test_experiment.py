@@ -469,3 +469,15 @@ def test_erosion_config_passes_the_up_front_checks(tmp_path, monkeypatch):
     assert len(held) >= args.heldout_harmful
     finetune = E.stage_args(args, cells[0], None).finetune
     assert len(finetune.lora_target_modules) == 7 and finetune.lr == 1e-3
+
+
+def test_missing_scipy_is_found_before_compute(tmp_path, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "scipy" else real(name, *a))
+    stages = _no_compute(monkeypatch)
+    with pytest.raises(ConfigError, match="seeds: intervals over several seeds need scipy"):
+        E.run_grid(_args(tmp_path, methods="random", keep_ratios="0.8", seeds="0,1"))
+    assert not stages.calls and not (tmp_path / "exp").exists()

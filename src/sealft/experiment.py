@@ -603,12 +603,23 @@ def check_suites(args: ExperimentArgs) -> None:
     build_suites(expand_suite_names(probe.suite, ctx), ctx)
 
 
+def check_scipy() -> None:
+    """The confidence intervals over seeds use scipy's Student t (found before any compute,
+    not after the first cell)."""
+    import importlib.util
+
+    if importlib.util.find_spec("scipy") is None:
+        raise ConfigError("intervals over several seeds need scipy: pip install scipy")
+
+
 def validate_grid(args: ExperimentArgs, cells: list[Cell]) -> list[dict[str, str]] | None:
     """Check every cell before any compute; raise one error naming every bad cell. Returns
     the held-out prompts (or None without heldout_harmful)."""
     problems: dict[str, list[str]] = {}  # message -> cells: a shared mistake is listed once
     checks: list[tuple[str, Callable[[], Any]]] = [("evaluate", lambda: check_suites(args))]
     checks += [(c.name, lambda c=c: check_cell(args, c)) for c in cells]
+    if len(args.seeds) > 1:
+        checks.append(("seeds", check_scipy))
     heldout: list[dict[str, str]] | None = None
     if args.heldout_harmful:
         def read_heldout() -> None:
