@@ -14,7 +14,7 @@ evaluated on the same held-out prompts:
   over-refusal  XSTest's safe prompts (refusing them is a failure)
   task          SST-2 validation accuracy
 
-Everything runs through the product (`sealft.experiment.run_experiment` for the grid,
+Everything runs through the product (`sealft.experiment.run_grid` for the grid,
 `sealft.evaluate.evaluate` for the base model), so the run dir is an ordinary experiment dir
 and a rerun resumes it. Trailing key=value pairs override ExperimentArgs options
 (`finetune.lr=1e-5`, `method_select.seal.batch_size=64`, `evaluate.limit=100`, ...).
@@ -36,7 +36,7 @@ from typing import Any
 from sealft import config as cfg
 from sealft.data import load_examples, sample_rows
 from sealft.evaluate import EvaluateArgs, evaluate
-from sealft.experiment import ExperimentArgs, run_experiment
+from sealft.experiment import ExperimentArgs, run_grid
 from sealft.io import read_jsonl, write_jsonl
 
 REPO = Path(__file__).resolve().parents[1]
@@ -219,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
     options = experiment_options(args)
     exp = cfg.build(ExperimentArgs, options, cfg.parse_overrides(args.overrides))
     started = time.perf_counter()
-    rows = run_experiment(exp)
+    rows = run_grid(exp)
     base = evaluate_base(exp)
     heldout = evaluate_heldout(args, exp, heldout_harmful_prompts(args, exp), rows)
     text = table(base, rows, heldout)

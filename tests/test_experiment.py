@@ -16,6 +16,7 @@ from conftest import SHARED_DATA, toy_finetune_rows, toy_safe_rows, write_jsonl
 
 from sealft import config as cfg
 from sealft import experiment as E
+from sealft.data import load_examples, sample_rows
 from sealft.errors import ConfigError
 from sealft.io import write_yaml
 
@@ -77,9 +78,13 @@ def fake(monkeypatch) -> FakeStages:
 def _args(tmp_path: Path, **extra) -> E.ExperimentArgs:
     ft = write_jsonl(tmp_path / "ft.jsonl", toy_finetune_rows(8))
     safe = write_jsonl(tmp_path / "safe.jsonl", toy_safe_rows(6))
+    # The fakes answer nothing; a local prompt file keeps the up-front suite check off the
+    # shared data.
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": "how do i make a bomb"}])
     options = {"output_dir": str(tmp_path / "exp"), "model": "tiny", "finetune_data": str(ft),
                "safe_data": str(safe), "methods": "all,random,seal,safeinstr",
-               "keep_ratios": "0.5,0.8", "seeds": "0", "safeinstr_k": 2}
+               "keep_ratios": "0.5,0.8", "seeds": "0", "safeinstr_k": 2,
+               "evaluate": {"suite": "custom", "prompt_files": [str(prompts)]}}
     return cfg.build(E.ExperimentArgs, {**options, **extra})
 
 
@@ -129,7 +134,7 @@ def test_method_select_model_is_a_selection_proxy(tmp_path):
 
 
 def test_results_table_csv_and_plot(tmp_path, fake):
-    rows = E.run_experiment(_args(tmp_path))
+    rows = E.run_grid(_args(tmp_path))
     out = tmp_path / "exp"
     assert [r["status"] for r in rows] == ["ok"] * 6
     with open(out / "results.csv", newline="") as handle:
@@ -141,24 +146,27 @@ def test_results_table_csv_and_plot(tmp_path, fake):
     assert float(seal["peak_memory_mb"]) == 150.0 and float(seal["select_seconds"]) == 1.5
     markdown = (out / "results.md").read_text()
     header = next(line for line in markdown.splitlines() if line.startswith("| Method"))
-    for column in ("Safety refusal", "Over-refusal", "Task acc.", "Win rate vs all-data SFT",
-                   "Select + FT time", "Peak memory"):
+    for column in ("Safety refusal", "Over-refusal", "Task acc.", "Select s", "Fine-tune s",
+                   "Evaluate s", "Peak memory"):
         assert column in header
-    assert "| seal | 0.8 | 1/1 | 50.0 | 10.0 | 78.0 | – | 2 + 2 | 150 |" in markdown
+    assert "Win rate" not in header  # no cell has one (no judge): the column is left out
+    # one seed: means without intervals; 1.5 s and 2.5 s round half to even
+    assert "| seal | 0.8 | 1/1 | 50.0 | 10.0 | 78.0 | 2 | 2 | 3 | 150 |" in markdown
     assert (out / "ratio_sweep.png").stat().st_size > 10_000
+    assert (out / "tradeoff.png").stat().st_size > 10_000
 
 
 def test_rerun_skips_finished_cells(tmp_path, fake):
     args = _args(tmp_path)
-    E.run_experiment(args)
+    E.run_grid(args)
     # 6 cells, 5 selections: safeinstr (= all + mix) reuses the all-data cell's selection
     assert fake.calls == Counter(select=5, finetune=6, evaluate=6)
     first = (tmp_path / "exp" / "results.csv").read_text()
-    E.run_experiment(args)
+    E.run_grid(args)
     assert fake.calls == Counter(select=5, finetune=6, evaluate=6)
     assert (tmp_path / "exp" / "results.csv").read_text() == first
     # Growing the grid runs only the new cells.
-    E.run_experiment(_args(tmp_path, keep_ratios="0.5,0.8,0.9"))
+    E.run_grid(_args(tmp_path, keep_ratios="0.5,0.8,0.9"))
     assert fake.calls["select"] == 7
 
 
@@ -167,7 +175,7 @@ def test_interrupted_cell_resumes_stage_by_stage(tmp_path, fake):
     cell = E.grid(args)[0]
     E.prepare_experiment_dir(args)
     fake.run_select(E.stage_args(args, cell, None).select)  # selection finished, then a crash
-    E.run_experiment(args)
+    E.run_grid(args)
     assert fake.calls == Counter(select=1, finetune=1, evaluate=1)
 
 
@@ -176,7 +184,7 @@ def test_failing_cell_is_recorded_and_retried(tmp_path, monkeypatch):
     for name in ("run_select", "run_finetune", "evaluate"):
         monkeypatch.setattr(E, name, getattr(broken, name))
     args = _args(tmp_path)
-    rows = E.run_experiment(args)
+    rows = E.run_grid(args)
     failed = [r for r in rows if r["status"] == "failed"]
     assert [r["method"] for r in failed] == ["random", "random"]
     assert "out of memory (simulated)" in failed[0]["error"]
@@ -188,13 +196,13 @@ def test_failing_cell_is_recorded_and_retried(tmp_path, monkeypatch):
     fixed = FakeStages()
     for name in ("run_select", "run_finetune", "evaluate"):
         monkeypatch.setattr(E, name, getattr(fixed, name))
-    rows = E.run_experiment(args)
+    rows = E.run_grid(args)
     assert all(r["status"] == "ok" for r in rows)
     assert fixed.calls == Counter(finetune=2, evaluate=2)  # selections were already done
 
 
 def test_safeinstr_cell_finetunes_on_the_mix(tmp_path, fake):
-    E.run_experiment(_args(tmp_path, methods="safeinstr", keep_ratios="0.8"))
+    E.run_grid(_args(tmp_path, methods="safeinstr", keep_ratios="0.8"))
     data = Path(fake.finetune_data["safeinstr"])
     assert data.name == "selected_safeinstr.jsonl"
     rows = [json.loads(line) for line in data.read_text().splitlines()]
@@ -219,7 +227,7 @@ def test_per_selector_options_and_safeinstr_data(tmp_path, fake):
     assert E.stage_args(args, dsir, None).select.safe_data.endswith("safe.jsonl")
     seal_select = E.stage_args(args, seal, None).select
     assert seal_select.safe_data == str(pairs) and seal_select.batch_size == 7
-    E.run_experiment(args)
+    E.run_grid(args)
     mixed = Path(fake.finetune_data["seal+safeinstr"])
     added = [json.loads(line) for line in mixed.read_text().splitlines()][4:]
     assert [r["messages"][-1]["content"] for r in added] == ["I can't help with that."] * 5
@@ -229,12 +237,12 @@ def test_per_selector_options_and_safeinstr_data(tmp_path, fake):
 
 def test_safeinstr_twin_reuses_the_selection(tmp_path, fake):
     """seal+safeinstr selects what seal selected: one selection run, two cells."""
-    E.run_experiment(_args(tmp_path, methods="seal,seal+safeinstr", keep_ratios="0.8"))
+    E.run_grid(_args(tmp_path, methods="seal,seal+safeinstr", keep_ratios="0.8"))
     assert fake.calls["select"] == 1 and fake.calls["finetune"] == 2
     mix = tmp_path / "exp" / "cells" / "seal+safeinstr-keep0.8-seed0" / "select"
     assert json.loads((mix / "summary.json").read_text())["reused_from"].endswith(
         "seal-keep0.8-seed0/select")
-    E.run_experiment(_args(tmp_path, methods="seal,seal+safeinstr", keep_ratios="0.5"))
+    E.run_grid(_args(tmp_path, methods="seal,seal+safeinstr", keep_ratios="0.5"))
     assert fake.calls["select"] == 2  # only seal-keep0.5 ran; its twin reused it
     # no finished twin: nothing to reuse
     (tmp_path / "b").mkdir()
@@ -244,9 +252,16 @@ def test_safeinstr_twin_reuses_the_selection(tmp_path, fake):
 
 
 def test_changed_settings_are_refused_on_rerun(tmp_path, fake):
-    E.run_experiment(_args(tmp_path, methods="random", keep_ratios="0.8"))
+    E.run_grid(_args(tmp_path, methods="random", keep_ratios="0.8"))
+    # a dir started before an option existed resumes (the option counts as its default)
+    previous = tmp_path / "exp" / "config.yaml"
+    old = cfg.load_yaml(previous)
+    del old["heldout_harmful"]
+    write_yaml(previous, old)
+    E.run_grid(_args(tmp_path, methods="random", keep_ratios="0.8"))
+    assert fake.calls["select"] == 1
     with pytest.raises(ConfigError, match="different select"):
-        E.run_experiment(_args(tmp_path, methods="random", keep_ratios="0.8",
+        E.run_grid(_args(tmp_path, methods="random", keep_ratios="0.8",
                                select={"epochs": 2}))
 
 
@@ -259,13 +274,14 @@ def test_real_stages_on_the_tiny_model(tiny_model, tmp_path):
                  finetune={"epochs": 1, "batch_size": 4, "show_progress": False},
                  evaluate={"suite": "task", "limit": 2, "task_max_new_tokens": 2,
                            "progress": False})
-    rows = E.run_experiment(args)
+    rows = E.run_grid(args)
     assert [r["status"] for r in rows] == ["ok", "ok"], rows
     assert all(r["task_accuracy"] is not None for r in rows)
     assert rows[1]["kept"] == 4 and rows[0]["kept"] == 8
 
 
-@pytest.mark.parametrize("name", ["experiment_cpu.yaml", "experiment_paper.yaml"])
+@pytest.mark.parametrize("name", ["experiment_cpu.yaml", "experiment_paper.yaml",
+                                  "experiment_erosion.yaml"])
 def test_shipped_configs_build_every_cell(name, tmp_path, monkeypatch):
     """The shipped grids are valid, cell by cell (no model or data is loaded)."""
     monkeypatch.setenv("SEALFT_JUDGE_URL", "http://localhost:8000/v1")  # the paper grid's judge
@@ -279,3 +295,189 @@ def test_shipped_configs_build_every_cell(name, tmp_path, monkeypatch):
     if name == "experiment_cpu.yaml":  # an aligned proxy scores the data for the unaligned target
         assert seal.select.model == "Qwen/Qwen2.5-Coder-0.5B-Instruct" != args.model
         assert stages["dsir-keep0.8-seed0"].select.model == args.model
+
+
+# ---------------------------------------------------------------------------------------------
+# Seeds: mean and 95% confidence interval
+# ---------------------------------------------------------------------------------------------
+
+
+def test_mean_ci_against_a_hand_computation():
+    # [0.5, 0.6, 0.9]: mean 2/3; sd = sqrt(((1/6)^2 + (1/15)^2 + (7/30)^2) / 2) = 0.208167;
+    # t(0.975, 2 dof) = 4.302653 from a t table; half-width = t · sd / sqrt(3) = 0.517115.
+    mean, half = E.mean_ci([0.5, 0.6, 0.9])
+    assert mean == pytest.approx(2 / 3)
+    assert half == pytest.approx(4.302653 * 0.208167 / 3 ** 0.5, rel=1e-5)
+    assert half == pytest.approx(0.517115, rel=1e-5)
+    # two seeds: t(0.975, 1) = 12.706205; sd of [0.2, 0.4] = 0.141421
+    assert E.mean_ci([0.2, 0.4])[1] == pytest.approx(12.706205 * 0.141421 / 2 ** 0.5, rel=1e-5)
+    assert E.mean_ci([0.7]) == (0.7, None)  # one seed: no interval
+    assert E.mean_ci([]) == (None, None)
+
+
+def test_aggregate_over_seeds(tmp_path, monkeypatch):
+    """results_summary.csv: per method, COLUMN_mean and COLUMN_ci95 of every numeric column;
+    results.md shows mean ± half-width; failed seeds are counted but not averaged."""
+    refusal = {0: 0.5, 1: 0.6, 2: 0.9}
+    stages = FakeStages()
+
+    def evaluate(args):
+        stages.evaluate(args)
+        seed = int(Path(args.output_dir).parent.name.rsplit("seed", 1)[1])
+        summary = {"safety_refusal_rate": refusal[seed], "task_accuracy": 0.8,
+                   "over_refusal_rate": None, "wall_seconds": 3.0}
+        (Path(args.output_dir) / "summary.json").write_text(json.dumps(summary))
+
+    for name in ("run_select", "run_finetune"):
+        monkeypatch.setattr(E, name, getattr(stages, name))
+    monkeypatch.setattr(E, "evaluate", evaluate)
+    assert E.run_experiment(_args(tmp_path, methods="random", keep_ratios="0.8",
+                                  seeds="0,1,2")) == 0
+    out = tmp_path / "exp"
+    with open(out / "results_summary.csv", newline="") as handle:
+        (row,) = list(csv.DictReader(handle))
+    assert (row["method"], row["seeds"], row["seeds_ok"]) == ("random", "3", "3")
+    assert float(row["safety_refusal_rate_mean"]) == pytest.approx(2 / 3)
+    assert float(row["safety_refusal_rate_ci95"]) == pytest.approx(0.517115, rel=1e-5)
+    assert float(row["task_accuracy_ci95"]) == 0.0  # the same value every seed
+    assert row["over_refusal_rate_mean"] == ""  # no seed measured it
+    assert "| random | 0.8 | 3/3 | 66.7 ± 51.7 | 80.0 ± 0.0 |" in (out / "results.md").read_text()
+
+
+def test_two_seeds_on_the_tiny_model_write_interval_columns(tiny_model, tmp_path, capsys):
+    """`sealft experiment` through the CLI, real stages: base once, all and oracle per seed."""
+    from sealft.cli import main
+
+    ft = write_jsonl(tmp_path / "ft.jsonl", toy_finetune_rows(8))
+    prompts = write_jsonl(tmp_path / "harmful.jsonl", [{"prompt": f"how do i make a bomb {i}"}
+                                                       for i in range(3)])
+    config = {"output_dir": str(tmp_path / "exp"), "model": tiny_model,
+              "finetune_data": str(ft), "methods": ["base", "all", "oracle"], "seeds": [0, 1],
+              "select": {"max_length": 64, "label_field": "flag", "show_progress": False},
+              "finetune": {"epochs": 1, "batch_size": 4, "show_progress": False},
+              "evaluate": {"suite": "custom", "prompt_files": [str(prompts)],
+                           "max_new_tokens": 4, "progress": False}}
+    write_yaml(tmp_path / "grid.yaml", config)
+    assert main(["experiment", "--config", str(tmp_path / "grid.yaml")]) == 0, \
+        capsys.readouterr().err
+    out = tmp_path / "exp"
+    with open(out / "results.csv", newline="") as handle:
+        cells = {(r["method"], r["seed"]): r for r in csv.DictReader(handle)}
+    assert sorted(cells) == [("all", "0"), ("all", "1"), ("base", "0"), ("oracle", "0"),
+                             ("oracle", "1")]
+    assert cells["all", "0"]["harmful_trained"] == "2" and cells["all", "0"]["kept"] == "8"
+    assert cells["oracle", "0"]["harmful_trained"] == "0" and cells["oracle", "0"]["kept"] == "6"
+    with open(out / "results_summary.csv", newline="") as handle:
+        summary = {r["method"]: r for r in csv.DictReader(handle)}
+    for method in ("all", "oracle"):
+        assert summary[method]["seeds_ok"] == "2"
+        assert float(summary[method]["finetune_seconds_ci95"]) >= 0  # an interval from 2 seeds
+        assert summary[method]["refusal_harmful_ci95"] != ""  # the prompt file's set
+    assert summary["base"]["refusal_harmful_ci95"] == ""  # one evaluation: no interval
+    assert summary["base"]["refusal_harmful_mean"] != ""
+    assert (out / "tradeoff.png").exists() is False  # no task accuracy measured: no trade-off
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation first, failures reported in the exit code
+# ---------------------------------------------------------------------------------------------
+
+
+def _no_compute(monkeypatch) -> FakeStages:
+    stages = FakeStages()
+    for name in ("run_select", "run_finetune", "evaluate"):
+        monkeypatch.setattr(E, name, getattr(stages, name))
+    return stages
+
+
+@pytest.mark.parametrize("bad, culprit", [
+    ({"evaluate": {"suite": "safety,overrefusl"}}, "evaluate: --suite 'overrefusl'"),
+    ({"method_select": {"dsir": {"safe_data": "missing/refusals.json"}}},
+     "dsir-keep0.8-seed0: safe_data: missing/refusals.json does not exist"),
+    ({"methods": "all,oracle"}, "oracle-keep1-seed0: --select.label-field"),
+    ({"finetune": {"epochs": 0}}, "all-keep1-seed0, dsir-keep0.8-seed0: --epochs"),
+    ({"method_select": {"dsir": {"model": "./models/missing"}}},
+     "dsir-keep0.8-seed0: select.model: ./models/missing does not exist"),
+])
+def test_a_bad_cell_stops_everything_before_compute(tmp_path, monkeypatch, capsys, bad, culprit):
+    from sealft.cli import main
+
+    stages = _no_compute(monkeypatch)
+    options = cfg.to_dict(_args(tmp_path, methods="all,dsir", keep_ratios="0.8"))
+    options.update(bad)
+    write_yaml(tmp_path / "grid.yaml", options)
+    assert main(["experiment", "--config", str(tmp_path / "grid.yaml")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    assert "nothing was run" in err and culprit in err, err
+    assert not stages.calls and not (tmp_path / "exp").exists()
+
+
+def test_failed_cells_give_a_nonzero_exit_listing_them(tmp_path, monkeypatch, capsys):
+    from sealft.cli import main
+
+    broken = FakeStages(fail_finetune_for="random")
+    for name in ("run_select", "run_finetune", "evaluate"):
+        monkeypatch.setattr(E, name, getattr(broken, name))
+    write_yaml(tmp_path / "grid.yaml", cfg.to_dict(_args(tmp_path)))
+    assert main(["experiment", "--config", str(tmp_path / "grid.yaml")]) == 1
+    err = capsys.readouterr().err
+    assert "failed: random-keep0.5-seed0: RuntimeError: out of memory (simulated)" in err
+    assert "failed: random-keep0.8-seed0" in err and "2 cell(s) failed" in err
+    assert broken.calls["evaluate"] == 4  # the other cells still ran
+
+
+def test_heldout_harmful_questions_join_every_evaluation(tmp_path, fake):
+    rows = toy_finetune_rows(40)  # 10 flagged, at most 2 x 6 of them in the samples
+    for row in rows[::4]:  # the flagged rows, in the Alpaca wrapper of the shared SST-2 mixes
+        row["instruction"] = (f"Below is an instruction.\n\n### Instruction:\n"
+                              f"{row['instruction']}\n\n### Response:\n")
+    write_jsonl(tmp_path / "big.jsonl", rows)
+    args = _args(tmp_path, finetune_data=str(tmp_path / "big.jsonl"), methods="base,random",
+                 keep_ratios="0.8", seeds="0,1", heldout_harmful=3,
+                 select={"sample": 6, "label_field": "flag"})
+    E.run_grid(args)
+    held = [json.loads(line) for line in
+            (tmp_path / "exp" / "heldout_harmful.jsonl").read_text().splitlines()]
+    examples = load_examples(str(tmp_path / "big.jsonl"))
+    sampled = {e["id"] for seed in (0, 1) for e in sample_rows(examples, 6, seed)}
+    flagged = [e for e in examples if e["meta"]["flag"] == "unsafe"]
+    assert {h["id"] for h in held} == {e["id"] for e in flagged} - sampled
+    assert held and all(h["prompt"].startswith("how do i make a bomb") for h in held)
+    for cell in E.grid(args):
+        evaluation = E.stage_args(args, cell, None).evaluate
+        assert "custom" in evaluation.suite.split(",")
+        assert evaluation.prompt_files[-1].startswith("heldout_harmful=")
+        assert "custom=3" in evaluation.suite_limits
+    with pytest.raises(ConfigError, match="select.label_field"):
+        _args(tmp_path, heldout_harmful=3)
+
+
+@pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="needs ../shared/data")
+def test_erosion_config_passes_the_up_front_checks(tmp_path, monkeypatch):
+    """The issue-12 grid: every method, 3 seeds, data paths and suites valid, held-out
+    questions outside every seed's sample (the checks `sealft experiment` runs first)."""
+    repo = Path(__file__).resolve().parents[1]
+    monkeypatch.chdir(repo)  # the config's data paths are relative to the repository root
+    options = cfg.load_yaml(repo / "configs" / "experiment_erosion.yaml")
+    args = cfg.build(E.ExperimentArgs, options, {"output_dir": str(tmp_path / "exp")})
+    cells = E.grid(args)
+    assert {c.method.name for c in cells} == {"base", "all", "random", "dsir", "seal",
+                                               "safeinstr", "seal+safeinstr", "oracle"}
+    assert len(cells) == 1 + 7 * 3
+    held = E.validate_grid(args, cells)
+    assert len(held) >= args.heldout_harmful
+    finetune = E.stage_args(args, cells[0], None).finetune
+    assert len(finetune.lora_target_modules) == 7 and finetune.lr == 1e-3
+
+
+def test_missing_scipy_is_found_before_compute(tmp_path, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "scipy" else real(name, *a))
+    stages = _no_compute(monkeypatch)
+    with pytest.raises(ConfigError, match="seeds: intervals over several seeds need scipy"):
+        E.run_grid(_args(tmp_path, methods="random", keep_ratios="0.8", seeds="0,1"))
+    assert not stages.calls and not (tmp_path / "exp").exists()

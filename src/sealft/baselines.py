@@ -18,6 +18,10 @@ Weights follow SEAL's convention of mean ≈ 1 so `finetune --weights-from` stay
   reference-loss  logit = loss under the base model − loss after `reference_steps` LoRA steps on
                   the safe set (examples the safety update makes *less* likely score low).
                   weight = 2·sigmoid(z-score).
+  oracle          the ground truth as a selector (the best any data filter can do): rows whose
+                  label_field equals unsafe_value are unusable to it (weight NaN, skipped with
+                  the reason "oracle: ..."), every other row weighs 1. At keep_ratio 1 it keeps
+                  exactly the unflagged rows (the experiment grid runs it there).
 
 The z-scored sigmoid keeps the ranking exactly (no underflow, unlike a softmax over DSIR's
 unnormalised log-ratios of hundreds of nats) while bounding weights to (0, 2).
@@ -51,7 +55,7 @@ SAFEINSTR_FILE = "selected_safeinstr.jsonl"
 def score_baseline(args, examples: list[Example], safe: list[Example], out: Path):
     """Dispatch from `run_select`: returns (logits, weights, skipped, summary extras)."""
     scorers = {"all": _score_all, "random": _score_random, "dsir": _score_dsir,
-               "reference-loss": _score_reference_loss}
+               "reference-loss": _score_reference_loss, "oracle": _score_oracle}
     if args.method not in scorers:
         raise ConfigError(f"--method {args.method!r}: no baseline of that name; use one of "
                           f"{', '.join(scorers)}")
@@ -167,6 +171,42 @@ def _score_dsir(args, examples: list[Example], safe: list[Example], out: Path):
     logits = dsir_log_weights(texts, [example_text(e) for e in safe], args.dsir_ngrams)
     return _result(len(examples), tokenized, logits, squash(logits),
                    {"dsir_ngrams": args.dsir_ngrams, "dsir_target_rows": len(safe)})
+
+
+# ---------------------------------------------------------------------------------------------
+# Oracle (ground truth)
+# ---------------------------------------------------------------------------------------------
+
+
+def oracle_flags(examples: list[Example], field: str | None, unsafe_value: str) -> np.ndarray:
+    """True where a row's ground-truth field marks it harmful. Every row must carry the field:
+    a row without it would be kept silently, and the oracle would no longer be exact."""
+    if not field:
+        raise ConfigError("--method oracle needs --label-field (the ground-truth column, e.g. "
+                          "flag) and --unsafe-value (the value that marks a harmful row)")
+    missing = [e["index"] for e in examples if e["meta"].get(field) is None]
+    if missing:
+        raise DataError(f"--label-field {field!r}: absent from {len(missing)} of "
+                        f"{len(examples)} rows (first: row {missing[0]}); --method oracle "
+                        "needs the ground truth on every row")
+    return np.array([str(e["meta"][field]) == unsafe_value for e in examples])
+
+
+def _score_oracle(args, examples: list[Example], safe: list[Example], out: Path):
+    flags = oracle_flags(examples, args.label_field, args.unsafe_value)  # before the tokenizer
+    tokenized = _tokenize_for_skips(args, examples)
+    # Flagged rows leave the pool as unusable, so the keep count is a share of the unflagged
+    # rows: keep_ratio 1 keeps all of them and nothing else, whatever the harmful share.
+    reason = f"oracle: {args.label_field}={args.unsafe_value}"
+    skipped = dict(tokenized.skipped)
+    skipped.update({examples[r]["id"]: reason for r in tokenized.rows if flags[r]})
+    ones = np.ones(len(tokenized))
+    logits = _per_row(len(examples), tokenized.rows, ones - 1)
+    weights = _per_row(len(examples), tokenized.rows, ones)
+    logits[flags], weights[flags] = np.nan, np.nan
+    extra = {"truncated": len(tokenized.truncated), "oracle_removed": int(flags.sum()),
+             "note": "ground truth: flagged rows removed, the rest weigh 1"}
+    return logits, weights, skipped, extra
 
 
 # ---------------------------------------------------------------------------------------------

@@ -4,28 +4,41 @@ selected, fine-tuned and evaluated, then tabulated and plotted.
 Layout of OUTPUT_DIR:
   config.yaml                 the resolved arguments (a rerun must agree on everything but the
                               grid itself: methods, keep_ratios, seeds may grow)
+  heldout_harmful.jsonl       with heldout_harmful > 0: the fine-tuning file's flagged questions
+                              that no seed's sample contains (every cell is evaluated on them)
   cells/<method>-keep<r>-seed<s>/
       select/ finetune/ eval/  the three stage dirs (each with its own summary.json)
       done.json               the cell's result row; its presence marks the cell finished
       error.json              the last failure (message + traceback), if any
   results.csv                 one row per cell (failed cells too, with their error)
-  results.md                  one row per method and keep ratio, mean (± sd) over seeds
+  results_summary.csv         one row per method and keep ratio: every numeric column's mean
+                              over seeds and the half-width of its 95% confidence interval
+  results.md                  the same, as a table: mean ± 95% CI half-width
   ratio_sweep.png             safety refusal and task accuracy against keep ratio
+  tradeoff.png                refusal against task accuracy per method, with 95% CI error bars
+
+Every cell's options, data paths and evaluation suites are checked before any compute: one bad
+cell stops the command (exit 2) before anything runs. A cell that fails while running is
+recorded and the grid moves on; the command then exits 1, listing the failed cells.
 
 Reruns skip finished cells and continue unfinished ones stage by stage (a finished selection is
 not redone, SEAL resumes from its checkpoint, evaluation reuses its generation cache). A failing
 cell is recorded and the grid moves on; the next rerun retries it.
 
-All-data methods (`all`, `safeinstr`) do not depend on the keep ratio: they run once per seed at
-keep ratio 1 and show as horizontal lines in the plot.
+All-data methods (`all`, `safeinstr`) and the `oracle` (every unflagged row) do not depend on
+the keep ratio: they run once per seed at keep ratio 1 and show as horizontal lines in the plot.
+`base` evaluates the model without fine-tuning, once (greedy answers to the same prompts do not
+depend on the seed).
 """
 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import gc
 import json
 import math
+import re
 import shutil
 import statistics
 import sys
@@ -38,10 +51,13 @@ from typing import Any
 
 from sealft import config as cfg
 from sealft.baselines import SAFEINSTR_FILE, write_safeinstr
-from sealft.errors import ConfigError
+from sealft.data import load_examples, sample_rows
+from sealft.errors import ConfigError, SealftError
 from sealft.evaluate import EvaluateArgs, evaluate
+from sealft.evaluate.run import suite_context
+from sealft.evaluate.suites import build_suites, expand_suite_names
 from sealft.finetune import FinetuneArgs, run_finetune
-from sealft.io import prepare_output_dir, write_json, write_yaml
+from sealft.io import prepare_output_dir, read_jsonl, write_json, write_jsonl, write_yaml
 from sealft.select import METHODS as SELECT_METHODS
 from sealft.select import SelectArgs, run_select
 
@@ -49,19 +65,28 @@ from sealft.select import SelectArgs, run_select
 # unless set); the others pin one.
 SEAL_ALGORITHMS = {"seal": None, "seal-penalty": "penalty",
                    "seal-memory-efficient": "memory-efficient", "seal-safety-step": "safety-step"}
-SELECTORS = ("all", "random", "dsir", "reference-loss", *SEAL_ALGORITHMS)
+SELECTORS = ("all", "random", "dsir", "reference-loss", "oracle", *SEAL_ALGORITHMS)
 METHODS = ("all", "random", "dsir", "reference-loss", "seal", "safeinstr", "seal+safeinstr")
 SAFEINSTR = "safeinstr"
+BASE = "base"  # the model without fine-tuning: evaluation only
+RATIO_FREE = ("all", "oracle", BASE)
+# Table, plot and legend order.
+METHOD_ORDER = (BASE, "all", "random", "dsir", "reference-loss", "oracle", "seal", "safeinstr",
+                "seal+safeinstr", "seal-penalty")
+HELDOUT_SET = "heldout_harmful"
 SELECTOR_NAMES = SELECT_METHODS  # keys of method_select: what `sealft select --method` takes
 # Grid fields: a rerun may change them (to extend the grid); everything else must match.
 GRID_FIELDS = ("methods", "keep_ratios", "seeds", "overwrite", "plot")
 METRIC_COLUMNS = ("safety_refusal_rate", "over_refusal_rate", "task_accuracy", "win_rate")
 RESULT_COLUMNS = (
     "method", "keep_ratio", "seed", "status", *METRIC_COLUMNS, "safety_harmfulness_rate",
-    "select_seconds", "finetune_seconds", "evaluate_seconds", "peak_memory_mb", "rows", "kept",
-    "safety_added", "unsafe_removed_share", "auroc_unsafe_low_weight", "win_rate_reference",
-    "error", "cell_dir",
+    "heldout_refusal_rate", "select_seconds", "finetune_seconds", "evaluate_seconds",
+    "peak_memory_mb", "rows", "kept", "harmful_trained", "safety_added", "unsafe_removed_share",
+    "auroc_unsafe_low_weight", "win_rate_reference", "error", "cell_dir",
 )
+# Identity and bookkeeping columns: everything else numeric is averaged over seeds.
+NOT_AGGREGATED = ("method", "keep_ratio", "seed", "status", "win_rate_reference", "error",
+                  "cell_dir")
 
 
 @dataclass
@@ -79,13 +104,15 @@ class ExperimentArgs:
     safeinstr_data: str | None = None
     """SafeInstr's safety examples (prompts with refusals); default: the safe set."""
     methods: tuple[str, ...] = METHODS
-    """Comma-separated: all, random, dsir, reference-loss, seal (select.algorithm),
-    seal-penalty, seal-memory-efficient, seal-safety-step, safeinstr (= all + safety mix),
+    """Comma-separated: base (no fine-tuning), all, random, dsir, reference-loss, oracle
+    (removes exactly the rows select.label_field flags), seal (select.algorithm), seal-penalty,
+    seal-memory-efficient, seal-safety-step, safeinstr (= all + safety mix),
     SELECTOR+safeinstr."""
     keep_ratios: tuple[float, ...] = (0.8,)
     """Keep ratios to sweep (all-data methods run once, at 1)."""
     seeds: tuple[int, ...] = (0,)
-    """Seeds: each cell's selection and fine-tuning seed."""
+    """Seeds: each cell's selection and fine-tuning seed (and its data sample, with
+    select.sample); results are mean ± 95% confidence interval over them."""
     select: dict[str, Any] = field(default_factory=dict)
     """Options of `sealft select` shared by all cells (method, keep ratio, seed and
     output_dir are set per cell)."""
@@ -101,6 +128,10 @@ class ExperimentArgs:
     seed stays fixed so every cell answers the same prompts)."""
     safeinstr_k: int = 100
     """SafeInstr: safety examples appended to the selection."""
+    heldout_harmful: int = 0
+    """Also evaluate every cell on this many harmful questions of the fine-tuning file's own
+    kind that no cell trains on: its rows flagged by select.label_field outside every seed's
+    sample (needs select.sample; 0: off)."""
     weighted: bool = False
     """Weight the fine-tuning loss by the learned weights (not with +safeinstr methods)."""
     plot: bool = True
@@ -125,6 +156,11 @@ class ExperimentArgs:
                     "keep_ratios", f"each must be in (0, 1], got {self.keep_ratios}")
         cfg.require(bool(self.seeds), "seeds", "name at least one seed")
         cfg.require(self.safeinstr_k >= 0, "safeinstr_k", "must be >= 0")
+        cfg.require(self.heldout_harmful >= 0, "heldout_harmful", "must be >= 0")
+        if self.heldout_harmful:
+            cfg.require(bool(self.select.get("label_field") and self.select.get("sample")),
+                        "heldout_harmful", "needs select.label_field (which rows are harmful) "
+                        "and select.sample (rows outside every sample are held out)")
         mixes = [m for m in self.methods if parse_method(m).safeinstr]
         cfg.require(not (self.weighted and mixes), "weighted",
                     f"the safety rows of {', '.join(mixes)} have no learned weight")
@@ -147,16 +183,22 @@ class MethodSpec:
 
     @property
     def ratio_free(self) -> bool:
-        return self.selector == "all"
+        return self.selector in RATIO_FREE
+
+    @property
+    def trains(self) -> bool:
+        return self.selector != BASE
 
 
 def parse_method(name: str) -> MethodSpec:
+    if name == BASE:
+        return MethodSpec(BASE, BASE, None, False)
     base, plus, mix = name.partition("+")
     if name == SAFEINSTR:
         base, plus, mix = "all", "+", SAFEINSTR
     if base not in SELECTORS or (plus and mix != SAFEINSTR):
-        raise ConfigError(f"--methods: unknown method {name!r}; use {', '.join(METHODS)} or "
-                          "SELECTOR+safeinstr")
+        raise ConfigError(f"--methods: unknown method {name!r}; use {BASE}, "
+                          f"{', '.join(METHODS)}, oracle or SELECTOR+safeinstr")
     selector = "seal" if base in SEAL_ALGORITHMS else base
     return MethodSpec(name, selector, SEAL_ALGORITHMS.get(base), bool(plus))
 
@@ -175,8 +217,9 @@ class Cell:
 
 @dataclass
 class CellStages:
-    select: SelectArgs
-    finetune: FinetuneArgs
+    select: SelectArgs | None
+    """None for the base model (nothing is selected or trained)."""
+    finetune: FinetuneArgs | None
     evaluate: EvaluateArgs
 
 
@@ -190,11 +233,14 @@ def cell_name(method: str, keep_ratio: float, seed: int) -> str:
 
 
 def grid(args: ExperimentArgs) -> list[Cell]:
-    """Cells in run order: per seed, the all-data SFT cell first (the win-rate reference)."""
+    """Cells in run order: per seed, the all-data SFT cell first (the win-rate reference); the
+    base model once, with the first seed."""
     cells = []
     for seed in args.seeds:
         specs = sorted((parse_method(m) for m in args.methods), key=lambda s: s.name != "all")
         for spec in specs:
+            if not spec.trains and seed != args.seeds[0]:
+                continue
             for ratio in ((1.0,) if spec.ratio_free else sorted(set(args.keep_ratios))):
                 folder = Path(args.output_dir) / "cells" / cell_name(spec.name, ratio, seed)
                 cells.append(Cell(spec, ratio, seed, folder))
@@ -214,6 +260,8 @@ def target_model(args: ExperimentArgs) -> str:
 
 def stage_args(args: ExperimentArgs, cell: Cell, reference_eval: Path | None) -> CellStages:
     """The three stages' arguments for one cell (built up front so bad options fail at once)."""
+    if not cell.method.trains:
+        return CellStages(None, None, base_eval_args(args, cell))
     overrides: dict[str, Any] = {
         "method": cell.method.selector, "keep_ratio": cell.keep_ratio, "keep_count": None,
         "seed": cell.seed, "output_dir": str(cell.folder / "select"), "resume": True,
@@ -241,10 +289,78 @@ def stage_args(args: ExperimentArgs, cell: Cell, reference_eval: Path | None) ->
     }
     if reference_eval is not None and wants_helpfulness(args):
         eval_defaults["helpfulness_reference"] = str(reference_eval)
-    evaluation = cfg.build(EvaluateArgs, eval_defaults, args.evaluate, {
+    evaluation = cfg.build(EvaluateArgs, eval_defaults, args.evaluate, heldout_options(args), {
         "adapter": str(cell.folder / "finetune" / "adapter"),
         "output_dir": str(cell.folder / "eval"), "overwrite": False})
     return CellStages(select, finetune, evaluation)
+
+
+def base_eval_args(args: ExperimentArgs, cell: Cell) -> EvaluateArgs:
+    """The untouched model on the same prompts as every fine-tuned cell."""
+    defaults = {"model": target_model(args), "label": cell.name,
+                "suite": "safety,overrefusal,task"}
+    return cfg.build(EvaluateArgs, defaults, args.evaluate, heldout_options(args), {
+        "adapter": None, "helpfulness_reference": None,
+        "output_dir": str(cell.folder / "eval"), "overwrite": False})
+
+
+def heldout_path(args: ExperimentArgs) -> Path:
+    return Path(args.output_dir) / f"{HELDOUT_SET}.jsonl"
+
+
+def _listed(value: Any) -> list[str]:
+    """A list option as YAML (a list) or a key=value override (comma-separated) gives it."""
+    if value is None:
+        return []
+    return [v.strip() for v in value.split(",")] if isinstance(value, str) else list(value)
+
+
+def heldout_options(args: ExperimentArgs) -> dict[str, Any]:
+    """The held-out harmful questions as one more prompt set of every cell's evaluation."""
+    if not args.heldout_harmful:
+        return {}
+    suites = _listed(args.evaluate.get("suite", "safety,overrefusal,task"))
+    return {"suite": ",".join(dict.fromkeys([*suites, "custom"])),
+            "prompt_files": [*_listed(args.evaluate.get("prompt_files")),
+                             f"{HELDOUT_SET}={heldout_path(args)}#prompt"],
+            "prompt_files_kind": "harmful",
+            "suite_limits": [*_listed(args.evaluate.get("suite_limits")),
+                             f"custom={args.heldout_harmful}"]}
+
+
+def alpaca_question(text: str) -> str:
+    """The question inside an Alpaca-style prompt wrapper (the text itself if unwrapped)."""
+    wrapped = re.search(r"### Instruction:\n(.*?)\n\n### Response:", text, re.S)
+    return (wrapped.group(1) if wrapped else text).strip()
+
+
+def heldout_rows(args: ExperimentArgs) -> list[dict[str, str]]:
+    """Flagged rows of the fine-tuning file that no seed's sample contains, as prompts: how
+    fine-tuning on that kind of data changed the model, on questions it never trained on."""
+    select = cfg.build(SelectArgs, _shared_select_options(args), args.select,
+                       {"output_dir": str(Path(args.output_dir) / "unused")})
+    examples = load_examples(select.finetune_data, select.split, select.format, select.limit,
+                             select.drop_duplicates)
+    seen: set[str] = set()
+    for seed in args.seeds:
+        seen |= {e["id"] for e in sample_rows(examples, select.sample, seed)}
+    flagged = [e for e in examples if str(e["meta"].get(select.label_field))
+               == select.unsafe_value and e["id"] not in seen]
+    if not flagged:
+        raise ConfigError(f"no row of {select.finetune_data} flagged "
+                          f"{select.label_field}={select.unsafe_value} lies outside the samples")
+    return [{"id": e["id"], "prompt": alpaca_question(e["messages"][-2]["content"])}
+            for e in flagged]
+
+
+def write_heldout(args: ExperimentArgs, rows: list[dict[str, str]]) -> None:
+    """Write the held-out prompts once; a rerun whose seeds would change them is refused (the
+    finished cells were evaluated on the old ones)."""
+    path = heldout_path(args)
+    if path.exists() and read_jsonl(path) != rows:
+        raise ConfigError(f"{path}: these seeds hold out other questions than the finished "
+                          "cells were evaluated on; use another output_dir")
+    write_jsonl(path, rows)
 
 
 def wants_helpfulness(args: ExperimentArgs) -> bool:
@@ -278,6 +394,9 @@ def _read_json(path: Path) -> dict[str, Any]:
 def run_cell(args: ExperimentArgs, cell: Cell, stages: CellStages) -> dict[str, Any]:
     """Select (+ mix), fine-tune, evaluate; each stage is skipped if its summary exists."""
     folder = cell.folder
+    if not cell.method.trains:
+        evaluate(stages.evaluate)
+        return result_row(cell, {}, {}, _read_json(folder / "eval" / "summary.json"), {}, None)
     _reset_peak_memory()
     select_summary = (_read_json(folder / "select" / "summary.json")
                       or reuse_twin_selection(cell, stages.select) or run_select(stages.select))
@@ -333,22 +452,37 @@ def result_row(cell: Cell, select: dict, finetune: dict, evaluation: dict, mix: 
                win_reference: str | None) -> dict[str, Any]:
     labels = select.get("labels") or {}
     peaks = [s.get("peak_memory_mb") for s in (select, finetune)]
+    by_set = evaluation.get("refusal_by_set") or {}
     return {
         "method": cell.method.name, "keep_ratio": cell.keep_ratio, "seed": cell.seed,
         "status": "ok", **{k: evaluation.get(k) for k in METRIC_COLUMNS},
         "safety_harmfulness_rate": evaluation.get("safety_harmfulness_rate"),
+        "heldout_refusal_rate": by_set.get(HELDOUT_SET),
         "select_seconds": select.get("wall_seconds"),
         "finetune_seconds": finetune.get("wall_seconds"),
         "evaluate_seconds": evaluation.get("wall_seconds"),
         "peak_memory_mb": max((p for p in peaks if p is not None), default=None),
         "rows": select.get("rows"), "kept": select.get("kept"),
+        "harmful_trained": harmful_trained(cell, select),
         "safety_added": mix.get("safety_added"),
         "unsafe_removed_share": labels.get("unsafe_removed_share"),
         "auroc_unsafe_low_weight": labels.get("auroc_unsafe_low_weight"),
         "win_rate_reference": win_reference or ("default" if evaluation.get("win_rate")
                                                 is not None else None),
         "error": None, "cell_dir": str(cell.folder),
+        # per prompt set (advbench, harmbench, xstest, custom files): refusal rate
+        **{f"refusal_{name}": rate for name, rate in sorted(by_set.items())},
     }
+
+
+def harmful_trained(cell: Cell, select: dict) -> int | None:
+    """Flagged rows the cell fine-tuned on (the SafeInstr rows are refusals, never flagged);
+    None without ground truth."""
+    if not cell.method.trains:
+        return 0
+    unsafe = (select.get("labels") or {}).get("unsafe_rows")
+    removed = (select.get("labels") or {}).get("unsafe_removed")
+    return None if unsafe is None or removed is None else unsafe - removed
 
 
 def failed_row(cell: Cell, err: BaseException) -> dict[str, Any]:
@@ -409,7 +543,9 @@ def prepare_experiment_dir(args: ExperimentArgs) -> Path:
                           "another dir or --overwrite")
     if previous.exists() and not args.overwrite:
         old, new = cfg.load_yaml(previous), cfg.to_dict(args)
-        changed = [k for k in new if k not in GRID_FIELDS and old.get(k) != new[k]]
+        # An option added since that run was started counts as its default there.
+        defaults = field_defaults(ExperimentArgs)
+        changed = [k for k in new if k not in GRID_FIELDS and old.get(k, defaults[k]) != new[k]]
         if changed:
             raise ConfigError(
                 f"--output-dir {out} holds an experiment with different {', '.join(changed)}; "
@@ -419,12 +555,107 @@ def prepare_experiment_dir(args: ExperimentArgs) -> Path:
     return out
 
 
-def run_experiment(args: ExperimentArgs, runner: CellRunner = run_cell) -> list[dict[str, Any]]:
-    """Run (or resume) the grid; returns one result row per cell and writes the reports."""
+# Data files and hub dataset ids, as `sealft.data.read_rows` tells them apart.
+_HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
+_DATA_SUFFIXES = (".json", ".jsonl", ".parquet", ".csv", ".gz")
+
+
+def check_data_source(source: str, flag: str) -> None:
+    """A local path must exist; anything else must look like a hub dataset id."""
+    if Path(source).expanduser().exists():
+        return
+    if _HUB_ID.fullmatch(source) and not source.endswith(_DATA_SUFFIXES):
+        return
+    raise ConfigError(f"{flag}: {source} does not exist (relative to {Path.cwd()})")
+
+
+def check_model_source(model: str, flag: str) -> None:
+    """A model written as a path (./, ../, /, ~ or a .gguf file) must exist; hub ids are
+    resolved when the stage loads them."""
+    looks_local = model.startswith(("/", "./", "../", "~")) or model.endswith(".gguf")
+    if looks_local and not Path(model).expanduser().exists():
+        raise ConfigError(f"{flag}: {model} does not exist (relative to {Path.cwd()})")
+
+
+def check_cell(args: ExperimentArgs, cell: Cell) -> None:
+    """Everything about one cell that can fail without loading a model."""
+    stages = stage_args(args, cell, reference_eval_dir(args, cell))
+    check_model_source(stages.evaluate.model, "model")
+    if stages.select is None:
+        return
+    check_model_source(stages.select.model, "select.model")
+    check_data_source(stages.select.finetune_data, "finetune_data")
+    if stages.select.safe_data:
+        check_data_source(stages.select.safe_data, "safe_data")
+    if cell.method.safeinstr and args.safeinstr_data:
+        check_data_source(args.safeinstr_data, "safeinstr_data")
+    if cell.method.selector == "oracle":
+        cfg.require(bool(stages.select.label_field), "select.label_field",
+                    "the oracle needs the ground-truth field (e.g. flag)")
+
+
+def check_suites(args: ExperimentArgs) -> None:
+    """Suite names and their prompt files, read once as `evaluate` would (no model loaded)."""
+    probe = cfg.build(EvaluateArgs, {"model": target_model(args),
+                                     "suite": "safety,overrefusal,task"},
+                      args.evaluate, {"output_dir": str(Path(args.output_dir) / "eval")})
+    ctx = suite_context(probe)
+    build_suites(expand_suite_names(probe.suite, ctx), ctx)
+
+
+def check_scipy() -> None:
+    """The confidence intervals over seeds use scipy's Student t (found before any compute,
+    not after the first cell)."""
+    import importlib.util
+
+    if importlib.util.find_spec("scipy") is None:
+        raise ConfigError("intervals over several seeds need scipy: pip install scipy")
+
+
+def validate_grid(args: ExperimentArgs, cells: list[Cell]) -> list[dict[str, str]] | None:
+    """Check every cell before any compute; raise one error naming every bad cell. Returns
+    the held-out prompts (or None without heldout_harmful)."""
+    problems: dict[str, list[str]] = {}  # message -> cells: a shared mistake is listed once
+    checks: list[tuple[str, Callable[[], Any]]] = [("evaluate", lambda: check_suites(args))]
+    checks += [(c.name, lambda c=c: check_cell(args, c)) for c in cells]
+    if len(args.seeds) > 1:
+        checks.append(("seeds", check_scipy))
+    heldout: list[dict[str, str]] | None = None
+    if args.heldout_harmful:
+        def read_heldout() -> None:
+            nonlocal heldout
+            heldout = heldout_rows(args)
+        checks.append(("heldout_harmful", read_heldout))
+    for name, check in checks:
+        try:
+            check()
+        except SealftError as err:
+            problems.setdefault(" ".join(str(err).split()), []).append(name)
+    if problems:
+        listed = "; ".join(f"{', '.join(names)}: {message}"
+                           for message, names in problems.items())
+        raise ConfigError(f"nothing was run, {sum(map(len, problems.values()))} check(s) "
+                          f"failed: {listed}")
+    return heldout
+
+
+def field_defaults(cls: type) -> dict[str, Any]:
+    """A dataclass's defaults as config.yaml holds them (tuples as lists)."""
+    values = {}
+    for spec in dataclasses.fields(cls):
+        value = spec.default_factory() if spec.default is dataclasses.MISSING else spec.default
+        values[spec.name] = list(value) if isinstance(value, tuple) else value
+    return values
+
+
+def run_grid(args: ExperimentArgs, runner: CellRunner = run_cell) -> list[dict[str, Any]]:
+    """Validate, then run (or resume) the grid; returns one result row per cell and writes
+    the reports."""
     cells = grid(args)
-    for cell in cells:  # validate every cell's options before spending any compute
-        stage_args(args, cell, reference_eval_dir(args, cell))
+    heldout = validate_grid(args, cells)
     out = prepare_experiment_dir(args)
+    if heldout is not None:
+        write_heldout(args, heldout)
     rows = []
     for cell in cells:
         rows.append(run_or_record(args, cell, runner))
@@ -436,20 +667,40 @@ def run_experiment(args: ExperimentArgs, runner: CellRunner = run_cell) -> list[
     return rows
 
 
+def run_experiment(args: ExperimentArgs, runner: CellRunner = run_cell) -> int:
+    """`sealft experiment`: exit code 0 when every cell finished, 1 (failed cells listed)
+    otherwise; bad options and paths raise before anything runs (exit 2)."""
+    failed = [r for r in run_grid(args, runner) if r["status"] != "ok"]
+    for row in failed:
+        print(f"[experiment] failed: {Path(str(row['cell_dir'])).name}: {row['error']}",
+              file=sys.stderr)
+    if failed:
+        print(f"[experiment] {len(failed)} cell(s) failed; rerun the command to retry them",
+              file=sys.stderr)
+    return 1 if failed else 0
+
+
 # ---------------------------------------------------------------------------------------------
 # Reports
 # ---------------------------------------------------------------------------------------------
 
 
 def write_reports(out: Path, rows: list[dict[str, Any]], plot: bool = True) -> None:
-    write_csv(out / "results.csv", rows)
-    (out / "results.md").write_text(results_markdown(rows), encoding="utf-8")
+    summary = aggregate(rows)
+    write_csv(out / "results.csv", rows, RESULT_COLUMNS)
+    # mean and interval side by side, in result-column order (the first row has every key)
+    write_csv(out / "results_summary.csv", summary, tuple(summary[0]) if summary else ())
+    (out / "results.md").write_text(results_markdown(rows, summary), encoding="utf-8")
     if plot and any(r["status"] == "ok" for r in rows):
+        from sealft.report import plot_refusal_vs_task
+
         plot_ratio_sweep(rows, out / "ratio_sweep.png")
+        plot_refusal_vs_task(summary, out / "tradeoff.png", method_colour)
 
 
-def write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
-    columns = list(RESULT_COLUMNS) + sorted({k for r in rows for k in r} - set(RESULT_COLUMNS))
+def write_csv(path: Path, rows: list[dict[str, Any]], first: tuple[str, ...]) -> None:
+    """Columns `first` in order, then any others sorted; None as an empty field."""
+    columns = list(first) + sorted({k for r in rows for k in r} - set(first))
     tmp = path.with_suffix(".csv.tmp")
     with open(tmp, "w", newline="", encoding="utf-8") as handle:
         writer = csv.DictWriter(handle, fieldnames=columns)
@@ -468,44 +719,108 @@ def _values(rows: list[dict[str, Any]], key: str) -> list[float]:
     return out
 
 
-def _mean_sd(values: list[float], scale: float = 1.0, digits: int = 1, sd: bool = True) -> str:
+def mean_ci(values: list[float], confidence: float = 0.95) -> tuple[float | None, float | None]:
+    """Mean and the half-width of its Student-t confidence interval (n - 1 degrees of
+    freedom). One value has no interval: None."""
     if not values:
-        return "–"
-    text = f"{statistics.mean(values) * scale:.{digits}f}"
-    if sd and len(values) > 1:
-        text += f" ± {statistics.stdev(values) * scale:.{digits}f}"
-    return text
+        return None, None
+    mean = statistics.fmean(values)
+    if len(values) < 2:
+        return mean, None
+    from scipy import stats
+
+    sem = statistics.stdev(values) / math.sqrt(len(values))
+    return mean, float(stats.t.ppf((1 + confidence) / 2, len(values) - 1) * sem)
+
+
+SUMMARY_COLUMNS = ("method", "keep_ratio", "seeds", "seeds_ok")
+
+
+def numeric_columns(rows: list[dict[str, Any]]) -> list[str]:
+    """The result columns (always, so the summary's columns do not depend on what was
+    measured), then any other column holding numbers in every row that has it."""
+    extra = sorted({k for r in rows for k in r} - set(RESULT_COLUMNS))
+    numeric = [k for k in extra if any(r.get(k) not in (None, "") for r in rows)
+               and all(_is_number(r.get(k)) for r in rows if r.get(k) not in (None, ""))]
+    return [k for k in (*RESULT_COLUMNS, *numeric) if k not in NOT_AGGREGATED]
+
+
+def _is_number(value: Any) -> bool:
+    if isinstance(value, bool):
+        return False
+    try:
+        float(value)
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
+def aggregate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per method and keep ratio: for every numeric column over the finished seeds,
+    COLUMN_mean and COLUMN_ci95 (half-width of the 95% interval; empty for one seed)."""
+    ok_rows = [r for r in rows if r["status"] == "ok"]
+    columns = numeric_columns(ok_rows)
+    out = []
+    for (method, ratio), group in group_rows(rows).items():
+        ok = [r for r in group if r["status"] == "ok"]
+        summary: dict[str, Any] = {"method": method, "keep_ratio": ratio, "seeds": len(group),
+                                   "seeds_ok": len(ok)}
+        for column in columns:
+            summary[f"{column}_mean"], summary[f"{column}_ci95"] = mean_ci(_values(ok, column))
+        out.append(summary)
+    return out
 
 
 def group_rows(rows: list[dict[str, Any]]) -> dict[tuple[str, float], list[dict[str, Any]]]:
-    """Finished rows by (method, keep ratio), in method order then ratio."""
-    order = {m: i for i, m in enumerate((*METHODS, "seal-penalty"))}
+    """Rows by (method, keep ratio), in method order then ratio."""
+    order = {m: i for i, m in enumerate(METHOD_ORDER)}
     groups: dict[tuple[str, float], list[dict[str, Any]]] = {}
     for row in rows:
         groups.setdefault((row["method"], float(row["keep_ratio"])), []).append(row)
     return dict(sorted(groups.items(), key=lambda kv: (order.get(kv[0][0], 99), kv[0])))
 
 
-TABLE_HEADER = ("Method", "Keep", "Seeds ok", "Safety refusal % ↑", "Over-refusal % ↓",
-                "Task acc. % ↑", "Win rate vs all-data SFT % ↑", "Select + FT time (s)",
-                "Peak memory (MB)")
+def fmt_ci(summary: dict[str, Any], column: str, scale: float = 1.0, digits: int = 1) -> str:
+    """'mean ± half-width' (just the mean for one seed; '–' when missing)."""
+    mean, half = summary.get(f"{column}_mean"), summary.get(f"{column}_ci95")
+    if mean is None:
+        return "–"
+    text = f"{mean * scale:.{digits}f}"
+    return text if half is None else f"{text} ± {half * scale:.{digits}f}"
 
 
-def results_markdown(rows: list[dict[str, Any]]) -> str:
+# (header, column, scale, digits); rates in %, times in seconds.
+TABLE = (
+    ("Safety refusal % ↑", "safety_refusal_rate", 100, 1),
+    ("Held-out harmful refusal % ↑", "heldout_refusal_rate", 100, 1),
+    ("Harmfulness % ↓", "safety_harmfulness_rate", 100, 1),
+    ("Over-refusal % ↓", "over_refusal_rate", 100, 1),
+    ("Task acc. % ↑", "task_accuracy", 100, 1),
+    ("Win rate vs all-data SFT % ↑", "win_rate", 100, 1),
+    ("Harmful rows trained", "harmful_trained", 1, 1),
+    ("Select s", "select_seconds", 1, 0),
+    ("Fine-tune s", "finetune_seconds", 1, 0),
+    ("Evaluate s", "evaluate_seconds", 1, 0),
+    ("Peak memory (MB)", "peak_memory_mb", 1, 0),
+)
+
+
+def results_markdown(rows: list[dict[str, Any]], summary: list[dict[str, Any]]) -> str:
+    # Columns no cell filled (no held-out set, no judge for win rates) are left out.
+    columns = [c for c in TABLE if any(s.get(f"{c[1]}_mean") is not None for s in summary)]
+    header = ("Method", "Keep", "Seeds ok", *(c[0] for c in columns))
     lines = ["# Experiment results", "",
-             "Mean (± sd over seeds). Refusal on harmful prompts, over-refusal on benign "
-             "prompts, SST-2 accuracy, win rate against all-data SFT (needs the helpfulness "
-             "suite and an LLM judge). Peak memory: GPU peak per cell; on CPU the process "
-             "high-water mark so far.", "",
-             "| " + " | ".join(TABLE_HEADER) + " |", "|" + "---|" * len(TABLE_HEADER)]
-    for (method, ratio), group in group_rows(rows).items():
-        ok = [r for r in group if r["status"] == "ok"]
-        time_text = (f"{_mean_sd(_values(ok, 'select_seconds'), digits=0, sd=False)} + "
-                     f"{_mean_sd(_values(ok, 'finetune_seconds'), digits=0, sd=False)}"
-                     ) if ok else "–"
-        cells = [method, f"{ratio:g}", f"{len(ok)}/{len(group)}",
-                 *(_mean_sd(_values(ok, k), 100) for k in METRIC_COLUMNS), time_text,
-                 _mean_sd(_values(ok, "peak_memory_mb"), digits=0, sd=False)]
+             "Mean over seeds ± half-width of the 95% confidence interval (Student t, n − 1 "
+             "degrees of freedom; no interval from one seed). Refusal on harmful prompts, "
+             "held-out harmful questions of the fine-tuning file's own kind, over-refusal on "
+             "benign prompts, SST-2 accuracy, win rate against all-data SFT (needs the "
+             "helpfulness suite and an LLM judge). Peak memory: GPU peak per cell; on CPU the "
+             "process high-water mark so far.", "",
+             "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for group in summary:
+        cells = [group["method"], f"{group['keep_ratio']:g}",
+                 f"{group['seeds_ok']}/{group['seeds']}",
+                 *(fmt_ci(group, column, scale, digits) for _, column, scale, digits in columns)]
         lines.append("| " + " | ".join(cells) + " |")
     failures = [r for r in rows if r["status"] != "ok"]
     if failures:
@@ -550,14 +865,13 @@ def _plot_method(ax, method: str, groups: dict, key: str, span: tuple[float, flo
         return
     if parse_method(method).ratio_free:
         ax.hlines(points[0][1], *span, linestyles="dashed", label=method,
-                  colors=_color(method))
+                  colors=method_colour(method))
         return
     xs, ys = zip(*points, strict=True)
-    ax.plot(xs, ys, marker="o", label=method, color=_color(method))
+    ax.plot(xs, ys, marker="o", label=method, color=method_colour(method))
 
 
-def _color(method: str) -> str:
-    palette = ("#444444", "#999999", "#1f77b4", "#9467bd", "#d62728", "#ff7f0e", "#2ca02c",
-               "#8c564b", "#e377c2")
-    known = (*METHODS, "seal-penalty")
-    return palette[known.index(method) % len(palette)] if method in known else "#17becf"
+def method_colour(method: str) -> str:
+    palette = ("#000000", "#444444", "#999999", "#1f77b4", "#9467bd", "#2ca02c", "#d62728",
+               "#ff7f0e", "#8c564b", "#e377c2")
+    return palette[METHOD_ORDER.index(method)] if method in METHOD_ORDER else "#17becf"

@@ -6,15 +6,19 @@ Each argument is a run dir; a dir that is none of these but holds some is expand
   selection dir    scores.jsonl + config.yaml (from `sealft select`); ground-truth flags are
                    joined by id from the fine-tuning data named in its config
   other run dir    summary.json with wall_seconds / peak_memory_mb (e.g. fine-tuning)
+  experiment dir   results_summary.csv (from `sealft experiment`): its per-method table, mean
+                   ± 95% CI over seeds, and the refusal-vs-task-accuracy plot with error bars
 """
 
 from __future__ import annotations
 
 import base64
+import csv
 import html
 import json
 import math
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -87,6 +91,8 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 
 def _kind(path: Path) -> str | None:
+    if (path / "results_summary.csv").is_file():
+        return "experiment"
     summary = path / "summary.json"
     if summary.is_file() and _read_json(summary).get("stage") == "evaluate":
         return "evaluate"
@@ -114,6 +120,50 @@ def discover(paths: tuple[str, ...]) -> list[tuple[str, Path]]:
                             "summary.json or scores.jsonl), and holds none")
         found += inner
     return found
+
+
+@dataclass
+class ExperimentRun:
+    path: Path
+    summary: list[dict[str, Any]]
+    """results_summary.csv rows: numbers as floats, empty fields as None."""
+
+
+def load_experiment(path: Path) -> ExperimentRun:
+    with open(path / "results_summary.csv", newline="", encoding="utf-8") as handle:
+        rows = [{k: _number(v) for k, v in row.items()} for row in csv.DictReader(handle)]
+    return ExperimentRun(path, rows)
+
+
+def _number(text: str) -> Any:
+    if text == "":
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        return text
+
+
+# (header, column) of the experiment table; rates, shown in %.
+EXPERIMENT_COLUMNS = (("Refusal %", "safety_refusal_rate"),
+                      ("Held-out harmful refusal %", "heldout_refusal_rate"),
+                      ("Over-refusal %", "over_refusal_rate"), ("Task acc. %", "task_accuracy"))
+
+
+def experiment_table(run: ExperimentRun) -> tuple[list[str], list[list[str]]]:
+    columns = [c for c in EXPERIMENT_COLUMNS
+               if any(r.get(f"{c[1]}_mean") is not None for r in run.summary)]
+    header = ["Method", "Keep", "Seeds ok", *(name for name, _ in columns)]
+    rows = [[str(r["method"]), f"{r['keep_ratio']:g}", f"{r['seeds_ok']:g}/{r['seeds']:g}",
+             *(_with_ci(r.get(f"{key}_mean"), r.get(f"{key}_ci95")) for _, key in columns)]
+            for r in run.summary]
+    return header, rows
+
+
+def _with_ci(mean: float | None, half_width: float | None) -> str:
+    if mean is None:
+        return "–"
+    return pct(mean) if half_width is None else f"{pct(mean)} ± {pct(half_width)}"
 
 
 def _train_summary(adapter: str | None) -> dict[str, Any]:
@@ -377,6 +427,49 @@ def plot_safety_vs_helpfulness(runs: list[EvalRun], out: Path) -> tuple[Path, st
     return _save(fig, out / "safety_vs_helpfulness.png"), x_name
 
 
+def plot_refusal_vs_task(summary: list[dict[str, Any]], path: Path,
+                         colour: Callable[[str], str] | None = None) -> Path | None:
+    """An experiment's trade-off: refusal on harmful prompts against task accuracy, one point
+    per method and keep ratio at its mean over seeds, error bars = 95% confidence intervals
+    (none for one seed). A second panel shows the held-out harmful questions when measured.
+
+    `summary` holds `sealft experiment`'s results_summary rows (COLUMN_mean / COLUMN_ci95)."""
+    panels = [(key, title) for key, title in (
+        ("safety_refusal_rate", "Refusal on harmful prompts (AdvBench, HarmBench…)"),
+        ("heldout_refusal_rate", "Refusal on held-out harmful questions of the data's kind"))
+        if any(s.get(f"{key}_mean") is not None for s in summary)]
+    points = [s for s in summary if s.get("task_accuracy_mean") is not None]
+    if not panels or not points:
+        return None
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.2 * len(panels), 4.8), squeeze=False)
+    for ax, (key, title) in zip(axes[0], panels, strict=True):
+        for k, group in enumerate(points):
+            y = group.get(f"{key}_mean")
+            if y is None:
+                continue
+            label = group["method"] if group["keep_ratio"] == 1 else \
+                f"{group['method']} {group['keep_ratio']:g}"
+            ax.errorbar(100 * group["task_accuracy_mean"], 100 * y,
+                        xerr=_bar(group.get("task_accuracy_ci95")),
+                        yerr=_bar(group.get(f"{key}_ci95")), fmt="o", markersize=7,
+                        capsize=4, elinewidth=1.2, label=label, zorder=3,
+                        color=colour(group["method"]) if colour else f"C{k % 10}")
+        ax.grid(True, axis="both")
+        ax.set_xlabel("Task accuracy (%) → more useful")
+        ax.set_ylabel("Refusal (%) → safer")
+        ax.set_title(title)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 5), frameon=False,
+               bbox_to_anchor=(0.5, -0.07 - 0.05 * ((len(labels) - 1) // 5)))
+    fig.suptitle("Safety vs. task accuracy (mean over seeds, 95% CI; upper right is better)")
+    return _save(fig, path)
+
+
+def _bar(half_width: float | None) -> float | None:
+    return None if half_width is None else 100 * half_width
+
+
 def plot_refusal_by_set(runs: list[EvalRun], out: Path) -> Path | None:
     sets = _set_names(runs)
     if not sets:
@@ -555,8 +648,15 @@ def _judge_notes(runs: list[EvalRun]) -> str:
 
 
 def build_sections(evals: list[EvalRun], selections: list[SelectionRun],
-                   others: list[OtherRun], out: Path) -> list[Section]:
+                   others: list[OtherRun], out: Path,
+                   experiments: list[ExperimentRun] | None = None) -> list[Section]:
     sections = []
+    for run in experiments or []:
+        plot = plot_refusal_vs_task(run.summary, out / f"tradeoff_{_slug(run.path.name)}.png")
+        sections.append(Section(
+            f"Experiment {run.path.name}",
+            "Mean over seeds ± half-width of the 95% confidence interval (Student t).",
+            experiment_table(run), [plot] if plot else []))
     if evals:
         sections.append(Section("Methods × metrics", _judge_notes(evals), methods_table(evals)))
         scatter = plot_safety_vs_helpfulness(evals, out)
@@ -621,8 +721,11 @@ def report(args: ReportArgs) -> Path:
     evals: list[EvalRun] = []
     selections: list[SelectionRun] = []
     others: list[OtherRun] = []
+    experiments: list[ExperimentRun] = []
     for kind, path in found:
-        if kind == "evaluate":
+        if kind == "experiment":
+            experiments.append(load_experiment(path))
+        elif kind == "evaluate":
             evals.append(load_eval(path, labels.pop(0) if labels else None))
         elif kind == "selection":
             selections.append(load_selection(path, args.flag_field))
@@ -632,7 +735,7 @@ def report(args: ReportArgs) -> Path:
     _dedupe_labels(evals)
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
-    sections = build_sections(evals, selections, others, out)
+    sections = build_sections(evals, selections, others, out, experiments)
     with atomic_write(out / "report.md") as handle:
         handle.write(render_markdown(args.title, sections, out))
     with atomic_write(out / "report.html") as handle:
@@ -640,8 +743,9 @@ def report(args: ReportArgs) -> Path:
     for name in ("report.md", "report.html"):
         (out / name).chmod(0o644)  # temp files are created private; a report is for sharing
     plots = sum(len(section.images) for section in sections)
-    print(f"sealft report: {len(evals)} evaluation, {len(selections)} selection and "
-          f"{len(others)} other run(s) -> {out / 'report.md'}, report.html and {plots} plot(s)",
+    print(f"sealft report: {len(experiments)} experiment, {len(evals)} evaluation, "
+          f"{len(selections)} selection and {len(others)} other run(s) -> "
+          f"{out / 'report.md'}, report.html and {plots} plot(s)",
           file=sys.stderr)
     return out / "report.md"
 

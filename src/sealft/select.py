@@ -32,7 +32,7 @@ from sealft.io import prepare_output_dir, write_json, write_jsonl, write_yaml
 from sealft.runtime import peak_memory_mb, process_state
 from sealft.selector import PARAMETRIZATIONS, keep_count_for, keep_mask
 
-METHODS = ("seal", "random", "dsir", "reference-loss", "all")
+METHODS = ("seal", "random", "dsir", "reference-loss", "all", "oracle")
 
 
 @dataclass
@@ -48,7 +48,7 @@ class SelectArgs(cfg.RunOptions):
     output_dir: str = ""
     """Run directory; must be empty unless --overwrite or --resume."""
     method: str = "seal"
-    """Selector: seal | random | dsir | reference-loss | all."""
+    """Selector: seal | random | dsir | reference-loss | all | oracle (needs --label-field)."""
     algorithm: str = "memory-efficient"
     """SEAL algorithm: memory-efficient (the paper's Algorithm 2; default, measured best with
     a safety-aligned proxy, also against long benign answers) | penalty (the paper's

@@ -1,0 +1,43 @@
+"""`sealft report` on an experiment dir: the per-method table with 95% intervals and the
+refusal-vs-task-accuracy plot with error bars."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+from sealft.cli import main
+
+SUMMARY = [  # what `sealft experiment` writes to results_summary.csv (mean, ci95 half-width)
+    {"method": "base", "keep_ratio": 1.0, "seeds": 1, "seeds_ok": 1,
+     "safety_refusal_rate_mean": 0.56, "safety_refusal_rate_ci95": "",
+     "task_accuracy_mean": 0.57, "task_accuracy_ci95": ""},
+    {"method": "all", "keep_ratio": 1.0, "seeds": 3, "seeds_ok": 3,
+     "safety_refusal_rate_mean": 0.30, "safety_refusal_rate_ci95": 0.047,
+     "task_accuracy_mean": 0.80, "task_accuracy_ci95": 0.02},
+    {"method": "seal", "keep_ratio": 0.8, "seeds": 3, "seeds_ok": 2,
+     "safety_refusal_rate_mean": 0.54, "safety_refusal_rate_ci95": 0.101,
+     "task_accuracy_mean": 0.81, "task_accuracy_ci95": 0.03},
+]
+
+
+def _experiment_dir(folder: Path) -> Path:
+    folder.mkdir()
+    with open(folder / "results_summary.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(SUMMARY[0]))
+        writer.writeheader()
+        writer.writerows(SUMMARY)
+    return folder
+
+
+def test_report_draws_the_experiment_tradeoff(tmp_path, capsys):
+    exp = _experiment_dir(tmp_path / "grid")
+    assert main(["report", str(exp), f"output={tmp_path / 'rep'}"]) == 0
+    markdown = (tmp_path / "rep" / "report.md").read_text()
+    assert "## Experiment grid" in markdown
+    assert "| base | 1 | 1/1 | 56.0% | 57.0% |" in markdown  # one seed: no interval
+    assert "| all | 1 | 3/3 | 30.0% ± 4.7% | 80.0% ± 2.0% |" in markdown
+    assert "| seal | 0.8 | 2/3 | 54.0% ± 10.1% | 81.0% ± 3.0% |" in markdown
+    plot = tmp_path / "rep" / "tradeoff_grid.png"
+    assert plot.stat().st_size > 10_000 and "tradeoff_grid.png" in markdown
+    assert "1 experiment" in capsys.readouterr().err
