@@ -16,6 +16,9 @@ the only one that measurably ranks harmful rows below benign long answers (docs/
 `safety_step` is Algorithm 1 with θ warm-started at θ' each step and moved by one normalised
 step on f (the earlier default; on the SST-2 mixes it mostly reads answer length).
 
+After the loop, `final_scores` ranks every row once under the final θ (the scoring pass,
+sealft's default `--scoring final-pass`) instead of by the logits its visits left.
+
 θ and θ' are two LoRA adapters on one frozen base. Each forward pass is used once: the
 per-example losses ℓ_i(θ) feed both θ's and ω's gradients, ℓ_i(θ') both θ''s and ω's.
 """
@@ -317,8 +320,10 @@ def final_scores(model: torch.nn.Module, batch: Batch, refusal_batches: list[Bat
                       row's own prompt with a refusal r over the row's answer. It asks the
                       upper level's question (refuse harmful prompts) of each row's prompt; an
                       answer that is itself a refusal scores low, so refusals are kept.
-    `first_tokens` limits ℓ_i to the first k response tokens, where an aligned model decides
-    between refusing and complying (Qi et al. 2024); the refusals are scored in full.
+    `first_tokens` limits both losses to the first k response tokens, where an aligned model
+    decides between refusing and complying (Qi et al. 2024). With k = 1 the margin is the log
+    odds of opening with a refusal rather than with the row's own first token; longer windows
+    bring back the text-difficulty confound (docs/selection.md).
     """
     model.set_adapter(THETA)
     if first_tokens is not None:
