@@ -152,3 +152,17 @@ def test_activation_memory_table_on_the_tiny_model(tiny_model):
     rows = [line.split("|") for line in result.stdout.splitlines() if line.startswith("| 2 × 16")]
     assert [r[2].strip() for r in rows] == ["off", "on"]
     assert all(float(r[3]) > 0 and float(r[4]) >= 0 for r in rows)
+
+
+def test_large_data_selects_every_row_in_order_from_arrow():
+    import subprocess
+
+    result = subprocess.run([sys.executable, str(REPO / "benchmarks" / "large_data.py"),
+                             "--rows", "300", "--num-proc", "1"],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    table = dict(line.strip("|").split("|")[:2] for line in result.stdout.splitlines()
+                 if line.startswith("| ") and "---" not in line)
+    table = {k.strip(): v.strip() for k, v in table.items()}
+    assert table["scores.jsonl: every row once, in input order"].startswith("True (300 with")
+    assert float(table["**host memory above the model**"].strip("* MB").replace(",", "")) > 0

@@ -174,6 +174,11 @@ def tokenize_examples(
         cache_file_name=cache_file,
         load_from_cache_file=cache,
         desc=desc,
+        # int32, not the inferred int64: half the disk and page cache for a million rows.
+        features=datasets.Features({
+            "input_ids": datasets.Sequence(datasets.Value("int32")),
+            "labels": datasets.Sequence(datasets.Value("int32")),
+            "skip": datasets.Value("string"), "truncated": datasets.Value("bool")}),
     )
     return _account(mapped.data.table, examples)
 
