@@ -48,7 +48,7 @@ def args_for(model: str, data: str, out: Path, **extra) -> EvaluateArgs:
     base = dict(model=model, output_dir=str(out), data_dir=data,
                 safety_sets=("advbench", "harmbench"), max_new_tokens=4,
                 task_max_new_tokens=2, helpfulness_max_new_tokens=4, batch_size=4,
-                progress=False, threads=1)
+                show_progress=False, threads=1)
     return EvaluateArgs(**{**base, **extra})
 
 

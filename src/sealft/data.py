@@ -13,12 +13,13 @@ import gzip
 import hashlib
 import json
 import re
+import zlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from sealft.errors import DataError
-from sealft.io import read_jsonl
+from sealft.errors import ConfigError, DataError
+from sealft.io import read_jsonl, unreadable
 
 Message = dict[str, str]
 Example = dict[str, Any]
@@ -41,37 +42,71 @@ _CONTENT_FIELDS = {"messages", "conversations", "prompt", "completion", "instruc
 
 def read_rows(source: str, split: str = "train") -> list[dict[str, Any]]:
     """Rows of a JSONL / JSON / Parquet / CSV file (optionally .gz), a saved dataset folder,
-    or a Hugging Face dataset id."""
+    or a Hugging Face dataset id. Any failure to read is a one-line error naming the file."""
     path = Path(source).expanduser()
-    name = path.name.lower()
     if path.is_file():
-        if name.endswith((".jsonl", ".jsonl.gz", ".ndjson")):
-            return read_jsonl(path)
-        if name.endswith((".json", ".json.gz")):
-            return _read_json(path)
-        if name.endswith(".parquet"):
-            import pyarrow.parquet as pq
-
-            return pq.read_table(path).to_pylist()
-        if name.endswith((".csv", ".csv.gz")):
-            with _open_text(path) as handle:
-                return list(csv.DictReader(handle))
-        raise DataError(
-            f"{path}: unknown file type; use .jsonl, .json, .parquet or .csv (optionally .gz)"
-        )
-    if path.is_dir():
-        import datasets
-
         try:
-            loaded = datasets.load_from_disk(str(path))
-        except FileNotFoundError:
-            raise DataError(f"{path}: a folder, but not a dataset saved with save_to_disk") from None
-        if isinstance(loaded, datasets.DatasetDict):
-            loaded = loaded[split]
-        return loaded.to_list()
+            return _read_file(path)
+        except DataError:
+            raise
+        except (OSError, EOFError, zlib.error, UnicodeDecodeError) as err:
+            raise DataError(unreadable(path, err)) from err
+        except Exception as err:  # pyarrow / csv raise their own types for damaged files
+            reason = " ".join(str(err).split())[:200]
+            raise DataError(f"{path}: cannot read it as {_kind(path)} ({reason}); check that "
+                            "the file is complete and its name matches its format") from err
+    if path.is_dir():
+        return _read_saved_dataset(path, split)
     if re.fullmatch(r"[\w.-]+/[\w.-]+", source) and not source.endswith(_FILE_SUFFIXES):
         return _read_hub_dataset(source, split)
     raise DataError(f"data file {source} does not exist (checked relative to {Path.cwd()})")
+
+
+def _kind(path: Path) -> str:
+    name = path.name.lower().removesuffix(".gz")
+    return name.rsplit(".", 1)[-1].upper() if "." in name else "data"
+
+
+def _read_file(path: Path) -> list[dict[str, Any]]:
+    name = path.name.lower()
+    if name.endswith((".jsonl", ".jsonl.gz", ".ndjson")):
+        return read_jsonl(path)
+    if name.endswith((".json", ".json.gz")):
+        return _read_json(path)
+    if name.endswith(".parquet"):
+        import pyarrow.parquet as pq
+
+        return pq.read_table(path).to_pylist()
+    if name.endswith((".csv", ".csv.gz")):
+        return _read_csv(path)
+    raise DataError(
+        f"{path}: unknown file type; use .jsonl, .json, .parquet or .csv (optionally .gz)"
+    )
+
+
+def _read_csv(path: Path) -> list[dict[str, Any]]:
+    with _open_text(path) as handle:
+        rows = list(csv.DictReader(handle))
+    for number, row in enumerate(rows, start=1):
+        if None in row:  # DictReader files surplus cells under the key None
+            raise DataError(f"{path} row {number}: more cells than header columns; quote "
+                            "fields that contain commas")
+    return rows
+
+
+def _read_saved_dataset(path: Path, split: str) -> list[dict[str, Any]]:
+    import datasets
+
+    try:
+        loaded = datasets.load_from_disk(str(path))
+    except Exception as err:  # datasets raises FileNotFoundError, ValueError, arrow errors...
+        raise DataError(f"{path}: a folder, but not a readable dataset saved with "
+                        f"save_to_disk ({' '.join(str(err).split())[:160]})") from err
+    if isinstance(loaded, datasets.DatasetDict):
+        if split not in loaded:
+            raise DataError(f"{path}: no split {split!r}; --split one of {', '.join(loaded)}")
+        loaded = loaded[split]
+    return loaded.to_list()
 
 
 _FILE_SUFFIXES = (".json", ".jsonl", ".parquet", ".csv", ".gz")
@@ -90,9 +125,10 @@ def _read_hub_dataset(name: str, split: str) -> list[dict[str, Any]]:
 
 
 def _open_text(path: Path):
+    # utf-8-sig: a byte-order mark (Excel's "CSV UTF-8", Windows editors) is not data.
     if path.name.lower().endswith(".gz"):
-        return gzip.open(path, "rt", encoding="utf-8")
-    return open(path, encoding="utf-8", newline="")
+        return gzip.open(path, "rt", encoding="utf-8-sig", newline="")
+    return open(path, encoding="utf-8-sig", newline="")
 
 
 def _read_json(path: Path) -> list[dict[str, Any]]:
@@ -128,9 +164,12 @@ def detect_format(row: dict[str, Any], where: str) -> str:
 
 
 def _text(row: dict[str, Any], field: str, where: str) -> str:
-    value = row.get(field)
-    if value is None:
+    if field not in row:
         raise DataError(f"{where}: missing field {field!r}; fields seen: {sorted(row)}")
+    value = row[field]
+    if value is None:
+        raise DataError(f"{where}: field {field!r} is null; give it a string value or "
+                        "remove the row")
     if not isinstance(value, str):
         raise DataError(f"{where}: field {field!r} must be a string, got {type(value).__name__}")
     return value
@@ -221,6 +260,26 @@ _NORMALISERS: dict[str, Callable[[dict[str, Any], str], list[Message]]] = {
 }
 
 
+def _normalise_row(row: dict[str, Any], fmt: str, where: str) -> list[Message]:
+    """One row as messages; any row that does not fit `fmt` is an error naming the row."""
+    if not isinstance(row, dict):
+        raise DataError(f"{where}: expected an object with named fields, got {type(row).__name__}")
+    fields = dict(_SIGNATURES)[fmt]
+    missing = [f for f in fields if f not in row]
+    if missing:
+        found = next((name for name, need in _SIGNATURES if all(f in row for f in need)), None)
+        hint = (f"the row looks like {found} data; every row must use one format (--format "
+                "auto detects it from row 1)" if found else f"fields seen: {sorted(row)}")
+        raise DataError(f"{where}: format {fmt} needs field {missing[0]!r}; {hint}")
+    try:
+        return _NORMALISERS[fmt](row, where)
+    except DataError:
+        raise
+    except (KeyError, TypeError, AttributeError, ValueError) as err:
+        raise DataError(f"{where}: not a valid {fmt} row ({type(err).__name__}: {err}); fields "
+                        f"seen: {sorted(row)}") from err
+
+
 def example_id(messages: list[Message]) -> str:
     blob = json.dumps(messages, ensure_ascii=False, sort_keys=True)
     return hashlib.sha1(blob.encode("utf-8")).hexdigest()[:16]
@@ -237,20 +296,20 @@ def normalise(
     if not rows:
         raise DataError(f"{source}: the dataset is empty; nothing to select or train on")
     if fmt != "auto" and fmt not in FORMATS:
-        raise DataError(f"--format {fmt!r}: use auto or one of {', '.join(FORMATS)}")
-    fmt = detect_format(rows[0], f"{source} row 0") if fmt == "auto" else fmt
-    normaliser = _NORMALISERS[fmt]
+        raise ConfigError(f"--format {fmt!r}: use auto or one of {', '.join(FORMATS)}")
+    fmt = detect_format(rows[0], f"{source} row 1") if fmt == "auto" else fmt
     examples: list[Example] = []
     first_row_of: dict[str, int] = {}
     for index, row in enumerate(rows):
-        where = f"{source} row {index}"
-        messages = normaliser(row, where)
+        where = f"{source} row {index + 1}"  # 1-based, like the line numbers of a JSONL file
+        messages = _normalise_row(row, fmt, where)
         ex_id = str(row["id"]) if row.get("id") not in (None, "") else example_id(messages)
         if ex_id in first_row_of:
             if drop_duplicates and "id" not in row:
                 continue
             raise DataError(
-                f"{source}: rows {first_row_of[ex_id]} and {index} have the same id {ex_id!r}"
+                f"{source}: rows {first_row_of[ex_id] + 1} and {index + 1} have the same id "
+                f"{ex_id!r}"
                 + (" (identical content)" if "id" not in row else "")
                 + "; remove one, give rows distinct 'id' fields, or pass drop_duplicates=true"
             )
@@ -268,6 +327,8 @@ def load_examples(
     drop_duplicates: bool = False,
 ) -> list[Example]:
     """read_rows + normalise. `limit` keeps the first rows (a deterministic subset)."""
+    if limit is not None and limit <= 0:
+        raise ConfigError(f"--limit: must be a positive number of rows, got {limit}")
     rows = read_rows(source, split)
     if limit is not None:
         rows = rows[:limit]
@@ -276,6 +337,8 @@ def load_examples(
 
 def sample_rows(examples: list[Example], n: int | None, seed: int) -> list[Example]:
     """A seeded random subset that keeps input order (so row numbers stay meaningful)."""
+    if n is not None and n <= 0:
+        raise ConfigError(f"--sample: must be a positive number of rows, got {n}")
     if n is None or n >= len(examples):
         return examples
     import random
@@ -286,6 +349,20 @@ def sample_rows(examples: list[Example], n: int | None, seed: int) -> list[Examp
 
 def is_preference_data(rows: list[dict[str, Any]]) -> bool:
     return bool(rows) and "chosen" in rows[0] and "rejected" in rows[0]
+
+
+def _pair(row: dict[str, Any], where: str) -> tuple[list[Message], list[Message]]:
+    try:
+        if "prompt" in row:
+            prompt = _as_messages(row["prompt"], "user")
+            return (prompt + _as_messages(row["chosen"], "assistant"),
+                    prompt + _as_messages(row["rejected"], "assistant"))
+        return _from_hh(row, where, "chosen"), _from_hh(row, where, "rejected")
+    except DataError:
+        raise
+    except (KeyError, TypeError, AttributeError) as err:
+        raise DataError(f"{where}: not a valid preference pair ({type(err).__name__}: {err}); "
+                        "expected chosen/rejected strings or message lists") from err
 
 
 def pairs_from_rows(rows: list[dict[str, Any]], source: str) -> list[tuple[Example, Example]]:
@@ -299,13 +376,8 @@ def pairs_from_rows(rows: list[dict[str, Any]], source: str) -> list[tuple[Examp
                         f"fields seen: {sorted(rows[0])}")
     pairs = []
     for index, row in enumerate(rows):
-        where = f"{source} row {index}"
-        if "prompt" in row:
-            chosen = _as_messages(row["prompt"], "user") + _as_messages(row["chosen"], "assistant")
-            rejected = _as_messages(row["prompt"], "user") + _as_messages(row["rejected"],
-                                                                          "assistant")
-        else:
-            chosen, rejected = _from_hh(row, where, "chosen"), _from_hh(row, where, "rejected")
+        where = f"{source} row {index + 1}"
+        chosen, rejected = _pair(row, where)
         if chosen[-1]["content"] == rejected[-1]["content"]:
             continue
         pair_id = example_id(chosen + rejected)

@@ -28,7 +28,7 @@ from sealft.data import (
     read_rows,
     sample_rows,
 )
-from sealft.io import prepare_output_dir, write_json, write_jsonl, write_yaml
+from sealft.io import write_json, write_jsonl
 from sealft.selector import PARAMETRIZATIONS, keep_count_for, keep_mask
 
 METHODS = ("seal", "random", "dsir", "reference-loss", "all")
@@ -129,7 +129,8 @@ class SelectArgs(cfg.RunOptions):
             cfg.require(self.keep_count > 0, "keep_count", "must be positive")
         for name in ("epochs", "batch_size", "micro_batch_size", "max_length"):
             cfg.require(getattr(self, name) > 0, name, "must be positive")
-        cfg.require(self.lr > 0 and self.selector_lr > 0, "lr", "learning rates must be positive")
+        cfg.require_positive(self, "lr", "selector_lr", "limit", "sample", "safe_limit",
+                             "safe_batch_size")
         if self.safe_batch_size is None:
             self.safe_batch_size = self.batch_size
 
@@ -244,10 +245,11 @@ def run_select(args: SelectArgs) -> dict:
     is_main = process_state().is_main_process
     out = Path(args.output_dir)
     if is_main:
-        prepare_output_dir(out, args.overwrite, args.resume)
-        write_yaml(out / "config.yaml", cfg.to_dict(args))
+        cfg.start_run(args, "select")
     process_state().wait_for_everyone()
     examples, safe = load_inputs(args)
+    if is_main:
+        cfg.check_resume_data(out, {"finetune_data": examples, "safe_data": safe}, args.resume)
     keep_count_for(len(examples), args.keep_ratio, args.keep_count)  # fail before any training
     if args.method == "seal":
         from sealft.seal import learn_selector

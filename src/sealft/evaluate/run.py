@@ -43,7 +43,17 @@ from sealft.evaluate.suites import (
     expand_suite_names,
     resolve_data_dir,
 )
-from sealft.io import read_jsonl, write_json, write_jsonl, write_yaml
+from sealft.io import (
+    MANIFEST,
+    read_jsonl,
+    read_manifest,
+    record_output,
+    remove_previous_outputs,
+    track,
+    write_json,
+    write_jsonl,
+    write_yaml,
+)
 
 HARM_JUDGES = ("keyword", "classifier", "llm")
 
@@ -150,7 +160,7 @@ class EvaluateArgs:
     """auto (cuda if available) | cpu | cuda | cuda:N."""
     threads: int | None = None
     """torch CPU threads; default: torch's choice."""
-    progress: bool = True
+    show_progress: bool = True
     """Show progress bars."""
 
     def __post_init__(self) -> None:
@@ -213,12 +223,15 @@ def prepare_eval_dir(args: EvaluateArgs) -> Path:
     """Create the dir, or resume one whose generations came from the same model and settings."""
     out = Path(args.output_dir)
     if out.exists() and not out.is_dir():
-        raise SealftError(f"--output-dir {out} exists and is not a directory")
-    if args.overwrite and out.exists():
-        import shutil
-
-        shutil.rmtree(out)
+        raise ConfigError(f"--output-dir {out} exists and is not a directory")
+    if args.overwrite and out.is_dir() and any(out.iterdir()):
+        # Only what an earlier evaluation wrote; never another stage's run or foreign files.
+        remove_previous_outputs(out, "evaluate", cfg.input_paths(args))
     out.mkdir(parents=True, exist_ok=True)
+    manifest = read_manifest(out)
+    if manifest and manifest.get("stage") not in (None, "evaluate"):
+        raise ConfigError(f"--output-dir {out} holds a `sealft {manifest['stage']}` run; "
+                          "give the evaluation its own --output-dir")
     previous = out / "config.yaml"
     if previous.exists():
         old = cfg.load_yaml(previous)
@@ -230,10 +243,28 @@ def prepare_eval_dir(args: EvaluateArgs) -> Path:
                 f"({', '.join(f'{k}={old.get(k)!r}' for k in changed)}); use another dir or "
                 "--overwrite"
             )
-    elif any(p.name != GENERATIONS_FILE for p in out.iterdir()):
-        raise SealftError(f"--output-dir {out} is not empty and not an evaluation dir; use "
-                          "another dir or --overwrite")
+    elif any(p.name not in (GENERATIONS_FILE, MANIFEST) for p in out.iterdir()):
+        raise SealftError(f"--output-dir {out} is not empty and not an evaluation dir; "
+                          "choose another --output-dir")
+    track(out, "evaluate")
+    record_output(out, GENERATIONS_FILE, "judge_cache.jsonl")  # appended to, not via io
     return out
+
+
+# More empty answers than this is a sign of a setup problem, not of refusals.
+EMPTY_WARN_AT = 3
+
+
+def warn_empty_generations(cache: dict, suites: dict[str, list[PromptSet]]) -> int:
+    """Warn when several answers are empty: they count as refusals, which would flatter a
+    model whose chat template or stop tokens are wrong."""
+    keys = [(suite, it["id"]) for suite, sets in suites.items() for s in sets for it in s.items]
+    empty = sum(1 for key in keys if not str(cache.get(key, {}).get("response", "x")).strip())
+    if empty > EMPTY_WARN_AT:
+        print(f"sealft evaluate: warning: {empty} of {len(keys)} generations are empty and "
+              "count as refusals; check the chat template, --system-prompt and "
+              "--max-new-tokens", file=sys.stderr)
+    return empty
 
 
 def suite_context(args: EvaluateArgs) -> SuiteContext:
@@ -316,7 +347,7 @@ def run_generation(args: EvaluateArgs, out: Path,
     for suite, items in todo.items():
         if items:
             cache = generate_missing(model, tokenizer, items, path, settings_for(args, suite),
-                                     args.batch_size, args.progress)
+                                     args.batch_size, args.show_progress)
     del model
     return cache, count
 
@@ -599,6 +630,7 @@ def evaluate(args: EvaluateArgs) -> dict[str, Any]:
     gen_started = time.perf_counter()
     cache, generated = run_generation(args, out, suites)
     gen_seconds = time.perf_counter() - gen_started
+    warn_empty_generations(cache, suites)
 
     judges = build_judges(args, out)
     info = judges.describe()
