@@ -67,7 +67,7 @@ def test_existing_output_dir_is_an_error(tiny_model, toy_data, tmp_path):
     result = sealft("select", "--model", tiny_model, "--finetune-data", toy_data[0],
                     "--safe-data", toy_data[1], "--output-dir", str(out))
     assert result.returncode == 2
-    assert "not empty; pass --overwrite" in result.stderr
+    assert "not empty: it holds files sealft did not write (keep.txt)" in result.stderr
     assert "Traceback" not in result.stderr
     assert (out / "keep.txt").read_text() == "mine"
 

@@ -44,10 +44,10 @@ def test_ids_are_stable_and_content_based():
 def test_duplicate_ids_name_both_rows():
     rows = [{"prompt": "a", "completion": "b"}, {"prompt": "x", "completion": "y"},
             {"prompt": "a", "completion": "b"}]
-    with pytest.raises(DataError, match="rows 0 and 2"):
+    with pytest.raises(DataError, match="rows 1 and 3"):
         normalise(rows, "f.jsonl")
     assert len(normalise(rows, drop_duplicates=True)) == 2
-    with pytest.raises(DataError, match="rows 0 and 1 have the same id '1'"):
+    with pytest.raises(DataError, match="rows 1 and 2 have the same id '1'"):
         normalise([{"id": 1, "prompt": "a", "completion": "b"},
                    {"id": 1, "prompt": "c", "completion": "d"}])
 
@@ -74,7 +74,7 @@ def test_unknown_format_lists_fields(tmp_path):
 def test_missing_response_field_names_row(tmp_path):
     path = tmp_path / "x.jsonl"
     path.write_text('{"instruction": "q", "output": "a"}\n{"instruction": "q2"}\n')
-    with pytest.raises(DataError, match="row 1: missing field 'output'"):
+    with pytest.raises(DataError, match="row 2: missing field 'output'"):
         load_examples(str(path), fmt="alpaca")
 
 

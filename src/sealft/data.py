@@ -270,7 +270,7 @@ def _normalise_row(row: dict[str, Any], fmt: str, where: str) -> list[Message]:
         found = next((name for name, need in _SIGNATURES if all(f in row for f in need)), None)
         hint = (f"the row looks like {found} data; every row must use one format (--format "
                 "auto detects it from row 1)" if found else f"fields seen: {sorted(row)}")
-        raise DataError(f"{where}: format {fmt} needs field {missing[0]!r}; {hint}")
+        raise DataError(f"{where}: missing field {missing[0]!r} (format {fmt}); {hint}")
     try:
         return _NORMALISERS[fmt](row, where)
     except DataError:
