@@ -28,7 +28,7 @@ from typing import Any
 from sealft import __version__
 from sealft import config as cfg
 from sealft.errors import SealftError
-from sealft.io import read_jsonl, untrack_all
+from sealft.io import read_jsonl, undo_failed_starts, untrack_all
 
 
 @dataclass(frozen=True)
@@ -101,6 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     command = next((a for a in argv if a in COMMANDS), None)
     parser = build_parser(command)
+    quiet = False
     try:
         namespace = parser.parse_args(argv)
     except SystemExit as done:  # --help, --version and usage errors: no stage to run
@@ -117,6 +118,7 @@ def main(argv: list[str] | None = None) -> int:
                 namespace.overrides.append("runs=" + ",".join(positional))
         args = cfg.from_namespace(args_class, namespace)
         started = time.perf_counter()
+        quiet = quiet_library_progress(args)
         result = run(args)
         if namespace.command in SUMMARISED and isinstance(result, dict) and result:
             print_summary(namespace.command, args, result, time.perf_counter() - started)
@@ -124,6 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     except (SealftError, OSError) as err:
         # OSError here is the environment (a read-only or full disk, a path that is a file):
         # the user can fix it, so it gets the same one line as a bad option.
+        undo_failed_starts()
         if namespace.debug:
             traceback.print_exc()
         message = str(err) if isinstance(err, SealftError) else os_error_line(err)
@@ -131,12 +134,40 @@ def main(argv: list[str] | None = None) -> int:
         print(f"sealft {namespace.command}: error: {one_line}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
+        undo_failed_starts()
         print(f"sealft {namespace.command}: interrupted; rerun with --resume to continue",
               file=sys.stderr)
         return 130
+    except BaseException:
+        undo_failed_starts()  # a bug is no reason to leave a half-started dir behind
+        raise
     finally:
         untrack_all()
+        if quiet:
+            quiet_library_progress(None, enable=True)
         close_process_group()
+
+
+def quiet_library_progress(args: Any, enable: bool = False) -> bool:
+    """--no-show-progress also silences the bars of transformers (weight loading) and datasets
+    (map): a user who turned bars off wants none. Returns whether it switched them off."""
+    wanted = [getattr(args, "show_progress", True)]
+    for stage in ("select", "finetune"):
+        options = getattr(args, stage, None)
+        if isinstance(options, dict):
+            wanted.append(options.get("show_progress", True) not in (False, "false", "False"))
+    if not enable and all(wanted):
+        return False
+    import datasets
+    from transformers.utils import logging as hf_logging
+
+    if enable:
+        datasets.enable_progress_bars()
+        hf_logging.enable_progress_bar()
+    else:
+        datasets.disable_progress_bars()
+        hf_logging.disable_progress_bar()
+    return True
 
 
 def os_error_line(err: OSError) -> str:

@@ -369,10 +369,11 @@ def start_run(args: Any, stage: str) -> Path:
     """Prepare `args.output_dir` for a stage: check a resume's settings, create or reuse the
     dir (see `io.prepare_output_dir`), then record the resolved options in config.yaml, only
     now, so that a refused resume leaves the old config in place."""
-    from sealft.io import prepare_output_dir, record_output, write_yaml
+    from sealft.io import prepare_output_dir, record_output, require_stage, write_yaml
 
     out = Path(args.output_dir)
     if args.resume and out.is_dir():
+        require_stage(out, stage, "--resume")
         check_resume_settings(out, args)
     prepare_output_dir(out, args.overwrite, args.resume, stage, input_paths(args))
     record_output(out, "logs")  # Accelerate's project dir, written without sealft's helpers

@@ -99,7 +99,8 @@ def sft_step(model, optimizer, batches, weights, scale: float, accelerator) -> d
     return {"loss": accelerator.reduce(loss_sum, reduction="mean").item()}
 
 
-def _example_weights(args: FinetuneArgs, ids: list[str]) -> torch.Tensor | None:
+def _read_weights(args: FinetuneArgs) -> list[dict] | None:
+    """The rows of --weights-from, checked (before the model loads, so a bad file fails fast)."""
     if not args.weights_from:
         return None
     rows = read_jsonl(args.weights_from)
@@ -107,7 +108,13 @@ def _example_weights(args: FinetuneArgs, ids: list[str]) -> torch.Tensor | None:
         if "id" not in row or not isinstance(row.get("weight"), int | float | None):
             raise DataError(f"--weights-from {args.weights_from} row {number}: expected "
                             "{id, weight} rows, as in a select run's scores.jsonl")
-    rows = [r for r in rows if r.get("weight") is not None]
+    return [r for r in rows if r.get("weight") is not None]
+
+
+def _example_weights(args: FinetuneArgs, rows: list[dict] | None,
+                     ids: list[str]) -> torch.Tensor | None:
+    if rows is None:
+        return None
     scores = align_scores([r["id"] for r in rows], np.array([r["weight"] for r in rows]), ids,
                           args.weights_from)
     return torch.tensor(scores, dtype=torch.float32)
@@ -125,12 +132,13 @@ def run_finetune(args: FinetuneArgs) -> dict:
     examples = sample_rows(examples, args.sample, args.seed)
     if process_state().is_main_process:
         cfg.check_resume_data(out, {"data": examples}, args.resume)
+    weight_rows = _read_weights(args)
     model, tokenizer = load_model_and_tokenizer(args.model, args.dtype, args.chat_template,
                                                 args.trust_remote_code)
     tokenized = tokenize_examples(examples, tokenizer, args.max_length, args.num_proc)
     require_usable(tokenized, args.data, args.max_length)
     ids = [examples[r]["id"] for r in tokenized.rows]
-    weights = _example_weights(args, ids)
+    weights = _example_weights(args, weight_rows, ids)
     model = add_lora_adapters(model, lora_settings(args), (ADAPTER,),
                               args.gradient_checkpointing)
     optimizer = torch.optim.Adam(adapter_parameters(model, ADAPTER), lr=args.lr)

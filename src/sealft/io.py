@@ -163,6 +163,9 @@ def append_jsonl(path: str | Path, row: dict[str, Any]) -> None:
 # Run dirs this process writes into (resolved path -> manifest dict); every write under one is
 # recorded in its manifest before it happens.
 _ACTIVE: dict[Path, dict[str, Any]] = {}
+# Run dirs this process started from nothing (path -> whether it created the folder): a start
+# that fails before any work is undone there, so the dir is left as it was found.
+_FRESH: dict[Path, bool] = {}
 
 
 def read_manifest(root: Path) -> dict[str, Any] | None:
@@ -272,17 +275,13 @@ def remove_previous_outputs(root: Path, stage: str, inputs: Iterable[str | Path 
                             flag: str = "--overwrite") -> None:
     """Delete what an earlier `stage` run wrote in `root`, after checking that nothing else is
     there: files sealft did not write, or this run's own inputs, stop it before any deletion."""
-    manifest = read_manifest(root)
-    if manifest is None:
+    inside = _inputs_inside(root, inputs)
+    if inside:
         raise SealftError(
-            f"{flag}: output dir {root} was not written by sealft (no {MANIFEST}), so nothing "
-            "in it is deleted; choose another --output-dir or empty it yourself"
+            f"{flag}: {_listing(inside)} is an input of this run but lies inside the output "
+            f"dir {root}; nothing was deleted. Move it out or choose another --output-dir"
         )
-    if manifest.get("stage") not in (None, stage):
-        raise SealftError(
-            f"{flag}: output dir {root} holds a `sealft {manifest['stage']}` run, not a "
-            f"{stage} run; nothing was deleted. Choose another --output-dir"
-        )
+    require_stage(root, stage, flag)
     foreign = foreign_files(root)
     if foreign:
         raise SealftError(
@@ -290,12 +289,7 @@ def remove_previous_outputs(root: Path, stage: str, inputs: Iterable[str | Path 
             f"({_listing(foreign)}); nothing was deleted. Move them out or choose another "
             "--output-dir"
         )
-    inside = _inputs_inside(root, inputs)
-    if inside:
-        raise SealftError(
-            f"{flag}: {_listing(inside)} is an input of this run but lies inside the output "
-            f"dir {root}; nothing was deleted. Move it out or choose another --output-dir"
-        )
+    manifest = read_manifest(root) or {"outputs": []}
     for name in manifest["outputs"] + [n.name for n in root.iterdir() if _TEMP.match(n.name)]:
         target = root / name
         if target.is_dir() and not target.is_symlink():
@@ -303,6 +297,16 @@ def remove_previous_outputs(root: Path, stage: str, inputs: Iterable[str | Path 
         elif target.exists() or target.is_symlink():
             target.unlink()
     (root / MANIFEST).unlink(missing_ok=True)
+
+
+def require_stage(root: Path, stage: str, flag: str) -> None:
+    """A run dir is only ever continued or replaced by the command that made it."""
+    manifest = read_manifest(root)
+    if manifest and manifest.get("stage") not in (None, stage):
+        raise SealftError(
+            f"{flag}: output dir {root} holds a `sealft {manifest['stage']}` run, not a "
+            f"{stage} run; nothing was changed. Choose another --output-dir"
+        )
 
 
 def track(root: Path, stage: str) -> dict[str, Any]:
@@ -318,6 +322,25 @@ def track(root: Path, stage: str) -> dict[str, Any]:
 def untrack_all() -> None:
     """Forget the run dirs of a finished command (the CLI calls this after every command)."""
     _ACTIVE.clear()
+    _FRESH.clear()
+
+
+def undo_failed_starts() -> None:
+    """After an error: remove what this process wrote in run dirs it started fresh, when no
+    work was done there yet (only config and manifest). Nested dirs go first."""
+    for root in sorted(_FRESH, key=lambda p: len(p.parts), reverse=True):
+        if not (root.is_dir() and _is_failed_start(root)):
+            continue
+        manifest = read_manifest(root) or {"outputs": []}
+        for name in manifest["outputs"]:
+            target = root / name
+            if target.is_dir() and not target.is_symlink():
+                shutil.rmtree(target)
+            elif target.exists() or target.is_symlink():
+                target.unlink()
+        (root / MANIFEST).unlink(missing_ok=True)
+        if _FRESH[root] and not any(root.iterdir()):
+            root.rmdir()
 
 
 def prepare_output_dir(path: str | Path, overwrite: bool = False, resume: bool = False,
@@ -329,6 +352,7 @@ def prepare_output_dir(path: str | Path, overwrite: bool = False, resume: bool =
     deleted, unless the dir holds anything sealft did not write or this run's inputs."""
     path = Path(path)
     record_output(path)  # a stage dir inside `sealft run`'s dir belongs to that run
+    existed = path.exists()
     if path.exists() and not path.is_dir():
         raise ConfigError(f"--output-dir {path} exists and is not a directory; choose another "
                           "path")
@@ -339,14 +363,15 @@ def prepare_output_dir(path: str | Path, overwrite: bool = False, resume: bool =
                           "writable location") from err
     if not os.access(path, os.W_OK | os.X_OK):
         raise ConfigError(f"--output-dir {path}: not writable; choose a writable location")
+    fresh = True
     if any(path.iterdir()):
+        fresh = False
         manifest = read_manifest(path)
         if resume:
-            if manifest and manifest.get("stage") not in (None, stage):
-                raise SealftError(f"--resume: output dir {path} holds a `sealft "
-                                  f"{manifest['stage']}` run, not a {stage} run")
+            require_stage(path, stage, "--resume")
         elif overwrite or _is_failed_start(path):
             remove_previous_outputs(path, stage, inputs)
+            fresh = True  # emptied: a failure from here on is undone down to the empty dir
         else:
             what = ("an unfinished or finished sealft run" if manifest else
                     f"files sealft did not write ({_listing(foreign_files(path))})")
@@ -355,4 +380,6 @@ def prepare_output_dir(path: str | Path, overwrite: bool = False, resume: bool =
             raise SealftError(f"output dir {path} is not empty: it holds {what}; {hint}"
                               "choose another --output-dir")
     track(path, stage)
+    if fresh:
+        _FRESH[Path(os.path.abspath(path))] = not existed
     return path
