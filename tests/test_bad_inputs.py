@@ -143,6 +143,8 @@ CASES = [
      select("--model", "{w}/no-tokenizer"), "cannot load its tokenizer"),
     ("truncated model weights", {"@truncated-weights": ""},
      select("--model", "{w}/truncated-weights"), "cannot load the weights"),
+    ("model path is a file", {"weights.bin": "x"}, select("--model", "{w}/weights.bin"),
+     "a file; pass the folder"),
     ("missing .gguf file", {}, select("--model", "{w}/model.gguf"), "file does not exist"),
     ("mistyped --chat-template path", {}, select("--chat-template", "{w}/tmpl.jinja"),
      "--chat-template {w}/tmpl.jinja: no such file"),
@@ -193,6 +195,21 @@ CASES = [
      ["run", "--output-dir", "{w}/inside", "--overwrite", "select.model={model}",
       "select.finetune_data={w}/inside/ft.jsonl", "select.safe_data={safe}"],
      "is an input of this run"),
+    ("finetune on mixed formats", {"ft.jsonl": ALPACA + MESSAGES},
+     finetune("--data", "{w}/ft.jsonl"), "row 2: missing field 'instruction'"),
+    ("finetune negative sample", {}, finetune("--sample", "-3"), "--sample: must be a positive"),
+    ("finetune with a mistyped template", {}, finetune("--chat-template", "tmpl.jinja"),
+     "--chat-template tmpl.jinja: no such file"),
+    ("run with a missing model", {}, ["run", "--output-dir", "{out}", "select.model={w}/nope",
+                                      "select.finetune_data={ft}", "select.safe_data={safe}"],
+     "--model {w}/nope: no such folder or file"),
+    ("evaluate a broken adapter", {"bad/adapter_config.json": '{"peft_type": "LORA"}',
+                                   "p.txt": "hi\n"},
+     evaluate("--adapter", "{w}/bad", "--suite", "custom", "--prompt-files", "{w}/p.txt"),
+     "--adapter {w}/bad: cannot load it"),
+    ("evaluate with a mistyped template", {"p.txt": "hi\n"},
+     evaluate("--suite", "custom", "--prompt-files", "{w}/p.txt", "--chat-template", "t.jinja"),
+     "--chat-template t.jinja: no such file"),
     ("evaluate with an unknown judge", {}, evaluate("--judge", "magic"), "--judge: use one of"),
     ("evaluate negative limit", {}, evaluate("--limit", "-1"), "--limit: must be positive"),
     ("evaluate into a selection run", {}, evaluate("--output-dir", "{done}"),
@@ -283,3 +300,29 @@ def test_bad_input_is_one_line_and_changes_nothing(name, files, argv, message, t
 
 def test_there_are_at_least_sixty_cases():
     assert len(CASES) >= 60
+
+
+def test_a_byte_order_mark_is_not_data(tmp_path):
+    from sealft.data import load_examples
+
+    csv_file = tmp_path / "excel.csv"
+    csv_file.write_bytes("\ufeffinstruction,output\nq,a\n".encode())
+    jsonl_file = tmp_path / "notepad.jsonl"
+    jsonl_file.write_bytes(("\ufeff" + ALPACA).encode())
+    for path in (csv_file, jsonl_file):
+        assert load_examples(str(path))[0]["messages"][-1]["content"] == "a"
+
+
+def test_many_empty_generations_are_warned_about(capsys):
+    from types import SimpleNamespace
+
+    from sealft.evaluate.run import warn_empty_generations
+
+    items = [{"id": str(i)} for i in range(10)]
+    suites = {"safety": [SimpleNamespace(items=items)]}
+    cache = {("safety", str(i)): {"response": "" if i < 5 else "no"} for i in range(10)}
+    assert warn_empty_generations(cache, suites) == 5
+    assert "5 of 10 generations are empty" in capsys.readouterr().err
+    cache = {key: {"response": "" if key[1] == "0" else "no"} for key in cache}
+    assert warn_empty_generations(cache, suites) == 1
+    assert capsys.readouterr().err == ""  # one empty answer can be a real (odd) answer

@@ -19,6 +19,7 @@ import os
 import sys
 import time
 import traceback
+import warnings
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -99,6 +100,9 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    # The libraries' notes about their own future API changes are not for sealft's users, who
+    # can do nothing about them; they would only bury sealft's one-line messages.
+    warnings.filterwarnings("ignore", category=FutureWarning, module="transformers|peft|accelerate")
     command = next((a for a in argv if a in COMMANDS), None)
     parser = build_parser(command)
     quiet = False

@@ -381,5 +381,10 @@ def prepare_output_dir(path: str | Path, overwrite: bool = False, resume: bool =
                               "choose another --output-dir")
     track(path, stage)
     if fresh:
-        _FRESH[Path(os.path.abspath(path))] = not existed
+        mark_fresh(path, created=not existed)
     return path
+
+
+def mark_fresh(root: Path, created: bool) -> None:
+    """`root` was empty (or new, `created`) when this process started its run there."""
+    _FRESH[Path(os.path.abspath(root))] = created

@@ -133,6 +133,9 @@ def resolve_model(name: str) -> ModelSource:
             raise ModelError(f"--model {path}: folder has no config.json, so it is not a model "
                              "saved with save_pretrained; point --model at the model's folder")
         return ModelSource(str(path))
+    if path.is_file():
+        raise ModelError(f"--model {name}: a file; pass the folder holding config.json and the "
+                         "weights (or a .gguf file)")
     if _looks_like_path(name):
         raise ModelError(f"--model {name}: no such folder or file (checked relative to "
                          f"{Path.cwd()}); a hub id has the form owner/name")
@@ -368,4 +371,8 @@ def load_adapter(model, adapter_dir: str):
             f"--adapter {adapter_dir}: not a PEFT adapter folder (no adapter_config.json); "
             "pass the fine-tuning output dir's adapter/ folder"
         )
-    return PeftModel.from_pretrained(model, str(path))
+    try:
+        return PeftModel.from_pretrained(model, str(path))
+    except Exception as err:  # truncated weights, another base model's shapes, bad JSON
+        raise ModelError(f"--adapter {adapter_dir}: cannot load it ({_one_line(err)}); is it "
+                         "complete, and was it trained on this --model?") from err

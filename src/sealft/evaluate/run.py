@@ -45,6 +45,7 @@ from sealft.evaluate.suites import (
 )
 from sealft.io import (
     MANIFEST,
+    mark_fresh,
     read_jsonl,
     read_manifest,
     record_output,
@@ -224,10 +225,12 @@ def prepare_eval_dir(args: EvaluateArgs) -> Path:
     out = Path(args.output_dir)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--output-dir {out} exists and is not a directory")
+    existed = out.exists()
     if args.overwrite and out.is_dir() and any(out.iterdir()):
         # Only what an earlier evaluation wrote; never another stage's run or foreign files.
         remove_previous_outputs(out, "evaluate", cfg.input_paths(args))
     out.mkdir(parents=True, exist_ok=True)
+    fresh = not any(out.iterdir())
     manifest = read_manifest(out)
     if manifest and manifest.get("stage") not in (None, "evaluate"):
         raise ConfigError(f"--output-dir {out} holds a `sealft {manifest['stage']}` run; "
@@ -248,6 +251,8 @@ def prepare_eval_dir(args: EvaluateArgs) -> Path:
                           "choose another --output-dir")
     track(out, "evaluate")
     record_output(out, GENERATIONS_FILE, "judge_cache.jsonl")  # appended to, not via io
+    if fresh:  # a failure before anything is generated leaves the dir as it was
+        mark_fresh(out, created=not existed)
     return out
 
 
