@@ -93,7 +93,7 @@ def experiment_options(args: argparse.Namespace) -> dict[str, Any]:
         "methods": [m.strip() for m in args.methods.split(",") if m.strip()],
         "keep_ratios": [args.keep_ratio],
         "seeds": [int(s) for s in args.seeds.split(",")],
-        "select": {"sample": args.sample, "safe_limit": 200, "label_field": "flag",
+        "select": {"sample": args.sample, "safe_sample": 200, "label_field": "flag",
                    "max_length": 192},
         # SEAL's default (the paper's Algorithm 2 on the safe set of refusals) with the settings
         # measured in docs/selection.md: one epoch of batches of 16, γ > 0 from the start.

@@ -111,7 +111,7 @@ CASES = [
     ("missing safe data", {}, select("--safe-data", ""), "--safe-data: required"),
     ("negative limit", {}, select("--limit", "-5"), "--limit: must be a positive number"),
     ("zero sample", {}, select("--sample", "0"), "--sample: must be a positive number"),
-    ("negative safe limit", {}, select("--safe-limit", "-1"), "--safe-limit: must be"),
+    ("negative safe sample", {}, select("--safe-sample", "-1"), "--safe-sample: must be"),
     ("negative selector lr names its flag", {}, select("--selector-lr", "-1"),
      "--selector-lr: must be a positive number"),
     ("zero lr", {}, select("--lr", "0"), "--lr: must be a positive number"),

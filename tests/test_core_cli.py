@@ -106,7 +106,7 @@ def test_demo_selects_finetunes_and_reports_removed_rows(tiny_model, toy_data, t
 
     summary = run_demo(DemoArgs(
         model=tiny_model, finetune_data=toy_data[0], safe_data=toy_data[1],
-        output_dir=str(tmp_path / "demo"), sample=16, safe_limit=8, batch_size=8,
+        output_dir=str(tmp_path / "demo"), sample=16, safe_sample=8, batch_size=8,
         safe_batch_size=4, finetune_batch_size=8, max_length=64))
     printed = capsys.readouterr().out
     labels = summary["labels"]

@@ -210,3 +210,15 @@ def test_old_option_names_still_work_with_a_note(tmp_path, capsys):
     assert args.output_dir == str(tmp_path / "r") and args.label_field == "flag"
     err = capsys.readouterr().err
     assert "option output is deprecated; use output_dir" in err
+
+
+def test_old_flags_still_parse(capsys):
+    from sealft import config as cfg
+    from sealft.cli import build_parser
+    from sealft.select import SelectArgs
+
+    namespace = build_parser("select").parse_args(
+        ["select", "--finetune-data", "f.jsonl", "--safe-data", "s.jsonl", "--output-dir", "o",
+         "--safe-limit", "3"])
+    assert cfg.from_namespace(SelectArgs, namespace).safe_sample == 3
+    assert "use safe_sample" in capsys.readouterr().err

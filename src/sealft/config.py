@@ -217,6 +217,8 @@ def require_positive(args: Any, *names: str) -> None:
 ALIASES: dict[str, dict[str, str]] = {
     "ReportArgs": {"output": "output_dir", "flag_field": "label_field"},
     "EvaluateArgs": {"progress": "show_progress"},
+    "SelectArgs": {"safe_limit": "safe_sample"},
+    "DemoArgs": {"safe_limit": "safe_sample"},
 }
 
 
@@ -270,7 +272,9 @@ def check_resume_settings(out: Path, args: Any) -> None:
     saved = out / "config.yaml"
     if not saved.exists():
         return
-    differences = setting_differences(load_yaml(saved), to_dict(args))
+    renamed = aliases_of(type(args))  # a config saved before an option was renamed
+    old = {renamed.get(key, key): value for key, value in load_yaml(saved).items()}
+    differences = setting_differences(old, to_dict(args))
     if differences:
         raise ConfigError(
             f"--resume: {out} was started with other settings ({'; '.join(differences)}); "

@@ -87,8 +87,8 @@ class SelectArgs(cfg.RunOptions):
     """Use only the first N rows of the fine-tuning data."""
     sample: int | None = None
     """Use a seeded random sample of N fine-tuning rows (input order kept)."""
-    safe_limit: int | None = None
-    """Use a seeded random sample of N safe-set rows."""
+    safe_sample: int | None = None
+    """Use a seeded random sample of N safe-set rows (formerly safe_limit)."""
     format: str = "auto"
     """Fine-tuning data format: auto | messages | sharegpt | prompt_completion | alpaca | orca | hh."""
     safe_format: str = "auto"
@@ -129,7 +129,7 @@ class SelectArgs(cfg.RunOptions):
             cfg.require(self.keep_count > 0, "keep_count", "must be positive")
         for name in ("epochs", "batch_size", "micro_batch_size", "max_length"):
             cfg.require(getattr(self, name) > 0, name, "must be positive")
-        cfg.require_positive(self, "lr", "selector_lr", "limit", "sample", "safe_limit",
+        cfg.require_positive(self, "lr", "selector_lr", "limit", "sample", "safe_sample",
                              "safe_batch_size")
         if self.safe_batch_size is None:
             self.safe_batch_size = self.batch_size
@@ -148,7 +148,7 @@ def load_inputs(args: SelectArgs) -> tuple[list[Example], list]:
             safe = pairs_from_rows(rows, args.safe_data)
         else:
             safe = normalise(rows, args.safe_data, args.safe_format, drop_duplicates=True)
-        safe = sample_rows(safe, args.safe_limit, args.seed)
+        safe = sample_rows(safe, args.safe_sample, args.seed)
     return examples, safe
 
 
