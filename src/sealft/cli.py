@@ -216,7 +216,11 @@ def _counts_line(stage: dict[str, Any], folder: Path) -> str:
     if stage.get("truncated"):
         parts.append(f"{stage['truncated']} truncated")
     if "steps" in stage:
-        parts.append(f"{stage['steps']} steps")
+        parts.append(f"{stage['steps']} step{'s' if stage['steps'] != 1 else ''}")
+    labels = stage.get("labels")
+    if labels and labels.get("unsafe_rows"):
+        parts.append(f"{labels['unsafe_removed']} of {labels['unsafe_rows']} rows flagged "
+                     f"unsafe in {labels['field']!r} removed")
     return ", ".join(parts)
 
 
