@@ -211,7 +211,7 @@ CASES = [
      evaluate("--suite", "custom", "--prompt-files", "{w}/p.txt", "--chat-template", "t.jinja"),
      "--chat-template t.jinja: no such file"),
     ("evaluate with an unknown judge", {}, evaluate("--judge", "magic"), "--judge: use one of"),
-    ("evaluate negative limit", {}, evaluate("--limit", "-1"), "--limit: must be positive"),
+    ("evaluate negative sample", {}, evaluate("--sample", "-1"), "--sample: must be a positive"),
     ("evaluate into a selection run", {}, evaluate("--output-dir", "{done}"),
      "holds a `sealft select` run"),
     ("evaluate --overwrite of a selection run", {}, evaluate("--output-dir", "{done}",

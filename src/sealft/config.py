@@ -216,7 +216,8 @@ def require_positive(args: Any, *names: str) -> None:
 # Keyed by dataclass name so that subclasses (and stages defined elsewhere) inherit them.
 ALIASES: dict[str, dict[str, str]] = {
     "ReportArgs": {"output": "output_dir", "flag_field": "label_field"},
-    "EvaluateArgs": {"progress": "show_progress"},
+    "EvaluateArgs": {"progress": "show_progress", "limit": "sample",
+                     "suite_limits": "suite_samples"},
     "SelectArgs": {"safe_limit": "safe_sample"},
     "DemoArgs": {"safe_limit": "safe_sample"},
 }

@@ -78,10 +78,10 @@ class EvaluateArgs:
     donotanswer, malicious_instructions, cona, controversial, q_harm, physical_unsafe)."""
     safety_sets: tuple[str, ...] = SAFETY_SETS
     """Prompt sets of the safety suite."""
-    limit: int | None = None
+    sample: int | None = None
     """Prompts per set (a seeded sample, the same rows in every run); default: all."""
-    suite_limits: tuple[str, ...] = ()
-    """Per-suite limits overriding --limit: SUITE=N (e.g. task=200,overrefusal=100)."""
+    suite_samples: tuple[str, ...] = ()
+    """Per-suite sample sizes overriding --sample: SUITE=N (e.g. task=200,overrefusal=100)."""
     xstest_include_unsafe: bool = False
     """Also answer XSTest's 200 unsafe prompts (refusal rate as set xstest_unsafe)."""
     helpfulness_reference: str | None = None
@@ -108,7 +108,7 @@ class EvaluateArgs:
     top_p: float = 1.0
     """Nucleus sampling mass (with --do-sample)."""
     seed: int = 0
-    """Seed for prompt sampling (--limit) and for --do-sample."""
+    """Seed for prompt sampling (--sample) and for --do-sample."""
     system_prompt: str | None = None
     """System message before every prompt; default: none (the template's own default)."""
     judge: str = "keyword"
@@ -170,7 +170,7 @@ class EvaluateArgs:
         cfg.require(self.judge in HARM_JUDGES, "judge", f"use one of {', '.join(HARM_JUDGES)}")
         cfg.require(self.judge != "classifier" or bool(self.classifier_model),
                     "classifier_model", "required with --judge classifier")
-        cfg.require(self.limit is None or self.limit > 0, "limit", "must be positive")
+        cfg.require_positive(self, "sample")
         for name in ("max_new_tokens", "task_max_new_tokens", "helpfulness_max_new_tokens",
                      "batch_size", "classifier_batch_size", "llm_workers", "judge_head_chars"):
             cfg.require(getattr(self, name) > 0, name, "must be positive")
@@ -190,12 +190,17 @@ class EvaluateArgs:
         self.parsed_limits()
         self.parsed_data_paths()
 
+    @property
+    def limit(self) -> int | None:
+        """The old name of `sample` (it always was a seeded sample, not the first N)."""
+        return self.sample
+
     def parsed_limits(self) -> dict[str, int]:
         out = {}
-        for item in self.suite_limits:
+        for item in self.suite_samples:
             name, sep, value = item.partition("=")
             cfg.require(bool(sep) and value.strip().isdigit() and int(value) > 0,
-                        "suite_limits", f"{item!r}: expected SUITE=N with N > 0")
+                        "suite_samples", f"{item!r}: expected SUITE=N with N > 0")
             out[name.strip()] = int(value)
         return out
 
@@ -275,7 +280,7 @@ def warn_empty_generations(cache: dict, suites: dict[str, list[PromptSet]]) -> i
 def suite_context(args: EvaluateArgs) -> SuiteContext:
     paths = args.parsed_data_paths()
     return SuiteContext(
-        data_dir=resolve_data_dir(args.data_dir), data_paths=paths, limit=args.limit,
+        data_dir=resolve_data_dir(args.data_dir), data_paths=paths, limit=args.sample,
         suite_limits=args.parsed_limits(), seed=args.seed, safety_sets=args.safety_sets,
         xstest_include_unsafe=args.xstest_include_unsafe,
         helpfulness_reference=args.helpfulness_reference, prompt_files=args.prompt_files,
