@@ -295,10 +295,12 @@ def data_fingerprint(examples: list[dict[str, Any]]) -> dict[str, Any]:
 
 def check_resume_data(out: Path, data: dict[str, list], resume: bool) -> None:
     """Save the data fingerprints of a new run; on --resume, refuse other data."""
-    from sealft.io import manifest_value
+    from sealft.io import manifest_value, read_manifest
 
     now = {name: data_fingerprint(rows) for name, rows in data.items()}
-    saved = manifest_value(out, "data") or {}
+    # Read from disk, not from this process's records, so that every process of a launch
+    # reaches the same verdict (only the main process writes the manifest).
+    saved = (read_manifest(out) or {}).get("data") or {}
     if resume and saved:
         changed = [f"{name}: {saved[name]['rows']} rows -> {now[name]['rows']} rows"
                    + (" (same count, different rows or text)"

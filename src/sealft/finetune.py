@@ -130,8 +130,7 @@ def run_finetune(args: FinetuneArgs) -> dict:
     accelerator = make_accelerator(out)
     examples = load_examples(args.data, args.split, args.format, args.limit, args.drop_duplicates)
     examples = sample_rows(examples, args.sample, args.seed)
-    if process_state().is_main_process:
-        cfg.check_resume_data(out, {"data": examples}, args.resume)
+    cfg.check_resume_data(out, {"data": examples}, args.resume)
     weight_rows = _read_weights(args)
     model, tokenizer = load_model_and_tokenizer(args.model, args.dtype, args.chat_template,
                                                 args.trust_remote_code)

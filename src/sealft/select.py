@@ -248,8 +248,7 @@ def run_select(args: SelectArgs) -> dict:
         cfg.start_run(args, "select")
     process_state().wait_for_everyone()
     examples, safe = load_inputs(args)
-    if is_main:
-        cfg.check_resume_data(out, {"finetune_data": examples, "safe_data": safe}, args.resume)
+    cfg.check_resume_data(out, {"finetune_data": examples, "safe_data": safe}, args.resume)
     keep_count_for(len(examples), args.keep_ratio, args.keep_count)  # fail before any training
     if args.method == "seal":
         from sealft.seal import learn_selector
