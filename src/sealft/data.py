@@ -97,6 +97,9 @@ def _read_csv(path: Path) -> list[dict[str, Any]]:
 def _read_saved_dataset(path: Path, split: str) -> list[dict[str, Any]]:
     import datasets
 
+    if (path / "selected.jsonl").is_file():  # a selection run dir given where its data goes
+        raise DataError(f"{path}: a selection run folder, not a data file; pass "
+                        f"{path / 'selected.jsonl'}")
     try:
         loaded = datasets.load_from_disk(str(path))
     except Exception as err:  # datasets raises FileNotFoundError, ValueError, arrow errors...
@@ -107,6 +110,14 @@ def _read_saved_dataset(path: Path, split: str) -> list[dict[str, Any]]:
             raise DataError(f"{path}: no split {split!r}; --split one of {', '.join(loaded)}")
         loaded = loaded[split]
     return loaded.to_list()
+
+
+def require_source(source: str, flag: str) -> None:
+    """Fail now, not after an earlier stage's compute, when a local data path does not exist."""
+    path = Path(source).expanduser()
+    hub_id = re.fullmatch(r"[\w.-]+/[\w.-]+", source) and not source.endswith(_FILE_SUFFIXES)
+    if not path.exists() and not hub_id:
+        raise DataError(f"{flag} {source}: does not exist (checked relative to {Path.cwd()})")
 
 
 _FILE_SUFFIXES = (".json", ".jsonl", ".parquet", ".csv", ".gz")

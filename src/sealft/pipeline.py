@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from sealft import config as cfg
+from sealft.data import require_source
 from sealft.finetune import FinetuneArgs, run_finetune
 from sealft.io import prepare_output_dir, write_json
 from sealft.select import SelectArgs, run_select
@@ -65,6 +66,8 @@ def run_pipeline(args: RunArgs) -> dict:
     own = {str(Path(args.output_dir) / "select" / name) for name in ("selected.jsonl",
                                                                      "scores.jsonl")}
     inputs = cfg.input_paths(select) + [p for p in cfg.input_paths(finetune) if p not in own]
+    if finetune.data not in own:  # user-given: checked before the selection's compute
+        require_source(finetune.data, "finetune.data")
     out = prepare_output_dir(args.output_dir, args.overwrite, args.resume, "run", inputs)
     done = (out / "select" / "summary.json").exists()
     if done:  # a finished stage is reused, not rerun: it must have been run with these settings
