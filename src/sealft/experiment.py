@@ -41,7 +41,7 @@ from sealft.baselines import SAFEINSTR_FILE, write_safeinstr
 from sealft.errors import ConfigError
 from sealft.evaluate import EvaluateArgs, evaluate
 from sealft.finetune import FinetuneArgs, run_finetune
-from sealft.io import prepare_output_dir, write_json, write_yaml
+from sealft.io import prepare_output_dir, record_output, write_json, write_yaml
 from sealft.select import METHODS as SELECT_METHODS
 from sealft.select import SelectArgs, run_select
 
@@ -414,7 +414,8 @@ def prepare_experiment_dir(args: ExperimentArgs) -> Path:
             raise ConfigError(
                 f"--output-dir {out} holds an experiment with different {', '.join(changed)}; "
                 "use another dir or --overwrite (methods, keep_ratios and seeds may change)")
-    out = prepare_output_dir(out, args.overwrite, resume=not args.overwrite)
+    out = prepare_output_dir(out, args.overwrite, resume=not args.overwrite, stage="experiment",
+                             inputs=cfg.input_paths(args))
     write_yaml(out / "config.yaml", cfg.to_dict(args))
     return out
 
@@ -442,6 +443,9 @@ def run_experiment(args: ExperimentArgs, runner: CellRunner = run_cell) -> list[
 
 
 def write_reports(out: Path, rows: list[dict[str, Any]], plot: bool = True) -> None:
+    # Written without io's helpers: listed in the dir's manifest first (--overwrite deletes them).
+    record_output(out, "results.csv", "results.csv.tmp", "results.md", "ratio_sweep.png",
+                  "ratio_sweep.tmp.png")
     write_csv(out / "results.csv", rows)
     (out / "results.md").write_text(results_markdown(rows), encoding="utf-8")
     if plot and any(r["status"] == "ok" for r in rows):
