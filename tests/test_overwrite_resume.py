@@ -201,9 +201,11 @@ def test_end_of_run_summary(tiny_model, tmp_path, capsys):
     assert str(out / "adapter") in err and "peak memory" in err and "wall time" in err
 
 
-def test_old_option_names_still_work_with_a_note(tmp_path, capsys):
+def test_old_option_names_still_work_with_a_note(tmp_path, capsys, monkeypatch):
     from sealft import config as cfg
     from sealft.report import ReportArgs
+
+    monkeypatch.setattr(cfg, "_WARNED", set())  # the note is once per process
 
     args = cfg.build(ReportArgs, {"runs": "a", "output": str(tmp_path / "r"),
                                   "flag_field": "flag"})
@@ -212,10 +214,12 @@ def test_old_option_names_still_work_with_a_note(tmp_path, capsys):
     assert "option output is deprecated; use output_dir" in err
 
 
-def test_old_flags_still_parse(capsys):
+def test_old_flags_still_parse(capsys, monkeypatch):
     from sealft import config as cfg
     from sealft.cli import build_parser
     from sealft.select import SelectArgs
+
+    monkeypatch.setattr(cfg, "_WARNED", set())  # the note is once per process
 
     namespace = build_parser("select").parse_args(
         ["select", "--finetune-data", "f.jsonl", "--safe-data", "s.jsonl", "--output-dir", "o",
