@@ -35,7 +35,8 @@ def test_run_writes_the_output_tree(tiny_model, toy_data, tmp_path):
         assert (select / name).is_file(), name
     scores = [json.loads(line) for line in (select / "scores.jsonl").read_text().splitlines()]
     assert [s["index"] for s in scores] == list(range(24))
-    assert set(scores[0]) == {"index", "id", "weight", "logit", "kept"}
+    # "score": the final scoring pass (the default) records each row's harm score
+    assert set(scores[0]) == {"index", "id", "weight", "logit", "kept", "score"}
     assert sum(s["kept"] for s in scores) == 18  # 0.75 of 24, from the key=value override
     selected = [json.loads(line) for line in (select / "selected.jsonl").read_text().splitlines()]
     assert {s["id"] for s in selected} == {s["id"] for s in scores if s["kept"]}

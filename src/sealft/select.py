@@ -2,7 +2,8 @@
 
 Output contract (other tools rely on these names), in --output-dir:
   scores.jsonl          one line per input row, in input order:
-                        {"index", "id", "weight", "logit", "kept"} (+ "skipped": reason)
+                        {"index", "id", "weight", "logit", "kept"} (+ "score": harm score
+                        of the final scoring pass; + "skipped": reason)
   selected.jsonl        kept examples, normalised ({"id", "messages", ...meta})
   selector.safetensors  the learned logits (SEAL) with ids in its metadata
   config.yaml           resolved arguments;  metrics.jsonl  per-step losses, γ, seconds
