@@ -17,7 +17,7 @@ evaluated on the same held-out prompts:
 Everything runs through the product (`sealft.experiment.run_grid` for the grid,
 `sealft.evaluate.evaluate` for the base model), so the run dir is an ordinary experiment dir
 and a rerun resumes it. Trailing key=value pairs override ExperimentArgs options
-(`finetune.lr=1e-5`, `method_select.seal.batch_size=64`, `evaluate.limit=100`, ...).
+(`finetune.lr=1e-5`, `method_select.seal.batch_size=64`, `evaluate.sample=100`, ...).
 
     HF_HUB_OFFLINE=1 python benchmarks/end_to_end.py --output-dir runs/end_to_end \\
         --output docs/end_to_end_table.md
@@ -93,7 +93,7 @@ def experiment_options(args: argparse.Namespace) -> dict[str, Any]:
         "methods": [m.strip() for m in args.methods.split(",") if m.strip()],
         "keep_ratios": [args.keep_ratio],
         "seeds": [int(s) for s in args.seeds.split(",")],
-        "select": {"sample": args.sample, "safe_limit": 200, "label_field": "flag",
+        "select": {"sample": args.sample, "safe_sample": 200, "label_field": "flag",
                    "max_length": 192},
         # SEAL's default (the paper's Algorithm 2 on the safe set of refusals) with the settings
         # measured in docs/selection.md: one epoch of batches of 16, γ > 0 from the start.
@@ -109,10 +109,10 @@ def experiment_options(args: argparse.Namespace) -> dict[str, Any]:
 
 def evaluate_options(args: argparse.Namespace) -> dict[str, Any]:
     return {"suite": "safety,overrefusal,task", "safety_sets": ["advbench", "harmbench"],
-            "limit": args.harmful_per_set,
-            "suite_limits": [f"overrefusal={args.xstest}", f"task={args.sst2}"],
+            "sample": args.harmful_per_set,
+            "suite_samples": [f"overrefusal={args.xstest}", f"task={args.sst2}"],
             "max_new_tokens": 32, "task_max_new_tokens": 4, "batch_size": 16,
-            "progress": False}
+            "show_progress": False}
 
 
 def evaluate_base(exp: ExperimentArgs) -> dict[str, Any]:
@@ -156,10 +156,10 @@ def evaluate_heldout(args: argparse.Namespace, exp: ExperimentArgs, prompts: Pat
     rates = {}
     for key, (adapter, folder) in targets.items():
         if not (folder / "summary.json").exists():
-            generation = {k: exp.evaluate[k] for k in ("max_new_tokens", "batch_size", "progress")}
+            generation = {k: exp.evaluate[k] for k in ("max_new_tokens", "batch_size", "show_progress")}
             evaluate(cfg.build(EvaluateArgs, generation, {
                 "model": exp.model, "adapter": adapter, "suite": "custom", "label": key,
-                "prompt_files": [f"{HELDOUT}={prompts}#prompt"], "limit": args.heldout,
+                "prompt_files": [f"{HELDOUT}={prompts}#prompt"], "sample": args.heldout,
                 "output_dir": str(folder), "resume": True}))
         summary = json.loads((folder / "summary.json").read_text(encoding="utf-8"))
         rates[key] = summary["refusal_by_set"].get(HELDOUT)

@@ -44,10 +44,10 @@ def run_model(model: str, out: Path, args: argparse.Namespace) -> dict:
     started = time.perf_counter()
     metrics = evaluate(EvaluateArgs(
         model=model, suite="safety,overrefusal,task", output_dir=str(folder),
-        safety_sets=("advbench", "harmbench"), limit=100, suite_limits=("task=200",),
+        safety_sets=("advbench", "harmbench"), sample=100, suite_samples=("task=200",),
         max_new_tokens=args.max_new_tokens, task_max_new_tokens=args.task_max_new_tokens,
         batch_size=args.batch_size, threads=args.threads, data_dir=args.data_dir,
-        progress=not args.no_progress,
+        show_progress=not args.no_progress,
     ))
     seconds = time.perf_counter() - started
     suites = metrics["suites"]

@@ -60,7 +60,7 @@ SELECTORS = {  # benchmark name -> (SelectArgs.method, SEAL algorithm)
 
 # Settings per selector (the common ones come from the command line). `batch_size: None` means
 # one batch holding every sampled row.
-PAPER_SETTINGS = {"safe_limit": 200, "epochs": 1, "batch_size": 16, "micro_batch_size": 8,
+PAPER_SETTINGS = {"safe_sample": 200, "epochs": 1, "batch_size": 16, "micro_batch_size": 8,
                   "safe_batch_size": 16, "lr": 1e-4, "selector_lr": 5e-3, "gamma_start": 0.05,
                   "gamma_increment": 0.03}
 METHOD_OPTIONS: dict[str, dict[str, Any]] = {
@@ -68,7 +68,7 @@ METHOD_OPTIONS: dict[str, dict[str, Any]] = {
     "seal-penalty": PAPER_SETTINGS,
     "seal-memory-efficient": PAPER_SETTINGS,
     # safety-step needs one direction shared by every row, from enough HH pairs (its docs).
-    "seal-safety-step": {"safe_data": str(PAIRS), "safe_limit": 64, "epochs": 1,
+    "seal-safety-step": {"safe_data": str(PAIRS), "safe_sample": 64, "epochs": 1,
                          "batch_size": None, "micro_batch_size": 8, "safe_batch_size": 16,
                          "lr": 1e-4, "gamma_start": 0.05},
 }
@@ -115,7 +115,7 @@ def mix_name(path: str) -> str:
 
 def select_args(args: argparse.Namespace, method: str, file: str, out: Path) -> SelectArgs:
     selector, algorithm = SELECTORS[method]
-    defaults = {"model": args.model, "safe_data": args.safe_data, "safe_limit": args.safe_limit,
+    defaults = {"model": args.model, "safe_data": args.safe_data, "safe_sample": args.safe_limit,
                 "sample": args.sample, "seed": args.seed, "keep_ratio": args.keep_ratio,
                 "label_field": args.label_field, "unsafe_value": args.unsafe_value,
                 "max_length": 192, "show_progress": False}

@@ -34,7 +34,7 @@ SAFE = REPO.parent / "shared" / "data" / "safe" / "safetyllamas_safety_only.json
 # The CPU settings the README recommends (the demo's), and the paper's budget.
 CPU = {"epochs": 1, "batch_size": 16, "safe_batch_size": 16, "micro_batch_size": 8, "lr": 1e-4,
        "selector_lr": 5e-3, "gamma_start": 0.05, "gamma_increment": 0.03, "max_length": 192,
-       "safe_limit": 200}
+       "safe_sample": 200}
 PAPER = CPU | {"epochs": 3, "batch_size": 64, "safe_batch_size": 64, "lr": 1e-5,
                "gamma_start": 0.0}
 VARIANTS = {

@@ -39,7 +39,7 @@ def test_selection_quality_table(tiny_model, toy_data, shared_data, tmp_path, ca
                        "--safe-data", toy_data[1], "--methods",
                        "random,dsir,seal-safety-step,seal-penalty,seal",
                        "--work-dir", str(tmp_path / "runs"), "--output", str(out),
-                       "micro_batch_size=4", "seal-safety-step:safe_limit=8",
+                       "micro_batch_size=4", "seal-safety-step:safe_sample=8",
                        "seal-penalty:batch_size=8"])
     assert code == 0
     table = out.read_text()
@@ -50,7 +50,7 @@ def test_selection_quality_table(tiny_model, toy_data, shared_data, tmp_path, ca
 
     step = yaml.safe_load((tmp_path / "runs" / "seal-safety-step-p0.25" / "config.yaml")
                           .read_text())
-    assert step["batch_size"] == 16 and step["safe_limit"] == 8  # one batch; METHOD: override
+    assert step["batch_size"] == 16 and step["safe_sample"] == 8  # one batch; METHOD: override
     assert step["safe_data"].endswith("hh_rlhf_harmless_base_test.jsonl.gz")
     assert step["algorithm"] == "safety-step"
     seal = yaml.safe_load((tmp_path / "runs" / "seal-p0.25" / "config.yaml").read_text())

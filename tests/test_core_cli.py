@@ -35,7 +35,8 @@ def test_run_writes_the_output_tree(tiny_model, toy_data, tmp_path):
         assert (select / name).is_file(), name
     scores = [json.loads(line) for line in (select / "scores.jsonl").read_text().splitlines()]
     assert [s["index"] for s in scores] == list(range(24))
-    assert set(scores[0]) == {"index", "id", "weight", "logit", "kept"}
+    # "score": the final scoring pass (the default) records each row's harm score
+    assert set(scores[0]) == {"index", "id", "weight", "logit", "kept", "score"}
     assert sum(s["kept"] for s in scores) == 18  # 0.75 of 24, from the key=value override
     selected = [json.loads(line) for line in (select / "selected.jsonl").read_text().splitlines()]
     assert {s["id"] for s in selected} == {s["id"] for s in scores if s["kept"]}
@@ -67,7 +68,7 @@ def test_existing_output_dir_is_an_error(tiny_model, toy_data, tmp_path):
     result = sealft("select", "--model", tiny_model, "--finetune-data", toy_data[0],
                     "--safe-data", toy_data[1], "--output-dir", str(out))
     assert result.returncode == 2
-    assert "not empty; pass --overwrite" in result.stderr
+    assert "not empty: it holds files sealft did not write (keep.txt)" in result.stderr
     assert "Traceback" not in result.stderr
     assert (out / "keep.txt").read_text() == "mine"
 
@@ -106,7 +107,7 @@ def test_demo_selects_finetunes_and_reports_removed_rows(tiny_model, toy_data, t
 
     summary = run_demo(DemoArgs(
         model=tiny_model, finetune_data=toy_data[0], safe_data=toy_data[1],
-        output_dir=str(tmp_path / "demo"), sample=16, safe_limit=8, batch_size=8,
+        output_dir=str(tmp_path / "demo"), sample=16, safe_sample=8, batch_size=8,
         safe_batch_size=4, finetune_batch_size=8, max_length=64))
     printed = capsys.readouterr().out
     labels = summary["labels"]

@@ -44,10 +44,10 @@ def test_ids_are_stable_and_content_based():
 def test_duplicate_ids_name_both_rows():
     rows = [{"prompt": "a", "completion": "b"}, {"prompt": "x", "completion": "y"},
             {"prompt": "a", "completion": "b"}]
-    with pytest.raises(DataError, match="rows 0 and 2"):
+    with pytest.raises(DataError, match="rows 1 and 3"):
         normalise(rows, "f.jsonl")
     assert len(normalise(rows, drop_duplicates=True)) == 2
-    with pytest.raises(DataError, match="rows 0 and 1 have the same id '1'"):
+    with pytest.raises(DataError, match="rows 1 and 2 have the same id '1'"):
         normalise([{"id": 1, "prompt": "a", "completion": "b"},
                    {"id": 1, "prompt": "c", "completion": "d"}])
 
@@ -74,7 +74,7 @@ def test_unknown_format_lists_fields(tmp_path):
 def test_missing_response_field_names_row(tmp_path):
     path = tmp_path / "x.jsonl"
     path.write_text('{"instruction": "q", "output": "a"}\n{"instruction": "q2"}\n')
-    with pytest.raises(DataError, match="row 1: missing field 'output'"):
+    with pytest.raises(DataError, match="row 2: missing field 'output'"):
         load_examples(str(path), fmt="alpaca")
 
 
@@ -138,8 +138,77 @@ def test_loaded_examples_keep_load_errors_and_limit(tmp_path):
     rows[7] = {"instruction": "no output"}
     (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     assert len(load_examples(str(tmp_path / "d.jsonl"), limit=5)) == 5
-    with pytest.raises(DataError, match="row 7"):
+    with pytest.raises(DataError, match="row 8: missing field 'output'"):  # 1-based, line 8
         load_examples(str(tmp_path / "d.jsonl"))
+
+
+def test_streamed_loading_keeps_the_bad_input_errors(tmp_path):
+    """iter_rows / load_examples stream rows, yet every failure is still one DataError or
+    ConfigError naming the file (BOM ignored, unreadable files, 1-based rows, --limit)."""
+    import gzip
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from sealft.errors import ConfigError
+
+    rows = _mixed_rows(4)
+    text = "".join(json.dumps(r) + "\n" for r in rows)
+    (tmp_path / "bom.jsonl").write_bytes(b"\xef\xbb\xbf" + text.encode())
+    assert [e["id"] for e in load_examples(str(tmp_path / "bom.jsonl"))] == [
+        e["id"] for e in normalise(rows)]
+    (tmp_path / "latin1.jsonl").write_bytes(text.replace("answer 2", "caf\xe9").encode("latin-1"))
+    with pytest.raises(DataError, match="latin1.jsonl: not UTF-8 text"):
+        load_examples(str(tmp_path / "latin1.jsonl"))
+    (tmp_path / "cut.jsonl.gz").write_bytes(gzip.compress(text.encode())[:-12])
+    with pytest.raises(DataError, match="cut.jsonl.gz: the compressed file is truncated"):
+        load_examples(str(tmp_path / "cut.jsonl.gz"))
+    (tmp_path / "plain.jsonl.gz").write_text(text)
+    with pytest.raises(DataError, match="plain.jsonl.gz: not a gzip file"):
+        load_examples(str(tmp_path / "plain.jsonl.gz"))
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "d.parquet")
+    (tmp_path / "bad.parquet").write_bytes((tmp_path / "d.parquet").read_bytes()[:40])
+    with pytest.raises(DataError, match="bad.parquet: cannot read it as PARQUET"):
+        load_examples(str(tmp_path / "bad.parquet"))
+    bad = rows[:2] + [{"instruction": "q"}] + rows[3:]
+    pq.write_table(pa.Table.from_pylist(bad), tmp_path / "gap.parquet")
+    with pytest.raises(DataError, match="gap.parquet row 3: field 'output' is null"):
+        load_examples(str(tmp_path / "gap.parquet"))
+    with pytest.raises(DataError, match="missing.jsonl: does not exist|missing.jsonl does not"):
+        load_examples(str(tmp_path / "missing.jsonl"))
+    with pytest.raises(ConfigError, match="--limit: must be a positive number of rows, got 0"):
+        load_examples(str(tmp_path / "bom.jsonl"), limit=0)
+    with pytest.raises(ConfigError, match="--format 'yaml'"):
+        load_examples(str(tmp_path / "bom.jsonl"), fmt="yaml")
+
+
+def test_saved_dataset_folders_stream_with_checked_splits(tmp_path):
+    import datasets
+
+    rows = _mixed_rows(6)
+    datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "flat"))
+    assert [e["index"] for e in load_examples(str(tmp_path / "flat"))] == list(range(6))
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(rows[:3]),
+                          "test": datasets.Dataset.from_list(rows[3:])}).save_to_disk(
+        str(tmp_path / "dict"))
+    assert len(load_examples(str(tmp_path / "dict"), split="test")) == 3
+    with pytest.raises(DataError, match="no split 'dev'; --split one of train, test"):
+        load_examples(str(tmp_path / "dict"), split="dev")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="empty: a folder, but not a readable dataset"):
+        load_examples(str(tmp_path / "empty"))
+
+
+def test_data_fingerprint_of_arrow_examples_equals_that_of_the_dicts(tmp_path):
+    from sealft.config import data_fingerprint
+
+    rows = _mixed_rows(12)
+    rows[3]["instruction"] = "ünïcödé ✓ \"quoted\""
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    loaded = load_examples(str(tmp_path / "d.jsonl"))
+    assert data_fingerprint(loaded) == data_fingerprint(normalise(rows))
+    assert data_fingerprint(sample_rows(loaded, 5, seed=2)) == data_fingerprint(
+        sample_rows(normalise(rows), 5, seed=2))
 
 
 def test_examples_file_is_removed_with_the_last_view(tmp_path, monkeypatch):

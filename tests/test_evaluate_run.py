@@ -48,7 +48,7 @@ def args_for(model: str, data: str, out: Path, **extra) -> EvaluateArgs:
     base = dict(model=model, output_dir=str(out), data_dir=data,
                 safety_sets=("advbench", "harmbench"), max_new_tokens=4,
                 task_max_new_tokens=2, helpfulness_max_new_tokens=4, batch_size=4,
-                progress=False, threads=1)
+                show_progress=False, threads=1)
     return EvaluateArgs(**{**base, **extra})
 
 
@@ -201,8 +201,8 @@ def test_bad_arguments_fail_before_any_model_loads(tmp_path, data_dir):
         EvaluateArgs(model="m", output_dir="x", judge="vibes")
     with pytest.raises(ConfigError, match="--llm-url"):
         EvaluateArgs(model="m", output_dir="x", judge="llm")
-    with pytest.raises(ConfigError, match="--suite-limits"):
-        EvaluateArgs(model="m", output_dir="x", suite_limits=("task",))
+    with pytest.raises(ConfigError, match="--suite-samples"):
+        EvaluateArgs(model="m", output_dir="x", suite_samples=("task",))
     with pytest.raises(DataError, match="no such folder"):
         evaluate(EvaluateArgs(model="m", output_dir=str(tmp_path / "o"),
                               data_dir=str(tmp_path / "absent")))
@@ -217,7 +217,7 @@ def test_bad_arguments_fail_before_any_model_loads(tmp_path, data_dir):
                     reason="offline SmolLM2 package not installed")
 def test_real_smollm2_answers_two_prompts(tmp_path, data_dir):
     metrics = evaluate(args_for("HuggingFaceTB/SmolLM2-135M-Instruct", data_dir,
-                                tmp_path / "smol", suite="overrefusal", limit=2,
+                                tmp_path / "smol", suite="overrefusal", sample=2,
                                 max_new_tokens=16))
     gens = read_generations(tmp_path / "smol" / "generations.jsonl")
     assert len(gens) == 2 and all(r["response"] for r in gens.values())

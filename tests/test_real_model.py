@@ -35,7 +35,7 @@ def test_seal_selection_and_finetune_on_real_data(shared_data, tmp_path, monkeyp
     summary = run_select(SelectArgs(
         model=SMOL, finetune_data=str(shared_data / "finetune" / "sst2_n1000_p0.2.json"),
         safe_data=str(shared_data / "safe" / "hh_rlhf_harmless_base_test.jsonl.gz"),
-        output_dir=str(tmp_path / "select"), sample=16, safe_limit=8, epochs=1, batch_size=8,
+        output_dir=str(tmp_path / "select"), sample=16, safe_sample=8, epochs=1, batch_size=8,
         safe_batch_size=2, micro_batch_size=8, max_length=128, lr=1e-4, gamma_start=0.05,
         label_field="flag", show_progress=False))
     assert summary["rows"] == 16

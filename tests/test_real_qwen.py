@@ -22,7 +22,7 @@ def test_default_selector_on_aligned_proxy_ranks_harmful_rows_low(shared_data, t
     summary = run_select(SelectArgs(
         model=QWEN, finetune_data=str(shared_data / "finetune" / "sst2_n1000_p0.2.json"),
         safe_data=str(shared_data / "safe" / "safetyllamas_safety_only.json"),
-        output_dir=str(tmp_path / "select"), sample=24, safe_limit=8, epochs=1, batch_size=24,
+        output_dir=str(tmp_path / "select"), sample=24, safe_sample=8, epochs=1, batch_size=24,
         safe_batch_size=8, micro_batch_size=8, max_length=192, lr=1e-4, gamma_start=0.05,
         label_field="flag", show_progress=False))
     labels = summary["labels"]

@@ -159,11 +159,11 @@ BAD_INPUTS = [
     ("unknown format", {"ft.jsonl": '{"foo": 1}\n'}, ["--finetune-data", "ft.jsonl"],
      "fields seen: ['foo']"),
     ("missing response", {"ft.jsonl": '{"instruction": "q", "output": "a"}\n{"instruction": "q"}\n'},
-     ["--finetune-data", "ft.jsonl"], "row 1: missing field 'output'"),
+     ["--finetune-data", "ft.jsonl"], "row 2: missing field 'output'"),
     ("empty dataset", {"ft.jsonl": ""}, ["--finetune-data", "ft.jsonl"], "empty"),
     ("duplicate ids", {"ft.jsonl": '{"id": 1, "prompt": "a", "completion": "b"}\n'
                                    '{"id": 1, "prompt": "c", "completion": "d"}\n'},
-     ["--finetune-data", "ft.jsonl"], "rows 0 and 1 have the same id '1'"),
+     ["--finetune-data", "ft.jsonl"], "rows 1 and 2 have the same id '1'"),
     ("all too long", {"ft.jsonl": '{"prompt": "' + "the movie " * 200 + '", "completion": "b"}\n'},
      ["--finetune-data", "ft.jsonl", "--max-length", "16"], "none of the 1 examples can be used"),
     ("ratio zero", {}, ["keep_ratio=0"], "--keep-ratio: must be in (0, 1]"),
@@ -179,7 +179,7 @@ BAD_INPUTS = [
     ("resume with overwrite", {}, ["--resume", "--overwrite"], "exclude each other"),
     ("unknown file type", {"ft.txt": "hello"}, ["--finetune-data", "ft.txt"],
      "unknown file type"),
-    ("bad dtype", {}, ["--dtype", "float8"], "--dtype 'float8'"),
+    ("bad dtype", {}, ["--dtype", "float8"], "--dtype: use float32"),
 ]
 
 

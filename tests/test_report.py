@@ -57,7 +57,7 @@ def make_selection_run(root: Path) -> Path:
 def test_report_has_table_and_plots(runs, tmp_path):
     out = tmp_path / "report"
     md_path = report(ReportArgs(runs=(str(runs["evals"]), str(runs["selection"]),
-                                      str(runs["other"])), output=str(out), title="Test"))
+                                      str(runs["other"])), output_dir=str(out), title="Test"))
     md = md_path.read_text()
     assert md.startswith("# Test")
     assert "| Method | Safety refusal ↑ | Harmful ↓ | Over-refusal ↓ | Task acc. ↑ |" in md
@@ -75,7 +75,7 @@ def test_report_has_table_and_plots(runs, tmp_path):
 
 
 def test_kept_share_uses_flags_joined_by_id(runs, tmp_path):
-    md = report(ReportArgs(runs=(str(runs["selection"]),), output=str(tmp_path))).read_text()
+    md = report(ReportArgs(runs=(str(runs["selection"]),), output_dir=str(tmp_path))).read_text()
     # toy rows: every 4th of 40 is unsafe -> 10 unsafe, of which only index 0 is kept.
     assert "unsafe: 10.0% of 10" in md
     assert "finetune: 96.7% of 30" in md  # one benign row was skipped (not kept)
@@ -83,10 +83,10 @@ def test_kept_share_uses_flags_joined_by_id(runs, tmp_path):
 
 def test_labels_override_and_validation(runs, tmp_path):
     evals = (str(runs["evals"] / "base"), str(runs["evals"] / "seal"))
-    md = report(ReportArgs(runs=evals, output=str(tmp_path), labels=("A", "B"))).read_text()
+    md = report(ReportArgs(runs=evals, output_dir=str(tmp_path), labels=("A", "B"))).read_text()
     assert "| A |" in md and "| B |" in md
     with pytest.raises(ConfigError, match="labels"):
-        report(ReportArgs(runs=evals, output=str(tmp_path), labels=("A", "B", "C")))
+        report(ReportArgs(runs=evals, output_dir=str(tmp_path), labels=("A", "B", "C")))
     with pytest.raises(ConfigError, match="--runs"):
         ReportArgs(runs=())
 
@@ -96,16 +96,16 @@ def test_selection_without_its_data_still_reports(runs, tmp_path):
     broken.mkdir()
     (broken / "scores.jsonl").write_text((runs["selection"] / "scores.jsonl").read_text())
     (broken / "config.yaml").write_text(yaml.safe_dump({"finetune_data": "/nowhere.jsonl"}))
-    md = report(ReportArgs(runs=(str(broken),), output=str(tmp_path / "r"))).read_text()
+    md = report(ReportArgs(runs=(str(broken),), output_dir=str(tmp_path / "r"))).read_text()
     assert "flags unavailable" in md
     assert (tmp_path / "r" / "weights_sel.png").is_file()
 
 
 def test_not_a_run_dir(tmp_path):
     with pytest.raises(DataError, match="not an evaluation"):
-        report(ReportArgs(runs=(str(tmp_path),), output=str(tmp_path / "r")))
+        report(ReportArgs(runs=(str(tmp_path),), output_dir=str(tmp_path / "r")))
     with pytest.raises(DataError, match="does not exist"):
-        report(ReportArgs(runs=(str(tmp_path / "missing"),), output=str(tmp_path / "r")))
+        report(ReportArgs(runs=(str(tmp_path / "missing"),), output_dir=str(tmp_path / "r")))
 
 
 def test_formatting():
@@ -122,7 +122,7 @@ def test_training_cost_comes_from_the_adapters_run_dir(runs, tmp_path):
     summary = json.loads((run / "summary.json").read_text())
     summary["adapter"] = str(runs["other"] / "adapter")  # <finetune run>/adapter
     (run / "summary.json").write_text(json.dumps(summary))
-    md = report(ReportArgs(runs=(str(run),), output=str(tmp_path / "r"))).read_text()
+    md = report(ReportArgs(runs=(str(run),), output_dir=str(tmp_path / "r"))).read_text()
     assert "Train time" in md and "66.7 min" in md and "2.0 GiB" in md
 
 

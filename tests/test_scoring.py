@@ -125,3 +125,40 @@ def test_api_round_trip(tiny_model, tmp_path):
     fitted = np.array([r["score"] for r in _scores(saved / "scores.jsonl")])
     np.testing.assert_allclose(again.score(rows), fitted, atol=1e-5)
     np.testing.assert_allclose(again.scores(), weights)
+
+
+def test_score_and_select_dirs_are_replaced_only_with_their_own_files(tiny_model, tmp_path,
+                                                                       capsys):
+    """`sealft score` keeps a run-dir manifest like every stage: --overwrite deletes only what
+    it wrote, and never the selection it reads; the selection's scorer/ is listed too."""
+    from sealft.io import MANIFEST
+
+    _select(tiny_model, tmp_path, toy_finetune_rows(12))
+    assert "scorer" in json.loads((tmp_path / "sel" / MANIFEST).read_text())["outputs"]
+    data = write_jsonl(tmp_path / "new_rows.jsonl", toy_finetune_rows(10))
+    new = tmp_path / "new"
+
+    def score(output_dir, *flags):
+        capsys.readouterr()
+        code = main(["score", "--selection", str(tmp_path / "sel"), "--data", str(data),
+                     "--output-dir", str(output_dir), "--no-show-progress", *flags])
+        return code, capsys.readouterr().err
+
+    code, err = score(new)
+    assert code == 0 and "sealft score: 10 rows read" in err
+    manifest = json.loads((new / MANIFEST).read_text())
+    assert manifest["stage"] == "score"
+    assert {"config.yaml", "scores.jsonl", "selected.jsonl", "summary.json"} <= set(
+        manifest["outputs"])
+    code, err = score(new)
+    assert code == 2 and "is not empty" in err
+    (new / "notes.txt").write_text("mine")
+    code, err = score(new, "--overwrite")
+    assert code == 2 and "did not write (notes.txt)" in err
+    assert (new / "notes.txt").exists() and (new / "scores.jsonl").exists()
+    (new / "notes.txt").unlink()
+    code, _ = score(new, "--overwrite")
+    assert code == 0 and (new / "scores.jsonl").exists()
+    code, err = score(tmp_path / "sel", "--overwrite")  # the selection is this run's input
+    assert code == 2 and "is an input of this run" in err
+    assert (tmp_path / "sel" / "scorer" / "scoring.json").exists()

@@ -12,7 +12,10 @@ from __future__ import annotations
 import argparse
 import ast
 import dataclasses
+import hashlib
 import inspect
+import json
+import sys
 import textwrap
 import types
 import typing
@@ -102,6 +105,11 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
         else:
             parser.add_argument(flag, default=argparse.SUPPRESS, help=help_text,
                                 metavar=field.name.upper())
+    for old, new in aliases_of(cls).items():
+        new_kind, _ = _base_type(hints[new])
+        action = argparse.BooleanOptionalAction if new_kind is bool else "store"
+        parser.add_argument("--" + old.replace("_", "-"), action=action, dest=old,
+                            default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
@@ -110,8 +118,11 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
             data = yaml.safe_load(handle) or {}
     except FileNotFoundError:
         raise ConfigError(f"--config {path}: file not found") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"--config {path}: cannot read it ({err}); pass a YAML file") from None
     except yaml.YAMLError as err:
-        raise ConfigError(f"--config {path}: invalid YAML: {err}") from None
+        one_line = " ".join(str(err).split())
+        raise ConfigError(f"--config {path}: invalid YAML: {one_line}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"--config {path}: expected a mapping of option: value")
     return data
@@ -130,10 +141,13 @@ def parse_overrides(items: list[str]) -> dict[str, str]:
 def build(cls: type, *layers: dict[str, Any]):
     """Instantiate `cls` from layered option dicts; unknown keys are an error naming them."""
     names = {f.name for f in dataclasses.fields(cls)}
+    aliases = aliases_of(cls)
     values: dict[str, Any] = {}
     for layer in layers:
         for key, raw in layer.items():
             key = key.replace("-", "_")
+            if key in aliases:
+                key = _deprecated(key, aliases[key])
             head, dot, sub = key.partition(".")
             if dot and head in names:  # select.keep_ratio=0.9 sets one entry of a mapping field
                 values[head] = _merge(values.get(head), _nested(sub, raw))
@@ -170,7 +184,7 @@ def from_namespace(cls: type, namespace: argparse.Namespace):
     """Merge `--config` YAML, explicit flags and `key=value` overrides into a `cls`."""
     given = vars(namespace)
     yaml_layer = load_yaml(given["config"]) if given.get("config") else {}
-    names = {f.name for f in dataclasses.fields(cls)}
+    names = {f.name for f in dataclasses.fields(cls)} | set(aliases_of(cls))
     flag_layer = {k: v for k, v in given.items() if k in names}
     override_layer = parse_overrides(given.get("overrides") or [])
     return build(cls, yaml_layer, flag_layer, override_layer)
@@ -187,6 +201,123 @@ def require(condition: bool, flag: str, message: str) -> None:
     """Validation helper for `__post_init__`: the error names the flag users typed."""
     if not condition:
         raise ConfigError(f"--{flag.replace('_', '-')}: {message}")
+
+
+def require_positive(args: Any, *names: str) -> None:
+    """Each named option, when set (not None), must be a positive number (counts, limits and
+    learning rates: a negative `--limit` must not quietly mean "all but the last N")."""
+    for name in names:
+        value = getattr(args, name)
+        require(value is None or (value > 0 and value != float("inf")), name,
+                f"must be a positive number, got {value}")
+
+
+# Old option names that still work: a one-line note on stderr says which name to use instead.
+# Keyed by dataclass name so that subclasses (and stages defined elsewhere) inherit them.
+ALIASES: dict[str, dict[str, str]] = {
+    "ReportArgs": {"output": "output_dir", "flag_field": "label_field"},
+    "EvaluateArgs": {"progress": "show_progress", "limit": "sample",
+                     "suite_limits": "suite_samples"},
+    "SelectArgs": {"safe_limit": "safe_sample"},
+    "DemoArgs": {"safe_limit": "safe_sample"},
+}
+
+
+def aliases_of(cls: type) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        out.update(ALIASES.get(klass.__name__, {}))
+    names = {f.name for f in dataclasses.fields(cls)}
+    return {old: new for old, new in out.items() if new in names and old not in names}
+
+
+_WARNED: set[str] = set()
+
+
+def _deprecated(old: str, new: str) -> str:
+    if old not in _WARNED:  # once per process: a config file and a flag may both use it
+        _WARNED.add(old)
+        print(f"sealft: note: option {old} is deprecated; use {new} "
+              f"(--{new.replace('_', '-')})", file=sys.stderr)
+    return new
+
+
+# ---------------------------------------------------------------------------------------------
+# Checked resumes: a run dir's settings and data fingerprint must match the resuming command's
+# ---------------------------------------------------------------------------------------------
+
+# Options that cannot change what a run computes: they may differ between a run and its resume.
+# Data paths are here because the data itself is compared (by fingerprint), so a moved file
+# still resumes.
+RESULT_NEUTRAL = frozenset({
+    "output_dir", "resume", "overwrite", "show_progress", "progress", "save_every", "num_proc",
+    "debug", "config", "trust_remote_code", "gradient_checkpointing", "finetune_data",
+    "safe_data", "data", "threads", "device", "label", "title", "llm_workers", "llm_timeout",
+})
+
+
+def setting_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """'name: old -> new' for every result-changing option that differs."""
+    def same(a: Any, b: Any) -> bool:
+        as_list = (list, tuple)
+        return list(a) == list(b) if isinstance(a, as_list) and isinstance(b, as_list) else a == b
+
+    keys = sorted((set(old) | set(new)) - RESULT_NEUTRAL)
+    return [f"{key}: {old.get(key)!r} -> {new.get(key)!r}" for key in keys
+            if not same(old.get(key), new.get(key))]
+
+
+def check_resume_settings(out: Path, args: Any) -> None:
+    """Before a resumed run rewrites config.yaml: refuse when a result-changing option differs
+    from the run's saved config, listing every difference."""
+    saved = out / "config.yaml"
+    if not saved.exists():
+        return
+    renamed = aliases_of(type(args))  # a config saved before an option was renamed
+    old = {renamed.get(key, key): value for key, value in load_yaml(saved).items()}
+    differences = setting_differences(old, to_dict(args))
+    if differences:
+        raise ConfigError(
+            f"--resume: {out} was started with other settings ({'; '.join(differences)}); "
+            "rerun with the original settings, or start a new --output-dir"
+        )
+
+
+def data_fingerprint(examples: list[dict[str, Any]]) -> dict[str, Any]:
+    """Row count and a hash of the ids and messages: which rows, in which order, with what text."""
+    digest = hashlib.sha1()
+    raw_rows = getattr(examples, "raw_rows", None)
+    if raw_rows is not None:  # data.Examples: the stored JSON text is what json.dumps gives
+        for ex_id, messages in raw_rows("id", "messages"):
+            digest.update(str(ex_id).encode())
+            digest.update(messages.encode())
+        return {"rows": len(examples), "sha1": digest.hexdigest()[:16]}
+    for example in examples:
+        item = example if isinstance(example, dict) else example[0]  # (chosen, rejected) pairs
+        digest.update(str(item["id"]).encode())
+        digest.update(json.dumps(item["messages"], ensure_ascii=False).encode())
+    return {"rows": len(examples), "sha1": digest.hexdigest()[:16]}
+
+
+def check_resume_data(out: Path, data: dict[str, list], resume: bool) -> None:
+    """Save the data fingerprints of a new run; on --resume, refuse other data."""
+    from sealft.io import manifest_value, read_manifest
+
+    now = {name: data_fingerprint(rows) for name, rows in data.items()}
+    # Read from disk, not from this process's records, so that every process of a launch
+    # reaches the same verdict (only the main process writes the manifest).
+    saved = (read_manifest(out) or {}).get("data") or {}
+    if resume and saved:
+        changed = [f"{name}: {saved[name]['rows']} rows -> {now[name]['rows']} rows"
+                   + (" (same count, different rows or text)"
+                      if saved[name]["rows"] == now[name]["rows"] else "")
+                   for name in now if name in saved and saved[name] != now[name]]
+        if changed:
+            raise ConfigError(
+                f"--resume: {out} was started on other data ({'; '.join(changed)}); resume "
+                "with the original data (and --limit/--sample), or start a new --output-dir"
+            )
+    manifest_value(out, "data", {**saved, **now})
 
 
 @dataclasses.dataclass
@@ -225,6 +356,39 @@ class RunOptions:
 
     def __post_init__(self) -> None:
         require(self.lora_r > 0, "lora_r", "must be positive")
+        require(self.lora_alpha > 0, "lora_alpha", "must be positive")
+        require(0 <= self.lora_dropout < 1, "lora_dropout", "must be in [0, 1)")
+        require(self.num_proc is None or self.num_proc > 0, "num_proc", "must be positive")
+        require(self.dtype in ("float32", "bfloat16", "float16", "auto"), "dtype",
+                "use float32, bfloat16, float16 or auto")
+        require(bool(self.lora_target_modules), "lora_target_modules",
+                "name at least one module (e.g. q_proj,v_proj)")
         require(self.save_every >= 0, "save_every", "must be >= 0")
         require(not (self.resume and self.overwrite), "resume",
                 "--resume and --overwrite exclude each other")
+
+
+# Options naming files or folders a run reads: --overwrite must never delete one of them.
+INPUT_FIELDS = ("model", "finetune_data", "safe_data", "data", "weights_from", "chat_template",
+                "adapter", "helpfulness_reference", "selection")
+
+
+def input_paths(args: Any) -> list[str]:
+    return [value for name in INPUT_FIELDS
+            if isinstance(value := getattr(args, name, None), str) and value]
+
+
+def start_run(args: Any, stage: str) -> Path:
+    """Prepare `args.output_dir` for a stage: check a resume's settings, create or reuse the
+    dir (see `io.prepare_output_dir`), then record the resolved options in config.yaml, only
+    now, so that a refused resume leaves the old config in place."""
+    from sealft.io import prepare_output_dir, record_output, require_stage, write_yaml
+
+    out = Path(args.output_dir)
+    if args.resume and out.is_dir():
+        require_stage(out, stage, "--resume")
+        check_resume_settings(out, args)
+    prepare_output_dir(out, args.overwrite, args.resume, stage, input_paths(args))
+    record_output(out, "logs")  # Accelerate's project dir, written without sealft's helpers
+    write_yaml(out / "config.yaml", to_dict(args))
+    return out

@@ -13,14 +13,16 @@ import gzip
 import hashlib
 import json
 import re
+import zlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from sealft.errors import DataError
-from sealft.io import iter_jsonl, read_jsonl
+from sealft.errors import ConfigError, DataError
+from sealft.io import iter_jsonl, read_jsonl, unreadable
 
 Message = dict[str, str]
 Example = dict[str, Any]
@@ -45,37 +47,90 @@ _CONTENT_FIELDS = {"messages", "conversations", "prompt", "completion", "instruc
 
 def read_rows(source: str, split: str = "train") -> list[dict[str, Any]]:
     """Rows of a JSONL / JSON / Parquet / CSV file (optionally .gz), a saved dataset folder,
-    or a Hugging Face dataset id."""
+    or a Hugging Face dataset id. Any failure to read is a one-line error naming the file."""
     path = Path(source).expanduser()
-    name = path.name.lower()
     if path.is_file():
-        if name.endswith((".jsonl", ".jsonl.gz", ".ndjson")):
-            return read_jsonl(path)
-        if name.endswith((".json", ".json.gz")):
-            return _read_json(path)
-        if name.endswith(".parquet"):
-            import pyarrow.parquet as pq
-
-            return pq.read_table(path).to_pylist()
-        if name.endswith((".csv", ".csv.gz")):
-            with _open_text(path) as handle:
-                return list(csv.DictReader(handle))
-        raise DataError(
-            f"{path}: unknown file type; use .jsonl, .json, .parquet or .csv (optionally .gz)"
-        )
+        with _reading(path):
+            return _read_file(path)
     if path.is_dir():
-        import datasets
-
-        try:
-            loaded = datasets.load_from_disk(str(path))
-        except FileNotFoundError:
-            raise DataError(f"{path}: a folder, but not a dataset saved with save_to_disk") from None
-        if isinstance(loaded, datasets.DatasetDict):
-            loaded = loaded[split]
-        return loaded.to_list()
+        return _load_saved_dataset(path, split).to_list()
     if re.fullmatch(r"[\w.-]+/[\w.-]+", source) and not source.endswith(_FILE_SUFFIXES):
         return _read_hub_dataset(source, split)
     raise DataError(f"data file {source} does not exist (checked relative to {Path.cwd()})")
+
+
+@contextmanager
+def _reading(path: Path) -> Iterator[None]:
+    """Any failure to read `path` inside the block becomes a one-line DataError naming it."""
+    try:
+        yield
+    except DataError:
+        raise
+    except (OSError, EOFError, zlib.error, UnicodeDecodeError) as err:
+        raise DataError(unreadable(path, err)) from err
+    except Exception as err:  # pyarrow / csv raise their own types for damaged files
+        reason = " ".join(str(err).split())[:200]
+        raise DataError(f"{path}: cannot read it as {_kind(path)} ({reason}); check that "
+                        "the file is complete and its name matches its format") from err
+
+
+def _kind(path: Path) -> str:
+    name = path.name.lower().removesuffix(".gz")
+    return name.rsplit(".", 1)[-1].upper() if "." in name else "data"
+
+
+def _read_file(path: Path) -> list[dict[str, Any]]:
+    name = path.name.lower()
+    if name.endswith((".jsonl", ".jsonl.gz", ".ndjson")):
+        return read_jsonl(path)
+    if name.endswith((".json", ".json.gz")):
+        return _read_json(path)
+    if name.endswith(".parquet"):
+        import pyarrow.parquet as pq
+
+        return pq.read_table(path).to_pylist()
+    if name.endswith((".csv", ".csv.gz")):
+        return _read_csv(path)
+    raise DataError(
+        f"{path}: unknown file type; use .jsonl, .json, .parquet or .csv (optionally .gz)"
+    )
+
+
+def _read_csv(path: Path) -> list[dict[str, Any]]:
+    with _open_text(path) as handle:
+        rows = list(csv.DictReader(handle))
+    for number, row in enumerate(rows, start=1):
+        if None in row:  # DictReader files surplus cells under the key None
+            raise DataError(f"{path} row {number}: more cells than header columns; quote "
+                            "fields that contain commas")
+    return rows
+
+
+def _load_saved_dataset(path: Path, split: str):
+    """The (memory-mapped) `datasets.Dataset` saved in folder `path`, split `split`."""
+    import datasets
+
+    if (path / "selected.jsonl").is_file():  # a selection run dir given where its data goes
+        raise DataError(f"{path}: a selection run folder, not a data file; pass "
+                        f"{path / 'selected.jsonl'}")
+    try:
+        loaded = datasets.load_from_disk(str(path))
+    except Exception as err:  # datasets raises FileNotFoundError, ValueError, arrow errors...
+        raise DataError(f"{path}: a folder, but not a readable dataset saved with "
+                        f"save_to_disk ({' '.join(str(err).split())[:160]})") from err
+    if isinstance(loaded, datasets.DatasetDict):
+        if split not in loaded:
+            raise DataError(f"{path}: no split {split!r}; --split one of {', '.join(loaded)}")
+        loaded = loaded[split]
+    return loaded
+
+
+def require_source(source: str, flag: str) -> None:
+    """Fail now, not after an earlier stage's compute, when a local data path does not exist."""
+    path = Path(source).expanduser()
+    hub_id = re.fullmatch(r"[\w.-]+/[\w.-]+", source) and not source.endswith(_FILE_SUFFIXES)
+    if not path.exists() and not hub_id:
+        raise DataError(f"{flag} {source}: does not exist (checked relative to {Path.cwd()})")
 
 
 _FILE_SUFFIXES = (".json", ".jsonl", ".parquet", ".csv", ".gz")
@@ -87,16 +142,16 @@ def iter_rows(source: str, split: str = "train") -> Iterator[dict[str, Any]]:
     path = Path(source).expanduser()
     name = path.name.lower()
     if path.is_file() and name.endswith((".jsonl", ".jsonl.gz", ".ndjson")):
-        yield from iter_jsonl(path)
+        with _reading(path):
+            yield from iter_jsonl(path)
     elif path.is_file() and name.endswith(".parquet"):
         import pyarrow.parquet as pq
 
-        for batch in pq.ParquetFile(path).iter_batches(batch_size=_BATCH):
-            yield from batch.to_pylist()
-    elif path.is_dir() and (path / "dataset_info.json").exists():
-        import datasets
-
-        loaded = datasets.load_from_disk(str(path))  # memory-mapped
+        with _reading(path):
+            for batch in pq.ParquetFile(path).iter_batches(batch_size=_BATCH):
+                yield from batch.to_pylist()
+    elif path.is_dir():
+        loaded = _load_saved_dataset(path, split)  # memory-mapped
         for start in range(0, len(loaded), _BATCH):
             yield from loaded.select(range(start, min(start + _BATCH, len(loaded)))).to_list()
     else:
@@ -116,9 +171,10 @@ def _read_hub_dataset(name: str, split: str) -> list[dict[str, Any]]:
 
 
 def _open_text(path: Path):
+    # utf-8-sig: a byte-order mark (Excel's "CSV UTF-8", Windows editors) is not data.
     if path.name.lower().endswith(".gz"):
-        return gzip.open(path, "rt", encoding="utf-8")
-    return open(path, encoding="utf-8", newline="")
+        return gzip.open(path, "rt", encoding="utf-8-sig", newline="")
+    return open(path, encoding="utf-8-sig", newline="")
 
 
 def _read_json(path: Path) -> list[dict[str, Any]]:
@@ -154,9 +210,12 @@ def detect_format(row: dict[str, Any], where: str) -> str:
 
 
 def _text(row: dict[str, Any], field: str, where: str) -> str:
-    value = row.get(field)
-    if value is None:
+    if field not in row:
         raise DataError(f"{where}: missing field {field!r}; fields seen: {sorted(row)}")
+    value = row[field]
+    if value is None:
+        raise DataError(f"{where}: field {field!r} is null; give it a string value or "
+                        "remove the row")
     if not isinstance(value, str):
         raise DataError(f"{where}: field {field!r} must be a string, got {type(value).__name__}")
     return value
@@ -247,6 +306,26 @@ _NORMALISERS: dict[str, Callable[[dict[str, Any], str], list[Message]]] = {
 }
 
 
+def _normalise_row(row: dict[str, Any], fmt: str, where: str) -> list[Message]:
+    """One row as messages; any row that does not fit `fmt` is an error naming the row."""
+    if not isinstance(row, dict):
+        raise DataError(f"{where}: expected an object with named fields, got {type(row).__name__}")
+    fields = dict(_SIGNATURES)[fmt]
+    missing = [f for f in fields if f not in row]
+    if missing:
+        found = next((name for name, need in _SIGNATURES if all(f in row for f in need)), None)
+        hint = (f"the row looks like {found} data; every row must use one format (--format "
+                "auto detects it from row 1)" if found else f"fields seen: {sorted(row)}")
+        raise DataError(f"{where}: missing field {missing[0]!r} (format {fmt}); {hint}")
+    try:
+        return _NORMALISERS[fmt](row, where)
+    except DataError:
+        raise
+    except (KeyError, TypeError, AttributeError, ValueError) as err:
+        raise DataError(f"{where}: not a valid {fmt} row ({type(err).__name__}: {err}); fields "
+                        f"seen: {sorted(row)}") from err
+
+
 def example_id(messages: list[Message]) -> str:
     blob = json.dumps(messages, ensure_ascii=False, sort_keys=True)
     return hashlib.sha1(blob.encode("utf-8")).hexdigest()[:16]
@@ -274,20 +353,21 @@ def normalise_rows(
 ) -> Iterator[Example]:
     """`normalise`, one example at a time (an empty input yields nothing)."""
     if fmt != "auto" and fmt not in FORMATS:
-        raise DataError(f"--format {fmt!r}: use auto or one of {', '.join(FORMATS)}")
-    normaliser = None if fmt == "auto" else _NORMALISERS[fmt]
+        raise ConfigError(f"--format {fmt!r}: use auto or one of {', '.join(FORMATS)}")
+    row_fmt = None if fmt == "auto" else fmt
     first_row_of: dict[str, int] = {}
     for index, row in enumerate(rows):
-        where = f"{source} row {index}"
-        if normaliser is None:  # the first row decides the format of all
-            normaliser = _NORMALISERS[detect_format(row, where)]
-        messages = normaliser(row, where)
+        where = f"{source} row {index + 1}"  # 1-based, like the line numbers of a JSONL file
+        if row_fmt is None:  # the first row decides the format of all
+            row_fmt = detect_format(row, where)
+        messages = _normalise_row(row, row_fmt, where)
         ex_id = str(row["id"]) if row.get("id") not in (None, "") else example_id(messages)
         if ex_id in first_row_of:
             if drop_duplicates and "id" not in row:
                 continue
             raise DataError(
-                f"{source}: rows {first_row_of[ex_id]} and {index} have the same id {ex_id!r}"
+                f"{source}: rows {first_row_of[ex_id] + 1} and {index + 1} have the same id "
+                f"{ex_id!r}"
                 + (" (identical content)" if "id" not in row else "")
                 + "; remove one, give rows distinct 'id' fields, or pass drop_duplicates=true"
             )
@@ -362,6 +442,16 @@ class Examples(Sequence):
             values = values.take(self.positions)
         return values.to_pylist()
 
+    def raw_rows(self, *names: str) -> Iterator[tuple]:
+        """Tuples of the stored values of columns `names`, batch by batch, in this view's
+        order, without decoding: messages and meta stay the JSON text they are kept as."""
+        for start in range(0, len(self), _BATCH):
+            if self.positions is None:
+                part = self.table.slice(start, _BATCH)
+            else:
+                part = self.table.take(self.positions[start:start + _BATCH])
+            yield from zip(*(part.column(name).to_pylist() for name in names), strict=True)
+
     def as_dataset(self):
         """The examples as a `datasets.Dataset` (for `map`), in this view's order."""
         if self.positions is None:
@@ -395,6 +485,8 @@ def load_examples(
 ) -> Examples:
     """iter_rows + normalise into a memory-mapped `Examples`. `limit` keeps the first rows
     (a deterministic subset)."""
+    if limit is not None and limit <= 0:
+        raise ConfigError(f"--limit: must be a positive number of rows, got {limit}")
     import itertools
     import shutil
     import tempfile
@@ -434,6 +526,8 @@ def ids_at(examples: Sequence[Example], rows: Iterable[int]) -> list[str]:
 
 def sample_rows(examples: Sequence[Example], n: int | None, seed: int) -> Sequence[Example]:
     """A seeded random subset that keeps input order (so row numbers stay meaningful)."""
+    if n is not None and n <= 0:
+        raise ConfigError(f"--sample: must be a positive number of rows, got {n}")
     if n is None or n >= len(examples):
         return examples
     import random
@@ -448,6 +542,20 @@ def is_preference_data(rows: list[dict[str, Any]]) -> bool:
     return bool(rows) and "chosen" in rows[0] and "rejected" in rows[0]
 
 
+def _pair(row: dict[str, Any], where: str) -> tuple[list[Message], list[Message]]:
+    try:
+        if "prompt" in row:
+            prompt = _as_messages(row["prompt"], "user")
+            return (prompt + _as_messages(row["chosen"], "assistant"),
+                    prompt + _as_messages(row["rejected"], "assistant"))
+        return _from_hh(row, where, "chosen"), _from_hh(row, where, "rejected")
+    except DataError:
+        raise
+    except (KeyError, TypeError, AttributeError) as err:
+        raise DataError(f"{where}: not a valid preference pair ({type(err).__name__}: {err}); "
+                        "expected chosen/rejected strings or message lists") from err
+
+
 def pairs_from_rows(rows: list[dict[str, Any]], source: str) -> list[tuple[Example, Example]]:
     """Preference pairs (chosen, rejected) from Anthropic-HH style dialogues or TRL's
     {prompt, chosen, rejected}. Pairs whose final answers are identical carry no preference
@@ -459,13 +567,8 @@ def pairs_from_rows(rows: list[dict[str, Any]], source: str) -> list[tuple[Examp
                         f"fields seen: {sorted(rows[0])}")
     pairs = []
     for index, row in enumerate(rows):
-        where = f"{source} row {index}"
-        if "prompt" in row:
-            chosen = _as_messages(row["prompt"], "user") + _as_messages(row["chosen"], "assistant")
-            rejected = _as_messages(row["prompt"], "user") + _as_messages(row["rejected"],
-                                                                          "assistant")
-        else:
-            chosen, rejected = _from_hh(row, where, "chosen"), _from_hh(row, where, "rejected")
+        where = f"{source} row {index + 1}"
+        chosen, rejected = _pair(row, where)
         if chosen[-1]["content"] == rejected[-1]["content"]:
             continue
         pair_id = example_id(chosen + rejected)

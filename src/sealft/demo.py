@@ -38,8 +38,8 @@ class DemoArgs:
     sample: int = 80
     """Fine-tuning rows to use (seeded sample: 10 flagged rows; 80 keeps the demo under
     10 minutes on a 2-core CPU, docs/selection.md)."""
-    safe_limit: int = 200
-    """Safe-set rows to sample."""
+    safe_sample: int = 200
+    """Safe-set rows to sample (seeded; formerly safe_limit)."""
     algorithm: str = "memory-efficient"
     """SEAL algorithm (the product default, the paper's Algorithm 2; docs/selection.md)."""
     epochs: int = 1
@@ -95,7 +95,7 @@ def run_demo(args: DemoArgs) -> dict:
         batch_size=args.batch_size, safe_batch_size=args.safe_batch_size, micro_batch_size=8,
         lr=args.lr, selector_lr=args.selector_lr,
         gamma_start=args.gamma_start, max_length=args.max_length, keep_ratio=args.keep_ratio,
-        sample=args.sample, safe_limit=args.safe_limit, label_field="flag", seed=args.seed,
+        sample=args.sample, safe_sample=args.safe_sample, label_field="flag", seed=args.seed,
         overwrite=args.overwrite,
     )
     summary = run_select(select)

@@ -57,7 +57,14 @@ from sealft.evaluate import EvaluateArgs, evaluate
 from sealft.evaluate.run import suite_context
 from sealft.evaluate.suites import build_suites, expand_suite_names
 from sealft.finetune import FinetuneArgs, run_finetune
-from sealft.io import prepare_output_dir, read_jsonl, write_json, write_jsonl, write_yaml
+from sealft.io import (
+    prepare_output_dir,
+    read_jsonl,
+    record_output,
+    write_json,
+    write_jsonl,
+    write_yaml,
+)
 from sealft.select import METHODS as SELECT_METHODS
 from sealft.select import SelectArgs, run_select
 
@@ -550,7 +557,8 @@ def prepare_experiment_dir(args: ExperimentArgs) -> Path:
             raise ConfigError(
                 f"--output-dir {out} holds an experiment with different {', '.join(changed)}; "
                 "use another dir or --overwrite (methods, keep_ratios and seeds may change)")
-    out = prepare_output_dir(out, args.overwrite, resume=not args.overwrite)
+    out = prepare_output_dir(out, args.overwrite, resume=not args.overwrite, stage="experiment",
+                             inputs=cfg.input_paths(args))
     write_yaml(out / "config.yaml", cfg.to_dict(args))
     return out
 
@@ -686,6 +694,10 @@ def run_experiment(args: ExperimentArgs, runner: CellRunner = run_cell) -> int:
 
 
 def write_reports(out: Path, rows: list[dict[str, Any]], plot: bool = True) -> None:
+    # Written without io's helpers: listed in the dir's manifest first (--overwrite deletes them).
+    record_output(out, "results.csv", "results.csv.tmp", "results_summary.csv",
+                  "results_summary.csv.tmp", "results.md", "ratio_sweep.png",
+                  "ratio_sweep.tmp.png", "tradeoff.png", "tradeoff.tmp.png")
     summary = aggregate(rows)
     write_csv(out / "results.csv", rows, RESULT_COLUMNS)
     # mean and interval side by side, in result-column order (the first row has every key)

@@ -16,8 +16,9 @@ import numpy as np
 import torch
 
 from sealft import config as cfg
-from sealft.data import ids_at, load_examples
-from sealft.io import prepare_output_dir, read_jsonl, write_json, write_yaml
+from sealft.data import ids_at, load_examples, sample_rows
+from sealft.errors import DataError
+from sealft.io import read_jsonl, record_output, write_json
 from sealft.losses import per_example_loss
 from sealft.models import adapter_parameters, add_lora_adapters, load_model_and_tokenizer
 from sealft.runtime import (
@@ -62,6 +63,8 @@ class FinetuneArgs(cfg.RunOptions):
     """Split, for hub datasets."""
     limit: int | None = None
     """Use only the first N rows."""
+    sample: int | None = None
+    """Use a seeded random sample of N rows (input order kept)."""
     drop_duplicates: bool = False
     """Drop exact duplicate rows instead of failing."""
     merge: bool = False
@@ -73,7 +76,7 @@ class FinetuneArgs(cfg.RunOptions):
         cfg.require(bool(self.output_dir), "output_dir", "required")
         for name in ("epochs", "batch_size", "micro_batch_size", "max_length"):
             cfg.require(getattr(self, name) > 0, name, "must be positive")
-        cfg.require(self.lr > 0, "lr", "must be positive")
+        cfg.require_positive(self, "lr", "limit", "sample")
 
 
 def sft_step(model, optimizer, batches, weights, scale: float, accelerator) -> dict[str, float]:
@@ -96,10 +99,22 @@ def sft_step(model, optimizer, batches, weights, scale: float, accelerator) -> d
     return {"loss": accelerator.reduce(loss_sum, reduction="mean").item()}
 
 
-def _example_weights(args: FinetuneArgs, ids: list[str]) -> torch.Tensor | None:
+def _read_weights(args: FinetuneArgs) -> list[dict] | None:
+    """The rows of --weights-from, checked (before the model loads, so a bad file fails fast)."""
     if not args.weights_from:
         return None
-    rows = [r for r in read_jsonl(args.weights_from) if r.get("weight") is not None]
+    rows = read_jsonl(args.weights_from)
+    for number, row in enumerate(rows, start=1):
+        if "id" not in row or not isinstance(row.get("weight"), int | float | None):
+            raise DataError(f"--weights-from {args.weights_from} row {number}: expected "
+                            "{id, weight} rows, as in a select run's scores.jsonl")
+    return [r for r in rows if r.get("weight") is not None]
+
+
+def _example_weights(args: FinetuneArgs, rows: list[dict] | None,
+                     ids: list[str]) -> torch.Tensor | None:
+    if rows is None:
+        return None
     scores = align_scores([r["id"] for r in rows], np.array([r["weight"] for r in rows]), ids,
                           args.weights_from)
     return torch.tensor(scores, dtype=torch.float32)
@@ -109,18 +124,20 @@ def run_finetune(args: FinetuneArgs) -> dict:
     started = time.perf_counter()
     out = Path(args.output_dir)
     if process_state().is_main_process:
-        prepare_output_dir(out, args.overwrite, args.resume)
-        write_yaml(out / "config.yaml", cfg.to_dict(args))
+        cfg.start_run(args, "finetune")
     process_state().wait_for_everyone()
     torch.manual_seed(args.seed)
     accelerator = make_accelerator(out)
     examples = load_examples(args.data, args.split, args.format, args.limit, args.drop_duplicates)
+    examples = sample_rows(examples, args.sample, args.seed)
+    cfg.check_resume_data(out, {"data": examples}, args.resume)
+    weight_rows = _read_weights(args)
     model, tokenizer = load_model_and_tokenizer(args.model, args.dtype, args.chat_template,
                                                 args.trust_remote_code)
     tokenized = tokenize_examples(examples, tokenizer, args.max_length, args.num_proc)
     require_usable(tokenized, args.data, args.max_length)
     ids = ids_at(examples, tokenized.rows)
-    weights = _example_weights(args, ids)
+    weights = _example_weights(args, weight_rows, ids)
     model = add_lora_adapters(model, lora_settings(args), (ADAPTER,),
                               args.gradient_checkpointing)
     optimizer = torch.optim.Adam(adapter_parameters(model, ADAPTER), lr=args.lr)
@@ -196,6 +213,7 @@ def _save_folder(target: Path, save, tokenizer) -> None:
     import shutil
 
     tmp = target.with_name(target.name + ".tmp")
+    record_output(target.parent, tmp.name, target.name)
     shutil.rmtree(tmp, ignore_errors=True)
     save(tmp)
     tokenizer.save_pretrained(tmp)

@@ -125,10 +125,20 @@ def resolve_model(name: str) -> ModelSource:
     path = Path(name).expanduser()
     if path.suffix == ".gguf":
         if not path.is_file():
-            raise ModelError(f"model file {path} does not exist")
+            raise ModelError(f"--model {path}: file does not exist (checked relative to "
+                             f"{Path.cwd()})")
         return ModelSource(str(path.parent), path.name)
     if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelError(f"--model {path}: folder has no config.json, so it is not a model "
+                             "saved with save_pretrained; point --model at the model's folder")
         return ModelSource(str(path))
+    if path.is_file():
+        raise ModelError(f"--model {name}: a file; pass the folder holding config.json and the "
+                         "weights (or a .gguf file)")
+    if _looks_like_path(name):
+        raise ModelError(f"--model {name}: no such folder or file (checked relative to "
+                         f"{Path.cwd()}); a hub id has the form owner/name")
     if name in OFFLINE_MODELS and not hub_reachable():
         cached = _snapshot_dir(name)
         if (cached / "config.json").exists():
@@ -141,6 +151,14 @@ def resolve_model(name: str) -> ModelSource:
             f"ids: {', '.join(OFFLINE_MODELS)}"
         )
     return ModelSource(name)
+
+
+def _looks_like_path(name: str) -> bool:
+    """Written as a local path rather than a hub id (owner/name): the hub cannot have it."""
+    parent = Path(name).parent
+    return (name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name
+            or Path(name).suffix in (".safetensors", ".bin", ".pt")
+            or (str(parent) not in ("", ".") and parent.is_dir()))
 
 
 def _snapshot_dir(name: str) -> Path:
@@ -156,30 +174,68 @@ def torch_dtype(name: str) -> torch.dtype | str:
         raise ModelError(f"--dtype {name!r}: use auto, float32, bfloat16 or float16") from None
 
 
+def _one_line(err: BaseException, limit: int = 200) -> str:
+    return " ".join(str(err).split())[:limit] or type(err).__name__
+
+
 def load_tokenizer(name: str, chat_template: str | None = None, trust_remote_code: bool = False):
     """Load the tokenizer; insist on a chat template because every stage formats chats with it."""
     from transformers import AutoTokenizer
 
+    template = read_chat_template(chat_template) if chat_template else None
     source = resolve_model(name)
     try:
         tokenizer = AutoTokenizer.from_pretrained(
             source.path, gguf_file=source.gguf_file, trust_remote_code=trust_remote_code
         )
-    except OSError as err:
-        raise ModelError(f"cannot load the tokenizer of {name!r}: {err}") from None
-    if chat_template:
-        template_path = Path(chat_template)
-        tokenizer.chat_template = (
-            template_path.read_text() if template_path.is_file() else chat_template
-        )
+    except Exception as err:  # OSError, ValueError, TypeError, json errors: all "cannot load"
+        raise ModelError(f"--model {name}: cannot load its tokenizer ({_one_line(err)}); the "
+                         "folder needs tokenizer files (tokenizer.json or the model's own "
+                         "vocabulary files)") from err
+    if template:
+        tokenizer.chat_template = template
     if not tokenizer.chat_template:
         raise ModelError(
             f"the tokenizer of {name!r} has no chat template; pass --chat-template FILE.jinja "
             "(or the template string), or use the model's instruct/chat variant"
         )
+    check_chat_template(tokenizer, "--chat-template" if template else f"--model {name}")
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+def read_chat_template(value: str) -> str:
+    """A --chat-template value: the template text itself (it has Jinja tags), else a file.
+    A path that does not exist is an error: taken as the template, its text would render
+    every conversation to the same fixed string (and every loss to 0)."""
+    if "{{" in value or "{%" in value:
+        return value
+    path = Path(value).expanduser()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ModelError(f"--chat-template {value}: no such file (checked relative to "
+                         f"{Path.cwd()}); pass a .jinja file or the template text") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise ModelError(f"--chat-template {value}: cannot read it ({_one_line(err)})") from err
+    if "{{" not in text and "{%" not in text:
+        raise ModelError(f"--chat-template {value}: the file has no Jinja tags ({{{{ }}}} or "
+                         "{% %}), so it is not a chat template")
+    return text
+
+
+def check_chat_template(tokenizer, flag: str) -> None:
+    """Render a small conversation once, so a broken template fails here, in one line."""
+    probe = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+    try:
+        text = tokenizer.apply_chat_template(probe, tokenize=False)
+    except Exception as err:  # jinja2.TemplateError and whatever the template raises
+        raise ModelError(f"{flag}: the chat template does not render a user/assistant "
+                         f"conversation ({type(err).__name__}: {_one_line(err)})") from err
+    if "hello" not in text:
+        raise ModelError(f"{flag}: the chat template leaves out the messages (rendered "
+                         f"{text[:60]!r}); it must print each message's content")
 
 
 def load_model(name: str, dtype: str = "float32", trust_remote_code: bool = False):
@@ -194,8 +250,12 @@ def load_model(name: str, dtype: str = "float32", trust_remote_code: bool = Fals
             dtype=torch_dtype(dtype),
             trust_remote_code=trust_remote_code,
         )
-    except OSError as err:
-        raise ModelError(f"cannot load model {name!r}: {err}") from None
+    except ModelError:
+        raise
+    except Exception as err:  # OSError, safetensors errors, ValueError: all "cannot load"
+        raise ModelError(f"--model {name}: cannot load the weights ({_one_line(err)}); check "
+                         "that the files are complete (a download or copy may have been "
+                         "cut short)") from err
     if source.gguf_file:
         _drop_gguf_quantizer(model)
         if name in OFFLINE_MODELS:
@@ -311,4 +371,8 @@ def load_adapter(model, adapter_dir: str):
             f"--adapter {adapter_dir}: not a PEFT adapter folder (no adapter_config.json); "
             "pass the fine-tuning output dir's adapter/ folder"
         )
-    return PeftModel.from_pretrained(model, str(path))
+    try:
+        return PeftModel.from_pretrained(model, str(path))
+    except Exception as err:  # truncated weights, another base model's shapes, bad JSON
+        raise ModelError(f"--adapter {adapter_dir}: cannot load it ({_one_line(err)}); is it "
+                         "complete, and was it trained on this --model?") from err

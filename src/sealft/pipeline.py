@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from sealft import config as cfg
+from sealft.data import require_source
 from sealft.finetune import FinetuneArgs, run_finetune
 from sealft.io import prepare_output_dir, write_json
 from sealft.select import SelectArgs, run_select
@@ -60,13 +61,23 @@ def stage_args(args: RunArgs) -> tuple[SelectArgs, FinetuneArgs]:
 
 def run_pipeline(args: RunArgs) -> dict:
     select, finetune = stage_args(args)  # validate both stages before any work
-    out = prepare_output_dir(args.output_dir, args.overwrite, args.resume)
+    # The fine-tuning data defaults to this run's own selection: only user-given paths are
+    # inputs that --overwrite must not delete.
+    own = {str(Path(args.output_dir) / "select" / name) for name in ("selected.jsonl",
+                                                                     "scores.jsonl")}
+    inputs = cfg.input_paths(select) + [p for p in cfg.input_paths(finetune) if p not in own]
+    if finetune.data not in own:  # user-given: checked before the selection's compute
+        require_source(finetune.data, "finetune.data")
+    out = prepare_output_dir(args.output_dir, args.overwrite, args.resume, "run", inputs)
     done = (out / "select" / "summary.json").exists()
+    if done:  # a finished stage is reused, not rerun: it must have been run with these settings
+        cfg.check_resume_settings(out / "select", select)
     select_summary = (cfg.load_yaml(out / "select" / "summary.json") if done
                       else run_select(select))
     if done:
         print(f"selection already finished in {out / 'select'}; fine-tuning")
     if args.resume and (out / "finetune" / "summary.json").exists():
+        cfg.check_resume_settings(out / "finetune", finetune)
         finetune_summary = cfg.load_yaml(out / "finetune" / "summary.json")
     else:
         finetune_summary = run_finetune(dataclasses.replace(

@@ -34,19 +34,21 @@ PLOT_DPI = 130
 class ReportArgs:
     runs: tuple[str, ...] = ()
     """Run dirs to compare: evaluation, selection or fine-tuning outputs (or folders of them)."""
-    output: str = "report"
+    output_dir: str = "report"
     """Folder for report.md, report.html and the PNG plots."""
     labels: tuple[str, ...] = ()
     """Names for the evaluation runs, in the order given; default: each run's own label."""
     title: str = "SEAL evaluation report"
     """Heading of the report."""
-    flag_field: str | None = None
+    label_field: str | None = None
     """Ground-truth field of the fine-tuning data for selection plots; default: the selection
     run's label_field, else flag."""
 
     def __post_init__(self) -> None:
         cfg.require(bool(self.runs), "runs", "give at least one run dir")
-        cfg.require(bool(self.output), "output", "required")
+        cfg.require(bool(self.output_dir), "output_dir", "required")
+        cfg.require(not Path(self.output_dir).exists() or Path(self.output_dir).is_dir(),
+                    "output_dir", f"{self.output_dir} is a file; give a folder for the report")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -728,20 +730,18 @@ def report(args: ReportArgs) -> Path:
         elif kind == "evaluate":
             evals.append(load_eval(path, labels.pop(0) if labels else None))
         elif kind == "selection":
-            selections.append(load_selection(path, args.flag_field))
+            selections.append(load_selection(path, args.label_field))
         else:
             others.append(OtherRun(path, path.name, _read_json(path / "summary.json")))
     cfg.require(not labels, "labels", "more labels than evaluation runs")
     _dedupe_labels(evals)
-    out = Path(args.output)
+    out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     sections = build_sections(evals, selections, others, out, experiments)
     with atomic_write(out / "report.md") as handle:
         handle.write(render_markdown(args.title, sections, out))
     with atomic_write(out / "report.html") as handle:
         handle.write(render_html(args.title, sections))
-    for name in ("report.md", "report.html"):
-        (out / name).chmod(0o644)  # temp files are created private; a report is for sharing
     plots = sum(len(section.images) for section in sections)
     print(f"sealft report: {len(experiments)} experiment, {len(evals)} evaluation, "
           f"{len(selections)} selection and {len(others)} other run(s) -> "

@@ -18,7 +18,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import yaml
 
 from sealft import config as cfg
 from sealft.errors import ConfigError
@@ -63,6 +62,7 @@ class ScoreArgs(cfg.RunOptions):
         cfg.require(self.keep_ratio is None or 0 < self.keep_ratio <= 1, "keep_ratio",
                     f"must be in (0, 1], got {self.keep_ratio}")
         cfg.require(self.micro_batch_size > 0, "micro_batch_size", "must be positive")
+        cfg.require_positive(self, "limit", "sample")
 
 
 def fitted_select_args(selection: str | Path):
@@ -74,25 +74,31 @@ def fitted_select_args(selection: str | Path):
         raise ConfigError(
             f"--selection {run}: no {SCORER_DIR}/{SCORING_FILE}; score new rows with a "
             "`sealft select --method seal --scoring final-pass` run dir")
-    saved = yaml.safe_load((run / "config.yaml").read_text())
-    return cfg.build(SelectArgs, saved), json.loads(
-        (run / SCORER_DIR / SCORING_FILE).read_text())
+    try:
+        saved = cfg.load_yaml(run / "config.yaml")
+        scoring = json.loads((run / SCORER_DIR / SCORING_FILE).read_text(encoding="utf-8"))
+    except (ConfigError, OSError, ValueError) as err:
+        reason = " ".join(str(err).split())[:200]
+        raise ConfigError(f"--selection {run}: cannot read the run's config.yaml or "
+                          f"{SCORER_DIR}/{SCORING_FILE} ({reason}); pass a finished "
+                          "`sealft select` run dir") from err
+    return cfg.build(SelectArgs, saved), scoring
 
 
 def run_score(args: ScoreArgs) -> dict:
     """Score `args.data` with the scorer of `args.selection`; returns the summary."""
     from sealft.data import load_examples, sample_rows
-    from sealft.io import prepare_output_dir, write_json, write_yaml
+    from sealft.io import write_json
     from sealft.seal import load_scorer, score_examples
     from sealft.select import write_outputs
 
     started = time.perf_counter()
     fitted, scoring = fitted_select_args(args.selection)
-    out = prepare_output_dir(args.output_dir, args.overwrite, False)
-    write_yaml(out / "config.yaml", cfg.to_dict(args))
+    out = cfg.start_run(args, "score")  # the manifest: --overwrite deletes only its outputs
     examples = load_examples(args.data, args.split, args.format, args.limit,
                              args.drop_duplicates)
     examples = sample_rows(examples, args.sample, args.seed)
+    cfg.check_resume_data(out, {"data": examples}, args.resume)
     scorer = load_scorer(Path(args.selection), fitted, args.dtype)
     scores, skipped = score_examples(scorer, examples, args.micro_batch_size,
                                      args.show_progress)

@@ -202,8 +202,9 @@ class Scorer:
 
     def save(self, directory: Path, fitted: torch.Tensor, kept_threshold: float) -> None:
         """θ as a PEFT adapter plus the settings and the fit's score scale, in `directory`."""
-        from sealft.io import write_json
+        from sealft.io import record_output, write_json
 
+        record_output(directory)  # listed in the run's manifest before anything is written
         self.model.save_pretrained(directory, selected_adapters=[bilevel.THETA],
                                    safe_serialization=True)
         args = self.args

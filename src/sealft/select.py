@@ -2,7 +2,8 @@
 
 Output contract (other tools rely on these names), in --output-dir:
   scores.jsonl          one line per input row, in input order:
-                        {"index", "id", "weight", "logit", "kept"} (+ "skipped": reason)
+                        {"index", "id", "weight", "logit", "kept"} (+ "score": harm score
+                        of the final scoring pass; + "skipped": reason)
   selected.jsonl        kept examples, normalised ({"id", "messages", ...meta})
   selector.safetensors  the learned logits (SEAL) with ids in its metadata
   config.yaml           resolved arguments;  metrics.jsonl  per-step losses, γ, seconds
@@ -28,7 +29,7 @@ from sealft.data import (
     read_rows,
     sample_rows,
 )
-from sealft.io import prepare_output_dir, write_json, write_jsonl, write_yaml
+from sealft.io import write_json, write_jsonl
 from sealft.runtime import peak_memory_mb, process_state
 from sealft.selector import PARAMETRIZATIONS, keep_count_for, keep_mask
 
@@ -104,8 +105,8 @@ class SelectArgs(cfg.RunOptions):
     """Use only the first N rows of the fine-tuning data."""
     sample: int | None = None
     """Use a seeded random sample of N fine-tuning rows (input order kept)."""
-    safe_limit: int | None = None
-    """Use a seeded random sample of N safe-set rows."""
+    safe_sample: int | None = None
+    """Use a seeded random sample of N safe-set rows (formerly safe_limit)."""
     format: str = "auto"
     """Fine-tuning data format: auto | messages | sharegpt | prompt_completion | alpaca | orca | hh."""
     safe_format: str = "auto"
@@ -157,7 +158,8 @@ class SelectArgs(cfg.RunOptions):
             cfg.require(self.keep_count > 0, "keep_count", "must be positive")
         for name in ("epochs", "batch_size", "micro_batch_size", "max_length"):
             cfg.require(getattr(self, name) > 0, name, "must be positive")
-        cfg.require(self.lr > 0 and self.selector_lr > 0, "lr", "learning rates must be positive")
+        cfg.require_positive(self, "lr", "selector_lr", "limit", "sample", "safe_sample",
+                             "safe_batch_size")
         if self.safe_batch_size is None:
             self.safe_batch_size = self.batch_size
 
@@ -175,7 +177,7 @@ def load_inputs(args: SelectArgs) -> tuple[list[Example], list]:
             safe = pairs_from_rows(rows, args.safe_data)
         else:
             safe = normalise(rows, args.safe_data, args.safe_format, drop_duplicates=True)
-        safe = sample_rows(safe, args.safe_limit, args.seed)
+        safe = sample_rows(safe, args.safe_sample, args.seed)
     return examples, safe
 
 
@@ -251,10 +253,10 @@ def run_select(args: SelectArgs) -> dict:
     is_main = process_state().is_main_process
     out = Path(args.output_dir)
     if is_main:
-        prepare_output_dir(out, args.overwrite, args.resume)
-        write_yaml(out / "config.yaml", cfg.to_dict(args))
+        cfg.start_run(args, "select")
     process_state().wait_for_everyone()
     examples, safe = load_inputs(args)
+    cfg.check_resume_data(out, {"finetune_data": examples, "safe_data": safe}, args.resume)
     keep_count_for(len(examples), args.keep_ratio, args.keep_count)  # fail before any training
     if args.method == "seal":
         from sealft.seal import learn_selector

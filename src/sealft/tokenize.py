@@ -85,8 +85,13 @@ def _tokenize_batch(batch: dict[str, list[Any]], tokenizer, max_length: int) -> 
             reason = "last message is not an assistant response"
         elif not messages[-1]["content"].strip():
             reason = "empty response"
-        prompt_text = _render(tokenizer, messages[:-1], True) if len(messages) > 1 else ""
-        full_text = _render(tokenizer, messages, False)
+        try:
+            prompt_text = _render(tokenizer, messages[:-1], True) if len(messages) > 1 else ""
+            full_text = _render(tokenizer, messages, False)
+        except Exception as err:  # the template's own raise_exception (e.g. role order)
+            # Skipped with the reason rather than aborting: the summary counts the reasons.
+            prompt_text = full_text = ""
+            reason = reason or f"chat template error: {' '.join(str(err).split())[:120]}"
         if not full_text.startswith(prompt_text):
             # Some templates rewrite earlier turns once a reply follows; then the response is
             # whatever differs after the longest common prefix.

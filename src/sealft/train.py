@@ -12,6 +12,7 @@ import json
 import math
 import random
 import shutil
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -23,7 +24,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from sealft.errors import TrainingError
-from sealft.io import append_jsonl, atomic_write, write_json
+from sealft.io import append_jsonl, atomic_write, record_output, write_json
 
 CHECKPOINT = "checkpoint"
 
@@ -76,9 +77,27 @@ class LoopState:
     """Seconds of training before the last resume (wall time survives interruptions)."""
 
 
+class CheckpointError(TrainingError):
+    """A checkpoint file that cannot be read (truncated, corrupt, from another run)."""
+
+
+def read_checkpoint_file(path: Path, read: Callable[[Path], Any]) -> Any:
+    """`read(path)`, with any failure turned into an error that names the file."""
+    try:
+        return read(path)
+    except CheckpointError:
+        raise
+    except Exception as err:  # safetensors, torch.load and json raise many types for bad files
+        reason = " ".join(str(err).split())[:160] or type(err).__name__
+        raise CheckpointError(f"checkpoint file {path} is unreadable ({reason})") from err
+
+
 @dataclass
 class Checkpoint:
-    """Named groups of tensors (saved as safetensors) plus picklable-free optimiser states."""
+    """Named groups of tensors (saved as safetensors) plus picklable-free optimiser states.
+
+    The last two checkpoints are kept (`checkpoint/` and `checkpoint.prev/`): a latest one
+    damaged on disk (truncated copy, full disk) leaves an older complete one to resume from."""
 
     directory: Path
     save_tensors: Callable[[Path], None]
@@ -87,30 +106,56 @@ class Checkpoint:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def save(self, state: LoopState) -> None:
+        final, prev = self.directory / CHECKPOINT, self.directory / f"{CHECKPOINT}.prev"
         tmp = self.directory / f"{CHECKPOINT}.tmp"
+        record_output(self.directory, tmp.name, final.name, prev.name)
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         self.save_tensors(tmp)
         torch.save({"torch": torch.get_rng_state()}, tmp / "rng.pt")
-        write_json(tmp / "state.json", {**state.__dict__, **self.extra})
-        final, old = self.directory / CHECKPOINT, self.directory / f"{CHECKPOINT}.old"
-        shutil.rmtree(old, ignore_errors=True)
+        write_json(tmp / "state.json", {**state.__dict__, **self.extra})  # last: marks complete
         if final.exists():
-            final.rename(old)
-        tmp.rename(final)  # the switch is one rename: a kill leaves either old or new intact
-        shutil.rmtree(old, ignore_errors=True)
+            shutil.rmtree(prev, ignore_errors=True)
+            final.rename(prev)
+        tmp.rename(final)  # each switch is one rename: a kill leaves a complete checkpoint
+
+    def candidates(self) -> list[Path]:
+        """Checkpoint folders to try, newest first."""
+        names = (CHECKPOINT, f"{CHECKPOINT}.prev")
+        return [self.directory / n for n in names if (self.directory / n).is_dir()]
 
     def load(self) -> LoopState | None:
-        final, old = self.directory / CHECKPOINT, self.directory / f"{CHECKPOINT}.old"
-        if not final.exists() and old.exists():  # killed between the two renames
-            old.rename(final)
-        if not (final / "state.json").exists():
-            return None
-        saved = json.loads((final / "state.json").read_text())
-        self.load_tensors(final)
-        rng = torch.load(final / "rng.pt", weights_only=True)
-        torch.set_rng_state(rng["torch"])
-        return LoopState(**{k: saved[k] for k in LoopState.__dataclass_fields__})
+        """Restore the newest readable checkpoint; a damaged latest one falls back to the
+        previous with a warning, and with no readable one the error names the bad file."""
+        failures = []
+        for folder in self.candidates():
+            try:
+                state = self._load_from(folder)
+            except CheckpointError as err:
+                failures.append(err)
+                continue
+            if failures:
+                print(f"sealft: warning: {failures[0]}; resuming from the previous checkpoint "
+                      f"{folder} (step {state.global_step})", file=sys.stderr)
+            return state
+        if failures:
+            raise CheckpointError(
+                f"{failures[0]}; no earlier complete checkpoint to fall back to. Restart "
+                "without --resume in a new --output-dir, or --overwrite this one"
+            )
+        return None
+
+    def _load_from(self, folder: Path) -> LoopState:
+        def read_state(path: Path) -> LoopState:
+            saved = json.loads(path.read_text(encoding="utf-8"))
+            return LoopState(**{k: saved[k] for k in LoopState.__dataclass_fields__})
+
+        state = read_checkpoint_file(folder / "state.json", read_state)
+        rng = read_checkpoint_file(folder / "rng.pt",
+                                   lambda p: torch.load(p, weights_only=True)["torch"])
+        self.load_tensors(folder)
+        torch.set_rng_state(rng)
+        return state
 
 
 def adapter_checkpoint(directory: Path, model, adapters: dict[str, str],
@@ -134,17 +179,25 @@ def adapter_checkpoint(directory: Path, model, adapters: dict[str, str],
         torch.save({k: o.state_dict() for k, o in optimizers.items()}, folder / "optimizers.pt")
 
     def load(folder: Path) -> None:
-        for name, stem in adapters.items():
-            set_peft_model_state_dict(model, load_file(folder / f"{stem}.safetensors"),
-                                      adapter_name=name)
-        if tensors:
-            saved = load_file(folder / "tensors.safetensors")
+        # Read every file before changing anything, so a bad file leaves the model untouched
+        # for the fallback to the previous checkpoint.
+        adapter_states = {name: read_checkpoint_file(folder / f"{stem}.safetensors", load_file)
+                          for name, stem in adapters.items()}
+        saved = read_checkpoint_file(folder / "tensors.safetensors", load_file) if tensors else {}
+        states = read_checkpoint_file(folder / "optimizers.pt",
+                                      lambda p: torch.load(p, weights_only=True))
+        try:
+            for name, state in adapter_states.items():
+                set_peft_model_state_dict(model, state, adapter_name=name)
             with torch.no_grad():
                 for key, tensor in tensors.items():
                     tensor.copy_(saved[key])
-        states = torch.load(folder / "optimizers.pt", weights_only=True)
-        for key, optimizer in optimizers.items():
-            optimizer.load_state_dict(states[key])
+            for key, optimizer in optimizers.items():
+                optimizer.load_state_dict(states[key])
+        except (KeyError, RuntimeError, ValueError) as err:
+            raise CheckpointError(
+                f"checkpoint {folder} does not fit this run ({' '.join(str(err).split())[:160]})"
+            ) from err
 
     return Checkpoint(directory, save, load)
 

@@ -43,7 +43,18 @@ from sealft.evaluate.suites import (
     expand_suite_names,
     resolve_data_dir,
 )
-from sealft.io import read_jsonl, write_json, write_jsonl, write_yaml
+from sealft.io import (
+    MANIFEST,
+    mark_fresh,
+    read_jsonl,
+    read_manifest,
+    record_output,
+    remove_previous_outputs,
+    track,
+    write_json,
+    write_jsonl,
+    write_yaml,
+)
 
 HARM_JUDGES = ("keyword", "classifier", "llm")
 
@@ -67,10 +78,10 @@ class EvaluateArgs:
     donotanswer, malicious_instructions, cona, controversial, q_harm, physical_unsafe)."""
     safety_sets: tuple[str, ...] = SAFETY_SETS
     """Prompt sets of the safety suite."""
-    limit: int | None = None
+    sample: int | None = None
     """Prompts per set (a seeded sample, the same rows in every run); default: all."""
-    suite_limits: tuple[str, ...] = ()
-    """Per-suite limits overriding --limit: SUITE=N (e.g. task=200,overrefusal=100)."""
+    suite_samples: tuple[str, ...] = ()
+    """Per-suite sample sizes overriding --sample: SUITE=N (e.g. task=200,overrefusal=100)."""
     xstest_include_unsafe: bool = False
     """Also answer XSTest's 200 unsafe prompts (refusal rate as set xstest_unsafe)."""
     helpfulness_reference: str | None = None
@@ -97,7 +108,7 @@ class EvaluateArgs:
     top_p: float = 1.0
     """Nucleus sampling mass (with --do-sample)."""
     seed: int = 0
-    """Seed for prompt sampling (--limit) and for --do-sample."""
+    """Seed for prompt sampling (--sample) and for --do-sample."""
     system_prompt: str | None = None
     """System message before every prompt; default: none (the template's own default)."""
     judge: str = "keyword"
@@ -150,7 +161,7 @@ class EvaluateArgs:
     """auto (cuda if available) | cpu | cuda | cuda:N."""
     threads: int | None = None
     """torch CPU threads; default: torch's choice."""
-    progress: bool = True
+    show_progress: bool = True
     """Show progress bars."""
 
     def __post_init__(self) -> None:
@@ -159,7 +170,7 @@ class EvaluateArgs:
         cfg.require(self.judge in HARM_JUDGES, "judge", f"use one of {', '.join(HARM_JUDGES)}")
         cfg.require(self.judge != "classifier" or bool(self.classifier_model),
                     "classifier_model", "required with --judge classifier")
-        cfg.require(self.limit is None or self.limit > 0, "limit", "must be positive")
+        cfg.require_positive(self, "sample")
         for name in ("max_new_tokens", "task_max_new_tokens", "helpfulness_max_new_tokens",
                      "batch_size", "classifier_batch_size", "llm_workers", "judge_head_chars"):
             cfg.require(getattr(self, name) > 0, name, "must be positive")
@@ -179,12 +190,17 @@ class EvaluateArgs:
         self.parsed_limits()
         self.parsed_data_paths()
 
+    @property
+    def limit(self) -> int | None:
+        """The old name of `sample` (it always was a seeded sample, not the first N)."""
+        return self.sample
+
     def parsed_limits(self) -> dict[str, int]:
         out = {}
-        for item in self.suite_limits:
+        for item in self.suite_samples:
             name, sep, value = item.partition("=")
             cfg.require(bool(sep) and value.strip().isdigit() and int(value) > 0,
-                        "suite_limits", f"{item!r}: expected SUITE=N with N > 0")
+                        "suite_samples", f"{item!r}: expected SUITE=N with N > 0")
             out[name.strip()] = int(value)
         return out
 
@@ -213,12 +229,17 @@ def prepare_eval_dir(args: EvaluateArgs) -> Path:
     """Create the dir, or resume one whose generations came from the same model and settings."""
     out = Path(args.output_dir)
     if out.exists() and not out.is_dir():
-        raise SealftError(f"--output-dir {out} exists and is not a directory")
-    if args.overwrite and out.exists():
-        import shutil
-
-        shutil.rmtree(out)
+        raise ConfigError(f"--output-dir {out} exists and is not a directory")
+    existed = out.exists()
+    if args.overwrite and out.is_dir() and any(out.iterdir()):
+        # Only what an earlier evaluation wrote; never another stage's run or foreign files.
+        remove_previous_outputs(out, "evaluate", cfg.input_paths(args))
     out.mkdir(parents=True, exist_ok=True)
+    fresh = not any(out.iterdir())
+    manifest = read_manifest(out)
+    if manifest and manifest.get("stage") not in (None, "evaluate"):
+        raise ConfigError(f"--output-dir {out} holds a `sealft {manifest['stage']}` run; "
+                          "give the evaluation its own --output-dir")
     previous = out / "config.yaml"
     if previous.exists():
         old = cfg.load_yaml(previous)
@@ -230,16 +251,36 @@ def prepare_eval_dir(args: EvaluateArgs) -> Path:
                 f"({', '.join(f'{k}={old.get(k)!r}' for k in changed)}); use another dir or "
                 "--overwrite"
             )
-    elif any(p.name != GENERATIONS_FILE for p in out.iterdir()):
-        raise SealftError(f"--output-dir {out} is not empty and not an evaluation dir; use "
-                          "another dir or --overwrite")
+    elif any(p.name not in (GENERATIONS_FILE, MANIFEST) for p in out.iterdir()):
+        raise SealftError(f"--output-dir {out} is not empty and not an evaluation dir; "
+                          "choose another --output-dir")
+    track(out, "evaluate")
+    record_output(out, GENERATIONS_FILE, "judge_cache.jsonl")  # appended to, not via io
+    if fresh:  # a failure before anything is generated leaves the dir as it was
+        mark_fresh(out, created=not existed)
     return out
+
+
+# More empty answers than this is a sign of a setup problem, not of refusals.
+EMPTY_WARN_AT = 3
+
+
+def warn_empty_generations(cache: dict, suites: dict[str, list[PromptSet]]) -> int:
+    """Warn when several answers are empty: they count as refusals, which would flatter a
+    model whose chat template or stop tokens are wrong."""
+    keys = [(suite, it["id"]) for suite, sets in suites.items() for s in sets for it in s.items]
+    empty = sum(1 for key in keys if not str(cache.get(key, {}).get("response", "x")).strip())
+    if empty > EMPTY_WARN_AT:
+        print(f"sealft evaluate: warning: {empty} of {len(keys)} generations are empty and "
+              "count as refusals; check the chat template, --system-prompt and "
+              "--max-new-tokens", file=sys.stderr)
+    return empty
 
 
 def suite_context(args: EvaluateArgs) -> SuiteContext:
     paths = args.parsed_data_paths()
     return SuiteContext(
-        data_dir=resolve_data_dir(args.data_dir), data_paths=paths, limit=args.limit,
+        data_dir=resolve_data_dir(args.data_dir), data_paths=paths, limit=args.sample,
         suite_limits=args.parsed_limits(), seed=args.seed, safety_sets=args.safety_sets,
         xstest_include_unsafe=args.xstest_include_unsafe,
         helpfulness_reference=args.helpfulness_reference, prompt_files=args.prompt_files,
@@ -316,7 +357,7 @@ def run_generation(args: EvaluateArgs, out: Path,
     for suite, items in todo.items():
         if items:
             cache = generate_missing(model, tokenizer, items, path, settings_for(args, suite),
-                                     args.batch_size, args.progress)
+                                     args.batch_size, args.show_progress)
     del model
     return cache, count
 
@@ -599,6 +640,7 @@ def evaluate(args: EvaluateArgs) -> dict[str, Any]:
     gen_started = time.perf_counter()
     cache, generated = run_generation(args, out, suites)
     gen_seconds = time.perf_counter() - gen_started
+    warn_empty_generations(cache, suites)
 
     judges = build_judges(args, out)
     info = judges.describe()

@@ -194,7 +194,7 @@ def _read_json_prompts(path: Path, field_name: str | None) -> list[Any]:
         field_name = None if field_name and field_name in (preferred or lists) else field_name
     if not isinstance(data, list):
         raise DataError(f"{path}: expected a list of prompts")
-    return [row if isinstance(row, str) else _pick_field(row, field_name, f"{path} row {i}")
+    return [row if isinstance(row, str) else _pick_field(row, field_name, f"{path} row {i + 1}")
             for i, row in enumerate(data)]
 
 
@@ -282,7 +282,7 @@ def task_suite(ctx: SuiteContext) -> list[PromptSet]:
     items = []
     for i, row in enumerate(rows):
         if not {"instruction", "output"} <= set(row):
-            raise DataError(f"{path} row {i}: expected instruction, input, output")
+            raise DataError(f"{path} row {i + 1}: expected instruction, input, output")
         extra = (row.get("input") or "").strip()
         prompt = f"{row['instruction']}\n\n{extra}" if extra else row["instruction"]
         items.append({"id": f"sst2:{i}", "prompt": prompt,
@@ -304,7 +304,7 @@ def helpfulness_suite(ctx: SuiteContext) -> list[PromptSet]:
     items = []
     for i, row in enumerate(read_rows(str(path))):
         if "instruction" not in row or "output" not in row:
-            raise DataError(f"{path} row {i}: expected fields instruction and output")
+            raise DataError(f"{path} row {i + 1}: expected fields instruction and output")
         items.append({"id": f"alpaca_eval:{i}", "prompt": row["instruction"],
                       "reference": row["output"]})
     return [PromptSet("alpaca_eval", "pairwise", sample_items(
