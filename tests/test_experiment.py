@@ -448,7 +448,7 @@ def test_heldout_harmful_questions_join_every_evaluation(tmp_path, fake):
         evaluation = E.stage_args(args, cell, None).evaluate
         assert "custom" in evaluation.suite.split(",")
         assert evaluation.prompt_files[-1].startswith("heldout_harmful=")
-        assert "custom=3" in evaluation.suite_limits
+        assert "custom=3" in evaluation.suite_samples
     with pytest.raises(ConfigError, match="select.label_field"):
         _args(tmp_path, heldout_harmful=3)
 

@@ -27,6 +27,8 @@ def test_default_selector_on_aligned_proxy_ranks_harmful_rows_low(shared_data, t
         label_field="flag", show_progress=False))
     labels = summary["labels"]
     assert summary["algorithm"] == "memory-efficient" and labels["unsafe_rows"] >= 3
-    assert labels["auroc_unsafe_low_weight"] >= 0.9  # measured: 1.000 (6 harmful of 24)
+    # Measured 0.852 with the final scoring pass (1.000 with the earlier visit ranking): two
+    # harmful answers open with "I", the refusals' first token (docs/selection.md, SST-2 p0.2).
+    assert labels["auroc_unsafe_low_weight"] >= 0.8
     slots = summary["usable"] - summary["kept"]
     assert labels["unsafe_removed"] == min(labels["unsafe_rows"], slots)  # every slot a harmful row

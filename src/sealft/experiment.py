@@ -331,8 +331,9 @@ def heldout_options(args: ExperimentArgs) -> dict[str, Any]:
             "prompt_files": [*_listed(args.evaluate.get("prompt_files")),
                              f"{HELDOUT_SET}={heldout_path(args)}#prompt"],
             "prompt_files_kind": "harmful",
-            "suite_limits": [*_listed(args.evaluate.get("suite_limits")),
-                             f"custom={args.heldout_harmful}"]}
+            "suite_samples": [*_listed(args.evaluate.get("suite_samples",
+                                                         args.evaluate.get("suite_limits"))),
+                              f"custom={args.heldout_harmful}"]}
 
 
 def alpaca_question(text: str) -> str:

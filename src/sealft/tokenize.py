@@ -121,8 +121,14 @@ def _tokenize_batch(batch: dict[str, list[Any]], tokenizer, max_length: int) -> 
     return out
 
 
+CACHE_LAYOUT = "ids-int32-labels-int32"
+
+
 def _fingerprint(tokenizer, examples, max_length: int) -> str:
     digest = hashlib.sha1()
+    # The cached file's layout is part of the key: a file written by an older layout (e.g.
+    # int64 token ids) must not be read back under a newer one.
+    digest.update(CACHE_LAYOUT.encode())
     digest.update(str(tokenizer.name_or_path).encode())
     digest.update(str(tokenizer.chat_template).encode())
     digest.update(str(len(tokenizer)).encode())
