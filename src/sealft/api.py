@@ -96,6 +96,10 @@ class SealSelector:
         run, target = self._fitted(), Path(directory)
         if target.resolve() == run.resolve():
             return target
+        if target.exists() and (not target.is_dir() or any(target.iterdir())):
+            # Copying into it would replace files of the same names that sealft did not write.
+            raise ConfigError(f"SealSelector.save: {target} exists and is not empty; "
+                              "choose a new directory")
         target.mkdir(parents=True, exist_ok=True)
         for name in RUN_FILES:
             source = run / name

@@ -293,7 +293,13 @@ def remove_previous_outputs(root: Path, stage: str, inputs: Iterable[str | Path 
             "--output-dir"
         )
     manifest = read_manifest(root) or {"outputs": []}
-    for name in manifest["outputs"] + [n.name for n in root.iterdir() if _TEMP.match(n.name)]:
+    _remove_recorded(root, manifest["outputs"]
+                     + [n.name for n in root.iterdir() if _TEMP.match(n.name)])
+
+
+def _remove_recorded(root: Path, names: list[str]) -> None:
+    """Delete the named entries of `root` (names the manifest recorded) and the manifest."""
+    for name in names:
         target = root / name
         if target.is_dir() and not target.is_symlink():
             shutil.rmtree(target)
@@ -335,13 +341,7 @@ def undo_failed_starts() -> None:
         if not (root.is_dir() and _is_failed_start(root)):
             continue
         manifest = read_manifest(root) or {"outputs": []}
-        for name in manifest["outputs"]:
-            target = root / name
-            if target.is_dir() and not target.is_symlink():
-                shutil.rmtree(target)
-            elif target.exists() or target.is_symlink():
-                target.unlink()
-        (root / MANIFEST).unlink(missing_ok=True)
+        _remove_recorded(root, manifest["outputs"])
         if _FRESH[root] and not any(root.iterdir()):
             root.rmdir()
 
