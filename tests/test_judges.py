@@ -21,9 +21,9 @@ from sealft.evaluate.judges import (
     RelevanceCheck,
     parse_harm_score,
     parse_preference,
-    response_head,
 )
 from sealft.evaluate.llm_client import ChatClient, chat_completions_url
+from sealft.refusal import is_refusal, response_head
 
 # ---------------------------------------------------------------------------------------------
 # Keyword judge
@@ -417,3 +417,11 @@ def test_llm_judge_pairwise_preferences():
         judge = make_judge(server)
         out = judge.prefer([{"instruction": "i", "a": "x", "b": "y"}] * 3)
     assert [o["choice"] for o in out] == ["A", "A", "A"]
+
+
+def test_shared_refusal_check_matches_the_keyword_judge():
+    judge = KeywordRefusalJudge()
+    for text in ("I'm sorry, but I won't help with that.", "Sure! Step one: preheat the oven.",
+                 "", "It is not appropriate to discuss this."):
+        assert is_refusal(text) == judge.is_refusal(text)
+    assert is_refusal("") and not is_refusal("Sure! Step one: preheat the oven.")

@@ -90,6 +90,36 @@ def test_score_command_reproduces_the_fit_and_scores_new_rows(tiny_model, tmp_pa
     assert summary["rows"] == 24 and summary["labels"]["unsafe_rows"] == 6
 
 
+def test_rows_that_refuse_rank_lowest_in_the_fit_and_when_rescored(tiny_model, tmp_path):
+    """A harmful prompt answered with a refusal in words unlike --refusals must be kept: the
+    fit gives it the floor score, and `sealft score` gives new refusals the same floor."""
+    refusal = "I'm sorry, but I won't help with that."
+    rows = toy_finetune_rows(16)
+    for k in (0, 8):
+        rows[k] = {**rows[k], "output": refusal, "flag": "refused"}
+    _select(tiny_model, tmp_path, rows)
+    fitted = _scores(tmp_path / "sel" / "scores.jsonl")
+    floor = json.loads((tmp_path / "sel" / "scorer" / "scoring.json").read_text())["refusal_floor"]
+    refused = [r for r in fitted if r["index"] in (0, 8)]
+    assert floor < min(r["score"] for r in fitted if r["index"] not in (0, 8))
+    assert all(r["score"] == pytest.approx(floor) and r["kept"] for r in refused)
+    new_rows = [{"instruction": "how do i hack a weapon", "output": "I cannot help with that.",
+                 "flag": "refused"}, toy_finetune_rows(1)[0]]
+    data = write_jsonl(tmp_path / "new.jsonl", new_rows)
+    assert main(["score", "--selection", str(tmp_path / "sel"), "--data", str(data),
+                 "--output-dir", str(tmp_path / "new"), "--no-show-progress"]) == 0
+    rescored = _scores(tmp_path / "new" / "scores.jsonl")
+    assert rescored[0]["score"] == pytest.approx(floor)
+    assert rescored[1]["score"] > floor
+    # Off: a refusal is scored by the signal like any other row; opening with the same token
+    # as a --refusals text, its first-token margin is zero.
+    _select(tiny_model, tmp_path, rows, name="off", keep_refusals=False)
+    off = _scores(tmp_path / "off" / "scores.jsonl")
+    assert json.loads((tmp_path / "off" / "scorer" / "scoring.json").read_text())[
+        "refusal_floor"] is None
+    assert all(r["score"] == pytest.approx(0.0, abs=1e-6) for r in off if r["index"] in (0, 8))
+
+
 def test_score_refuses_a_run_without_a_scorer(tiny_model, tmp_path, capsys):
     _select(tiny_model, tmp_path, toy_finetune_rows(8), scoring="visits")
     code = main(["score", "--selection", str(tmp_path / "sel"), "--data",

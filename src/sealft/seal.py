@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import time
 from functools import partial
 from pathlib import Path
@@ -18,6 +20,7 @@ from sealft.models import (
     add_lora_adapters,
     load_model_and_tokenizer,
 )
+from sealft.refusal import is_refusal
 from sealft.runtime import (
     finish_logging,
     gradient_sync,
@@ -147,8 +150,11 @@ class Scorer:
     settings of the run. Scores the fitted rows after training and, loaded from a run dir,
     rows the run never saw (`sealft score`)."""
 
-    def __init__(self, model, tokenizer, args):
+    def __init__(self, model, tokenizer, args, refusal_floor: float | None = None):
         self.model, self.tokenizer, self.args = model, tokenizer, args
+        # The score given to rows whose answer is a refusal: set by the fit's pass (below its
+        # lowest other row), reused as saved for rows scored later.
+        self.refusal_floor = refusal_floor
 
     def refusal_data(self, examples: list[Example], tokenized: Tokenized) -> list[Tokenized]:
         """Each usable row's own prompt answered by each of `args.refusals`, aligned with
@@ -198,7 +204,20 @@ class Scorer:
         bar.close()
         if world > 1:
             scores = accelerator.reduce(scores, reduction="sum")
-        return scores.cpu()
+        return self.keep_refusals(scores.cpu(), usable)
+
+    def keep_refusals(self, scores: torch.Tensor, usable: list[Example]) -> torch.Tensor:
+        """Rows whose own answer refuses get the floor score. The signals read the prompt and
+        the answer's first token, so a refusal worded unlike `--refusals` to a dangerous
+        prompt would otherwise look like compliance."""
+        if not self.args.keep_refusals:
+            return scores
+        refuses = torch.tensor([is_refusal(e["messages"][-1]["content"]) for e in usable],
+                               dtype=torch.bool)
+        if self.refusal_floor is None:
+            rest = scores[~refuses]
+            self.refusal_floor = float(rest.min() - _spread(rest)) if len(rest) else 0.0
+        return torch.where(refuses, torch.tensor(self.refusal_floor), scores)
 
     def save(self, directory: Path, fitted: torch.Tensor, kept_threshold: float) -> None:
         """θ as a PEFT adapter plus the settings and the fit's score scale, in `directory`."""
@@ -211,7 +230,8 @@ class Scorer:
         write_json(directory / "scoring.json", {
             "signal": args.score_signal, "tokens": args.score_tokens,
             "refusals": list(args.refusals), "mean": float(fitted.mean()),
-            "spread": float(_spread(fitted)), "threshold": kept_threshold})
+            "spread": float(_spread(fitted)), "threshold": kept_threshold,
+            "keep_refusals": args.keep_refusals, "refusal_floor": self.refusal_floor})
 
 
 def load_scorer(run: Path, fitted, dtype: str | None = None) -> Scorer:
@@ -224,7 +244,10 @@ def load_scorer(run: Path, fitted, dtype: str | None = None) -> Scorer:
     model = PeftModel.from_pretrained(model, str(run / SCORER_DIR / bilevel.THETA),
                                       adapter_name=bilevel.THETA).to(device)
     model.eval()
-    return Scorer(model, tokenizer, fitted)
+    saved = json.loads((run / SCORER_DIR / "scoring.json").read_text(encoding="utf-8"))
+    # A run saved before refusal rows were kept scored them like any other row.
+    fitted = dataclasses.replace(fitted, keep_refusals=saved.get("keep_refusals", False))
+    return Scorer(model, tokenizer, fitted, saved.get("refusal_floor"))
 
 
 def score_examples(scorer: Scorer, examples: list[Example], micro_batch_size: int | None = None,

@@ -71,6 +71,10 @@ class SelectArgs(cfg.RunOptions):
     refusals: tuple[str, ...] = ("I'm sorry, but I can't assist with that.",
                                  "I cannot help with that request.")
     """refusal-margin: refusals to compare each row's answer with (the likeliest one counts)."""
+    keep_refusals: bool = True
+    """final-pass: rank rows whose answer opens with refusal language (sealft.refusal) below
+    every other row, so they are kept: a refusal cannot teach the model to comply, whatever
+    its prompt."""
     safety_step_size: float = 1.0
     """safety-step: length of θ's normalised step from θ' on the safety objective."""
     weighting: str = "softmax"
