@@ -85,6 +85,31 @@ def refusal_signals(model, tokenizer, example, judge) -> dict:
             "answer_refuses": judge.is_refusal(answer)}
 
 
+@torch.no_grad()
+def divergence_margin(model, tokenizer, example) -> float | None:
+    """For an answer that opens like a refusal ("I ..."), the margin over the tokens up to and
+    including the first one where it leaves the refusal's wording; None for other answers
+    (their first-token margin is already that)."""
+    context, answer = example["messages"][:-1], example["messages"][-1]["content"]
+    prompt = tokenizer.apply_chat_template(context, add_generation_prompt=True, tokenize=False)
+    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    answer_ids = tokenizer(answer, add_special_tokens=False)["input_ids"]
+    refusal_ids = [tokenizer(r, add_special_tokens=False)["input_ids"] for r in REFUSALS]
+    shared = [next((t for t, (a, b) in enumerate(zip(answer_ids, r, strict=False)) if a != b),
+                   min(len(answer_ids), len(r))) for r in refusal_ids]
+    if max(shared) == 0:
+        return None
+    depth = min(max(shared) + 1, len(answer_ids))
+
+    def nll(ids: list[int]) -> float:
+        seq = torch.tensor([prompt_ids + ids[:depth]])
+        logp = torch.log_softmax(model(input_ids=seq).logits[0].float(), dim=-1)
+        pos = len(prompt_ids) - 1 + torch.arange(min(depth, len(ids)))
+        return -logp[pos, torch.tensor(ids[:depth])].sum().item()
+
+    return nll(answer_ids) - min(nll(r) for r in refusal_ids)
+
+
 def row_signals(model, tokenizer, example, answer_tokens: int, yes: int, no: int) -> dict:
     messages = example["messages"]
     context, answer = messages[:-1], messages[-1]["content"]
@@ -143,7 +168,7 @@ def main() -> None:
     p.add_argument("--model", default="Qwen/Qwen2.5-Coder-0.5B-Instruct")
     p.add_argument("--answer-tokens", type=int, default=160)
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--signals", choices=("refusal", "judge"), default="refusal",
+    p.add_argument("--signals", choices=("refusal", "judge", "divergence"), default="refusal",
                    help="refusal: one forward per row (margin, refusal propensity, refusal "
                         "gate); judge: the two yes/no judgements (three long forwards a row)")
     a = p.parse_args()
@@ -167,16 +192,20 @@ def main() -> None:
                 examples = sample_rows(examples, sample, 0)
             t0, rows = time.time(), []
             for example in examples:
-                signals = (refusal_signals(model, tokenizer, example, judge)
-                           if a.signals == "refusal" else
-                           row_signals(model, tokenizer, example, a.answer_tokens, yes, no))
+                if a.signals == "refusal":
+                    signals = refusal_signals(model, tokenizer, example, judge)
+                elif a.signals == "judge":
+                    signals = row_signals(model, tokenizer, example, a.answer_tokens, yes, no)
+                else:
+                    signals = {"margin_div": divergence_margin(model, tokenizer, example)}
                 rows.append({"id": example["id"], "flag": example["meta"].get("flag"), **signals})
             tmp = done.with_suffix(".tmp")
             tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
             tmp.replace(done)
             print(f"{name}: {len(rows)} rows, {time.time() - t0:.0f}s", flush=True)
-        table[name] = summarise(rows)
-        print(name, json.dumps(table[name]), flush=True)
+        if a.signals != "divergence":
+            table[name] = summarise(rows)
+            print(name, json.dumps(table[name]), flush=True)
     (out / "summary.json").write_text(json.dumps(table, indent=1))
 
 
