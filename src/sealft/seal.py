@@ -26,11 +26,10 @@ from sealft.runtime import (
     make_accelerator,
     require_data_parallel,
 )
+from sealft.selection_run import SCORER_DIR, SCORING_FILE
 from sealft.selector import Selector, keep_count_for
 from sealft.tokenize import Tokenized, collate, tokenize_examples, tokenize_inputs
 from sealft.train import LoopSettings, adapter_checkpoint, train_loop
-
-SCORER_DIR = "scorer"
 
 
 def fit_subset(tokenized: Tokenized, sample: int | None, seed: int) -> Tokenized:
@@ -168,14 +167,17 @@ class Scorer:
             out.append(refusal)
         return out
 
-    def score_tokenized(self, tokenized: Tokenized, usable: list[Example],
-                        accelerator=None) -> torch.Tensor:
+    def score_tokenized(self, tokenized: Tokenized, usable: list[Example], accelerator=None,
+                        micro_batch_size: int | None = None,
+                        show_progress: bool | None = None) -> torch.Tensor:
         """Harm score of every row of `tokenized` (`usable`: its examples, in order). Each
         process scores its shard; a sum over processes (each row scored once) gives every
-        rank all scores."""
+        rank all scores. `micro_batch_size` / `show_progress` default to the run's."""
         from tqdm.auto import tqdm
 
         args = self.args
+        size = micro_batch_size or args.micro_batch_size
+        show = args.show_progress if show_progress is None else show_progress
         rank = accelerator.process_index if accelerator else 0
         world = accelerator.num_processes if accelerator else 1
         device = next(self.model.parameters()).device
@@ -188,9 +190,9 @@ class Scorer:
         mine = list(range(len(tokenized)))[rank::world]
         scores = torch.zeros(len(tokenized), device=device)
         bar = tqdm(total=len(mine), desc="scoring rows", unit="row",
-                   disable=not (args.show_progress and rank == 0))
-        for start in range(0, len(mine), args.micro_batch_size):
-            micro = mine[start:start + args.micro_batch_size]
+                   disable=not (show and rank == 0))
+        for start in range(0, len(mine), size):
+            micro = mine[start:start + size]
             scores[micro] = bilevel.final_scores(
                 self.model, to_batch(tokenized, micro), [to_batch(r, micro) for r in refusals],
                 args.score_signal, args.score_tokens).float()
@@ -208,19 +210,20 @@ class Scorer:
         self.model.save_pretrained(directory, selected_adapters=[bilevel.THETA],
                                    safe_serialization=True)
         args = self.args
-        write_json(directory / "scoring.json", {
+        write_json(directory / SCORING_FILE, {
             "signal": args.score_signal, "tokens": args.score_tokens,
             "refusals": list(args.refusals), "mean": float(fitted.mean()),
             "spread": float(_spread(fitted)), "threshold": kept_threshold})
 
 
-def load_scorer(run: Path, fitted, dtype: str | None = None) -> Scorer:
-    """The scorer a `final-pass` run saved in `run/scorer/`, on its base model."""
+def load_scorer(run: Path, fitted, dtype: str | None = None, device=None) -> Scorer:
+    """The scorer a `final-pass` run saved in `run/scorer/`, on its base model, on `device`
+    (default: CUDA when there is one)."""
     from peft import PeftModel
 
     model, tokenizer = load_model_and_tokenizer(fitted.model, dtype or fitted.dtype,
                                                 fitted.chat_template, fitted.trust_remote_code)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = PeftModel.from_pretrained(model, str(run / SCORER_DIR / bilevel.THETA),
                                       adapter_name=bilevel.THETA).to(device)
     model.eval()
@@ -228,18 +231,18 @@ def load_scorer(run: Path, fitted, dtype: str | None = None) -> Scorer:
 
 
 def score_examples(scorer: Scorer, examples: list[Example], micro_batch_size: int | None = None,
-                   show_progress: bool = True) -> tuple[np.ndarray, dict[str, str]]:
-    """Harm score per example (NaN where unusable) and the unusable ones' reasons."""
+                   show_progress: bool = True,
+                   accelerator=None) -> tuple[np.ndarray, dict[str, str]]:
+    """Harm score per example (NaN where unusable) and the unusable ones' reasons. With an
+    `accelerator` of several processes each scores a shard and every rank gets all scores."""
     args = scorer.args
-    if micro_batch_size:
-        args.micro_batch_size = micro_batch_size
-    args.show_progress = show_progress
     tokenized = tokenize_examples(examples, scorer.tokenizer, args.max_length, args.num_proc,
                                   desc="tokenising rows to score")
     scores = np.full(len(examples), np.nan)
     if len(tokenized):
         scores[tokenized.rows] = scorer.score_tokenized(
-            tokenized, [examples[r] for r in tokenized.rows]).numpy()
+            tokenized, [examples[r] for r in tokenized.rows], accelerator, micro_batch_size,
+            show_progress).numpy()
     return scores, tokenized.skipped
 
 
