@@ -42,6 +42,34 @@ def fit_subset(tokenized: Tokenized, sample: int | None, seed: int) -> Tokenized
     return tokenized.subset(sorted(random.Random(seed).sample(list(tokenized.rows), sample)))
 
 
+def selector_adapters(algorithm: str) -> tuple[str, ...]:
+    """The LoRA adapters an algorithm trains: θ, plus θ' for the Algorithm 1 variants."""
+    if algorithm in ("penalty", "safety-step"):
+        return (bilevel.THETA, bilevel.THETA_PRIME)
+    return (bilevel.THETA,)
+
+
+def bilevel_parts(model, rows: int, args, sync=None) -> bilevel.BilevelParts:
+    """The selector over `rows` rows and the optimisers of one bilevel fit, on `model` (which
+    carries `selector_adapters(args.algorithm)`). `sync`: gradient all-reduce across
+    processes (none on one process)."""
+    device = next(model.parameters()).device
+    selector = Selector(rows, args.weighting).to(device)
+    optimizer_cls = bilevel.SELECTOR_OPTIMIZERS[args.selector_optimizer]
+    two_adapters = bilevel.THETA_PRIME in selector_adapters(args.algorithm)
+    return bilevel.BilevelParts(
+        model=model,
+        selector=selector,
+        theta_optimizer=torch.optim.Adam(adapter_parameters(model, bilevel.THETA), lr=args.lr),
+        selector_optimizer=optimizer_cls(selector, args.selector_lr),
+        theta_prime_optimizer=torch.optim.Adam(
+            adapter_parameters(model, bilevel.THETA_PRIME), lr=args.lr
+        ) if two_adapters else None,
+        sync_gradients=sync or (lambda params: None),
+        safety_step_size=args.safety_step_size,
+    )
+
+
 def learn_selector(args, examples: list[Example], safe: list[Example], out: Path):
     """Returns (logits, weights, skipped, summary extras), one score per input row."""
     torch.manual_seed(args.seed)
@@ -51,23 +79,11 @@ def learn_selector(args, examples: list[Example], safe: list[Example], out: Path
                                                 args.trust_remote_code)
     tokenized, safe_tok = tokenize_inputs(args, tokenizer, examples, safe)
     fit = fit_subset(tokenized, args.fit_sample, args.seed)
-    two_adapters = args.algorithm in ("penalty", "safety-step")
-    adapters = (bilevel.THETA, bilevel.THETA_PRIME) if two_adapters else (bilevel.THETA,)
+    adapters = selector_adapters(args.algorithm)
     model = add_lora_adapters(model, lora_settings(args), adapters,
                               args.gradient_checkpointing).to(accelerator.device)
-    selector = Selector(len(fit), args.weighting).to(accelerator.device)
-    optimizer_cls = bilevel.SELECTOR_OPTIMIZERS[args.selector_optimizer]
-    parts = bilevel.BilevelParts(
-        model=model,
-        selector=selector,
-        theta_optimizer=torch.optim.Adam(adapter_parameters(model, bilevel.THETA), lr=args.lr),
-        selector_optimizer=optimizer_cls(selector, args.selector_lr),
-        theta_prime_optimizer=torch.optim.Adam(
-            adapter_parameters(model, bilevel.THETA_PRIME), lr=args.lr
-        ) if two_adapters else None,
-        sync_gradients=gradient_sync(accelerator),
-        safety_step_size=args.safety_step_size,
-    )
+    parts = bilevel_parts(model, len(fit), args, gradient_sync(accelerator))
+    selector = parts.selector
     step_rule = bilevel.ALGORITHMS[args.algorithm]
     pad = tokenizer.pad_token_id
     device = accelerator.device
