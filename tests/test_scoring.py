@@ -201,6 +201,15 @@ def test_api_round_trip(tiny_model, tmp_path, monkeypatch):
     fitted = np.array([r["score"] for r in _scores(saved / "scores.jsonl")])
     np.testing.assert_allclose(again.score(rows), fitted, atol=1e-5)
     np.testing.assert_allclose(again.scores(), weights)
+    # Another micro-batch size scores the same and leaves the loaded run's settings alone.
+    from sealft.data import normalise
+    from sealft.seal import score_examples
+
+    settings = dict(vars(again._scorer.args))
+    scores, _ = score_examples(again._scorer, normalise(rows, "rows"), micro_batch_size=3,
+                               show_progress=True)
+    np.testing.assert_allclose(scores, fitted, atol=1e-5)
+    assert vars(again._scorer.args) == settings
 
 
 def test_score_and_select_dirs_are_replaced_only_with_their_own_files(tiny_model, tmp_path,
