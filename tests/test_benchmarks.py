@@ -131,13 +131,15 @@ def test_step_cost_runs_every_variant_on_the_tiny_model():
     import subprocess
 
     result = subprocess.run([sys.executable, str(REPO / "benchmarks" / "step_cost.py"),
-                             "--models", "tiny", "--steps", "1", "--batch", "4", "--micro", "4"],
+                             "--models", "tiny", "--steps", "1", "--batch", "4", "--micro", "4",
+                             "--score-rows", "6"],
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     rows = [line for line in result.stdout.splitlines() if line.startswith("| tiny |")]
     assert [r.split("|")[2].strip() for r in rows] == [
-        "sft", "memory-efficient", "penalty", "safety-step"]
-    cells = [[float(c) for c in r.split("|")[3:8]] for r in rows]
+        "sft", "memory-efficient", "penalty", "safety-step", "score"]
+    assert [int(r.split("|")[3]) for r in rows] == [4, 4, 4, 4, 6]
+    cells = [[float(c) for c in r.split("|")[4:9]] for r in rows]
     assert cells[0][1:3] == [1.0, 1.0] and cells[0][4] == 1.0  # SFT is its own reference
     assert all(len(c) == 5 and all(v > 0 for v in c[:2]) for c in cells)
 

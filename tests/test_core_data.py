@@ -228,3 +228,29 @@ def test_examples_file_is_removed_with_the_last_view(tmp_path, monkeypatch):
     del view
     gc.collect()
     assert not folders[0].exists()
+
+
+def test_a_template_error_skips_only_its_row(tiny_model):
+    """Rows are rendered in batches; a row the template refuses is skipped with the
+    template's message, and the batch's other rows tokenise as they do alone."""
+    from sealft.models import load_tokenizer
+    from sealft.tokenize import tokenize_examples
+
+    tokenizer = load_tokenizer(tiny_model)
+    tokenizer.chat_template = (
+        "{% for m in messages %}{% if m['role'] == 'system' %}"
+        "{{ raise_exception('no system turns') }}{% endif %}"
+        "<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
+        "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+    rows = [{"messages": [{"role": "user", "content": f"the movie {i}"},
+                          {"role": "assistant", "content": "great"}]} for i in range(3)]
+    rows.insert(1, {"messages": [{"role": "system", "content": "be nice"},
+                                 {"role": "user", "content": "hi"},
+                                 {"role": "assistant", "content": "hello"}]})
+    examples = normalise(rows, "rows")
+    together = tokenize_examples(examples, tokenizer, 64, cache=False)
+    assert list(together.rows) == [0, 2, 3]
+    assert together.skipped == {examples[1]["id"]: "chat template error: no system turns"}
+    alone = tokenize_examples([examples[2]], tokenizer, 64, cache=False)
+    assert together.input_ids[1] == alone.input_ids[0]
+    assert together.labels[1] == alone.labels[0]

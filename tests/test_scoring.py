@@ -4,6 +4,7 @@ saw scored the same way (`sealft score`)."""
 from __future__ import annotations
 
 import json
+import tempfile
 
 import numpy as np
 import pytest
@@ -68,6 +69,73 @@ def test_cut_after_first_tokens_changes_no_score(tiny_model):
     with torch.no_grad():
         torch.testing.assert_close(per_example_loss(model, cut, 2),
                                    per_example_loss(model, batch, 2))
+
+
+def _adapted_model_and_batches(tiny_model):
+    """The tiny model with a non-zero θ adapter, a batch of rows and their refusal batches."""
+    from sealft.bilevel import THETA
+    from sealft.data import normalise
+    from sealft.models import LoraSettings, add_lora_adapters, load_model_and_tokenizer
+    from sealft.seal import Scorer
+    from sealft.tokenize import collate, tokenize_examples
+
+    model, tokenizer = load_model_and_tokenizer(tiny_model)
+    model = add_lora_adapters(model, LoraSettings(), (THETA,), False)
+    torch.manual_seed(1)
+    with torch.no_grad():  # lora_B starts at zero: give θ an effect to score with
+        for name, weight in model.named_parameters():
+            if "lora_B" in name:
+                weight.normal_(std=0.5)
+    model.eval()
+    examples = normalise(toy_finetune_rows(8), "rows")
+    tokenized = tokenize_examples(examples, tokenizer, 64, cache=False)
+    args = SelectArgs(finetune_data="x", safe_data="x", output_dir="x", max_length=64,
+                      refusals=("sorry, i cannot help", "please answer a question"))
+    refusals = Scorer(model, tokenizer, args).refusal_data(examples, tokenized)
+    positions = list(range(len(tokenized)))
+    pad = tokenizer.pad_token_id
+    return (model, collate(tokenized, positions, pad),
+            [collate(r, positions, pad) for r in refusals])
+
+
+def _decoder_calls(model) -> list[int]:
+    calls: list[int] = []
+    model.get_base_model().get_decoder().register_forward_hook(
+        lambda *_: calls.append(1))
+    return calls
+
+
+@pytest.mark.parametrize("tokens", [1, 2])
+def test_refusal_margin_equals_one_forward_per_text(tiny_model, tokens):
+    """One response token: the answer and every refusal are scored from one shared forward
+    pass over the prompt, and give the margin computed with one forward per text."""
+    from sealft.bilevel import final_scores
+
+    model, batch, refusals = _adapted_model_and_batches(tiny_model)
+    calls = _decoder_calls(model)
+    scores = final_scores(model, batch, refusals, "refusal-margin", tokens)
+    assert len(calls) == (1 if tokens == 1 else 1 + len(refusals))
+    with torch.no_grad():
+        per_text = per_example_loss(model, batch, tokens) - torch.stack(
+            [per_example_loss(model, r, tokens) for r in refusals]).min(dim=0).values
+    assert per_text.abs().max() > 1e-3  # a margin that could be wrong
+    torch.testing.assert_close(scores, per_text, atol=1e-5, rtol=0)
+
+
+def test_other_prompts_fall_back_to_one_forward_per_text(tiny_model):
+    """A refusal batch whose prompt differs from the row's must not share its forward."""
+    from sealft.bilevel import final_scores
+
+    model, batch, refusals = _adapted_model_and_batches(tiny_model)
+    changed = {**refusals[0], "input_ids": refusals[0]["input_ids"].clone()}
+    changed["input_ids"][:, 0] = (changed["input_ids"][:, 0] + 1) % 50
+    calls = _decoder_calls(model)
+    scores = final_scores(model, batch, [changed, refusals[1]], "refusal-margin", 1)
+    assert len(calls) == 3
+    with torch.no_grad():
+        per_text = per_example_loss(model, batch, 1) - torch.minimum(
+            per_example_loss(model, changed, 1), per_example_loss(model, refusals[1], 1))
+    torch.testing.assert_close(scores, per_text, atol=1e-5, rtol=0)
 
 
 def test_score_command_reproduces_the_fit_and_scores_new_rows(tiny_model, tmp_path):
@@ -137,17 +205,25 @@ def test_fit_sample_fits_on_a_subset_and_scores_every_row(tiny_model, tmp_path):
     assert sum(r["kept"] for r in rows) == summary["kept"] == 20
 
 
-def test_api_round_trip(tiny_model, tmp_path):
+def test_api_round_trip(tiny_model, tmp_path, monkeypatch):
     """fit → save → load → score gives the saved scores for the same rows."""
     from sealft import SealSelector
 
     rows = toy_finetune_rows(16)
     safe = write_jsonl(tmp_path / "safe.jsonl", toy_safe_rows())
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
     selector = SealSelector(run_dir=tmp_path / "fit", model=tiny_model, safe_data=str(safe),
                             batch_size=8, micro_batch_size=4, epochs=1, lr=1e-3,
                             gamma_start=0.5, max_length=64, show_progress=False)
     weights = selector.fit(rows).scores()
     assert weights.shape == (16,) and np.isfinite(weights).all()
+    # Rows given as a list live in the run dir (listed in its manifest), not in a temp file.
+    assert not any(scratch.iterdir())
+    assert (tmp_path / "fit" / "rows.jsonl").is_file()
+    assert "rows.jsonl" in json.loads((tmp_path / "fit" / ".sealft-manifest.json").read_text())[
+        "outputs"]
     kept = selector.select()
     assert len(kept) == 13 and len(selector.select(keep_count=4)) == 4
     saved = selector.save(tmp_path / "saved")
@@ -155,6 +231,15 @@ def test_api_round_trip(tiny_model, tmp_path):
     fitted = np.array([r["score"] for r in _scores(saved / "scores.jsonl")])
     np.testing.assert_allclose(again.score(rows), fitted, atol=1e-5)
     np.testing.assert_allclose(again.scores(), weights)
+    # Another micro-batch size scores the same and leaves the loaded run's settings alone.
+    from sealft.data import normalise
+    from sealft.seal import score_examples
+
+    settings = dict(vars(again._scorer.args))
+    scores, _ = score_examples(again._scorer, normalise(rows, "rows"), micro_batch_size=3,
+                               show_progress=True)
+    np.testing.assert_allclose(scores, fitted, atol=1e-5)
+    assert vars(again._scorer.args) == settings
 
 
 def test_score_and_select_dirs_are_replaced_only_with_their_own_files(tiny_model, tmp_path,
@@ -192,3 +277,29 @@ def test_score_and_select_dirs_are_replaced_only_with_their_own_files(tiny_model
     code, err = score(tmp_path / "sel", "--overwrite")  # the selection is this run's input
     assert code == 2 and "is an input of this run" in err
     assert (tmp_path / "sel" / "scorer" / "scoring.json").exists()
+
+
+def test_two_processes_score_like_one(tiny_model, tmp_path):
+    """`sealft score` under torchrun shards the rows; the scores file equals one process's."""
+    import os
+    import subprocess
+    import sys
+
+    _select(tiny_model, tmp_path, toy_finetune_rows(12))
+    data = write_jsonl(tmp_path / "new_rows.jsonl", toy_finetune_rows(11))
+    args = ["score", "--selection", str(tmp_path / "sel"), "--data", str(data),
+            "--micro-batch-size", "2", "--no-show-progress"]
+    assert main([*args, "--output-dir", str(tmp_path / "one")]) == 0
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+         "--master_port", str(29700 + os.getpid() % 1000), "-m", "sealft", *args,
+         "--output-dir", str(tmp_path / "two")], capture_output=True, text=True, timeout=600,
+        env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    one, two = _scores(tmp_path / "one" / "scores.jsonl"), _scores(tmp_path / "two" / "scores.jsonl")
+    assert [r["id"] for r in two] == [r["id"] for r in one] and len(one) == 11
+    np.testing.assert_allclose([r["score"] for r in two], [r["score"] for r in one], atol=1e-5,
+                               rtol=0)
+    assert [r["kept"] for r in two] == [r["kept"] for r in one]
+    assert json.loads((tmp_path / "two" / "summary.json").read_text())["processes"] == 2

@@ -16,7 +16,6 @@ object share one implementation; options are `SelectArgs` fields.
 
 from __future__ import annotations
 
-import json
 import shutil
 import tempfile
 from pathlib import Path
@@ -27,13 +26,17 @@ import numpy as np
 from sealft import config as cfg
 from sealft.errors import ConfigError
 from sealft.io import read_jsonl
+from sealft.selection_run import SelectArgs
 
+ROWS_FILE = "rows.jsonl"
+"""The rows `fit` was given as a list, kept inside the run dir (where `select` reads them)."""
 # What a fitted selector is made of; `save` copies these and nothing else.
-RUN_FILES = ("config.yaml", "scores.jsonl", "selector.safetensors", "summary.json", "scorer")
+RUN_FILES = ("config.yaml", "scores.jsonl", "selector.safetensors", "summary.json", "scorer",
+             ROWS_FILE)
 
 
 class SealSelector:
-    """A SEAL data selector. Options are `sealft.select.SelectArgs` fields (model, safe_data,
+    """A SEAL data selector. Options are `SelectArgs` fields (model, safe_data,
     algorithm, epochs, ...); `run_dir` is where `fit` writes (default: a new temp dir)."""
 
     def __init__(self, run_dir: str | Path | None = None, **options: Any):
@@ -44,19 +47,35 @@ class SealSelector:
     def fit(self, data: str | Path | list[dict]) -> SealSelector:
         """Learn the selector on `data` (a file or dataset `sealft select` reads, or a list of
         rows in any supported format) and score every row."""
-        from sealft.select import SelectArgs, run_select
-
         run = self.run_dir or Path(tempfile.mkdtemp(prefix="sealft-selector-"))
         if isinstance(data, list):
-            run.mkdir(parents=True, exist_ok=True)
-            path = Path(tempfile.mkdtemp(prefix="sealft-rows-")) / "rows.jsonl"
-            path.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in data))
-            data = path
-        args = cfg.build(SelectArgs, self.options, {"finetune_data": str(data),
-                                                    "output_dir": str(run)})
-        run_select(args)
+            self._fit_rows(run, data)
+        else:
+            self._run_select(run, str(data))
         self.run_dir = run
         return self
+
+    def _run_select(self, run: Path, data: str) -> None:
+        from sealft.select import run_select
+
+        run_select(cfg.build(SelectArgs, self.options, {"finetune_data": data,
+                                                        "output_dir": str(run)}))
+
+    def _fit_rows(self, run: Path, rows: list[dict]) -> None:
+        """Fit on in-memory rows: `select` reads a file, and the run dir must be empty when it
+        starts, so the rows go to a temp file first and into the run dir once it is a run."""
+        from sealft.io import record_output, track, write_jsonl, write_yaml
+
+        with tempfile.TemporaryDirectory(prefix="sealft-rows-") as tmp:
+            staged = Path(tmp) / ROWS_FILE
+            write_jsonl(staged, rows)
+            self._run_select(run, str(staged))
+            track(run, "select")
+            record_output(run, ROWS_FILE)  # --overwrite of this run dir removes them too
+            shutil.move(staged, run / ROWS_FILE)
+        saved = _saved_config(run)
+        saved["finetune_data"] = str((run / ROWS_FILE).resolve())  # the temp path is gone
+        write_yaml(run / "config.yaml", saved)
 
     def _fitted(self) -> Path:
         if self.run_dir is None or not (self.run_dir / "scores.jsonl").is_file():
@@ -85,8 +104,10 @@ class SealSelector:
             kept = {ids[i] for i in np.flatnonzero(keep_mask(weights, ids, usable, count))}
         from sealft.data import load_examples
 
-        args = cfg.build(_select_args_class(), _saved_config(run))
-        examples = load_examples(args.finetune_data, args.split, args.format, args.limit,
+        args = cfg.build(SelectArgs, _saved_config(run))
+        # Rows fitted from a list travel with the run dir (also into `save`'s copy).
+        data = run / ROWS_FILE if (run / ROWS_FILE).is_file() else args.finetune_data
+        examples = load_examples(str(data), args.split, args.format, args.limit,
                                  args.drop_duplicates)
         return [{"id": e["id"], "messages": e["messages"], **e["meta"]}
                 for e in examples if e["id"] in kept]
@@ -130,12 +151,6 @@ class SealSelector:
         examples = normalise(data, "rows") if isinstance(data, list) else load_examples(str(data))
         scores, _ = score_examples(self._scorer, examples, show_progress=False)
         return scores
-
-
-def _select_args_class():
-    from sealft.select import SelectArgs
-
-    return SelectArgs
 
 
 def _saved_config(run: Path) -> dict:

@@ -30,7 +30,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-from sealft.losses import per_example_loss, preference_loss, sequence_nll
+from sealft.losses import (
+    first_response_log_probs,
+    per_example_loss,
+    preference_loss,
+    sequence_nll,
+)
 from sealft.selector import Selector
 from sealft.tokenize import IGNORE_INDEX
 
@@ -291,9 +296,6 @@ ALGORITHMS = {"penalty": penalty_step, "memory-efficient": memory_efficient_step
               "safety-step": safety_step}
 
 
-SIGNALS = ("refusal-margin", "loss", "loss-shift")
-
-
 def _through_first_tokens(batch: Batch, k: int) -> Batch:
     """The batch cut after every row's k-th response token: a causal model's logits up to
     there do not depend on what follows, so the cut changes no score and saves the forward
@@ -303,6 +305,38 @@ def _through_first_tokens(batch: Batch, k: int) -> Batch:
     columns = needed.any(dim=0).nonzero()
     end = int(columns.max()) + 1 if len(columns) else batch["labels"].shape[1]
     return {key: value[:, :end] if value.dim() == 2 else value for key, value in batch.items()}
+
+
+def _response_start(batch: Batch) -> torch.Tensor:
+    """Column of each row's first response token."""
+    return (batch["labels"] != IGNORE_INDEX).int().argmax(dim=1)
+
+
+def _same_prompts(batch: Batch, refusal_batches: list[Batch]) -> bool:
+    """Whether every refusal row carries its row's own prompt tokens: then the row's first
+    answer token and every refusal's first token are predicted from one and the same position,
+    and one forward pass over the prompt scores them all. (A template that rewrites earlier
+    turns once a reply follows can break this; those batches take one forward per text.)"""
+    start = _response_start(batch)
+    width = int(start.max())
+    in_prompt = torch.arange(width, device=start.device)[None, :] < start[:, None]
+    prompt = batch["input_ids"][:, :width][in_prompt]
+    return all(torch.equal(_response_start(r), start)
+               and torch.equal(r["input_ids"][:, :width][in_prompt], prompt)
+               for r in refusal_batches)
+
+
+def _first_token_margin(model: torch.nn.Module, batch: Batch,
+                        refusal_batches: list[Batch]) -> torch.Tensor:
+    """refusal-margin over one response token from a single forward pass (see final_scores)."""
+    log_probs = first_response_log_probs(model, _through_first_tokens(batch, 1))
+    rows = torch.arange(len(log_probs), device=log_probs.device)
+    start = _response_start(batch)
+
+    def nll(b: Batch) -> torch.Tensor:
+        return -log_probs[rows, b["labels"][rows, start]]
+
+    return nll(batch) - torch.stack([nll(r) for r in refusal_batches]).min(dim=0).values
 
 
 @torch.no_grad()
@@ -324,8 +358,14 @@ def final_scores(model: torch.nn.Module, batch: Batch, refusal_batches: list[Bat
     decides between refusing and complying (Qi et al. 2024). With k = 1 the margin is the log
     odds of opening with a refusal rather than with the row's own first token; longer windows
     bring back the text-difficulty confound (docs/selection.md).
+
+    With k = 1 the row's answer and its refusals share their prompt, so one forward pass gives
+    all their first-token losses (`_first_token_margin`); k > 1 takes one forward per text.
     """
     model.set_adapter(THETA)
+    if (signal == "refusal-margin" and first_tokens == 1
+            and _same_prompts(batch, refusal_batches)):
+        return _first_token_margin(model, batch, refusal_batches)
     if first_tokens is not None:
         batch = _through_first_tokens(batch, first_tokens)
     loss = per_example_loss(model, batch, first_tokens)

@@ -33,7 +33,6 @@ depend on the seed).
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import gc
 import json
@@ -58,9 +57,9 @@ from sealft.evaluate.run import suite_context
 from sealft.evaluate.suites import build_suites, expand_suite_names
 from sealft.finetune import FinetuneArgs, run_finetune
 from sealft.io import (
+    atomic_write,
     prepare_output_dir,
     read_jsonl,
-    record_output,
     write_json,
     write_jsonl,
     write_yaml,
@@ -695,32 +694,20 @@ def run_experiment(args: ExperimentArgs, runner: CellRunner = run_cell) -> int:
 
 
 def write_reports(out: Path, rows: list[dict[str, Any]], plot: bool = True) -> None:
-    # Written without io's helpers: listed in the dir's manifest first (--overwrite deletes them).
-    record_output(out, "results.csv", "results.csv.tmp", "results_summary.csv",
-                  "results_summary.csv.tmp", "results.md", "ratio_sweep.png",
-                  "ratio_sweep.tmp.png", "tradeoff.png", "tradeoff.tmp.png")
+    """results.csv, results_summary.csv, results.md and the plots, through `report`'s
+    renderers (each file written atomically and listed in the dir's manifest)."""
+    from sealft import report
+
     summary = aggregate(rows)
-    write_csv(out / "results.csv", rows, RESULT_COLUMNS)
+    report.write_rows_csv(out / "results.csv", rows, RESULT_COLUMNS)
     # mean and interval side by side, in result-column order (the first row has every key)
-    write_csv(out / "results_summary.csv", summary, tuple(summary[0]) if summary else ())
-    (out / "results.md").write_text(results_markdown(rows, summary), encoding="utf-8")
+    report.write_rows_csv(out / "results_summary.csv", summary,
+                          tuple(summary[0]) if summary else ())
+    with atomic_write(out / "results.md") as handle:
+        handle.write(results_markdown(rows, summary))
     if plot and any(r["status"] == "ok" for r in rows):
-        from sealft.report import plot_refusal_vs_task
-
         plot_ratio_sweep(rows, out / "ratio_sweep.png")
-        plot_refusal_vs_task(summary, out / "tradeoff.png", method_colour)
-
-
-def write_csv(path: Path, rows: list[dict[str, Any]], first: tuple[str, ...]) -> None:
-    """Columns `first` in order, then any others sorted; None as an empty field."""
-    columns = list(first) + sorted({k for r in rows for k in r} - set(first))
-    tmp = path.with_suffix(".csv.tmp")
-    with open(tmp, "w", newline="", encoding="utf-8") as handle:
-        writer = csv.DictWriter(handle, fieldnames=columns)
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({k: "" if row.get(k) is None else row.get(k) for k in columns})
-    tmp.replace(path)
+        report.plot_refusal_vs_task(summary, out / "tradeoff.png", method_colour)
 
 
 def _values(rows: list[dict[str, Any]], key: str) -> list[float]:
@@ -819,22 +806,22 @@ TABLE = (
 
 
 def results_markdown(rows: list[dict[str, Any]], summary: list[dict[str, Any]]) -> str:
+    from sealft.report import md_table
+
     # Columns no cell filled (no held-out set, no judge for win rates) are left out.
     columns = [c for c in TABLE if any(s.get(f"{c[1]}_mean") is not None for s in summary)]
-    header = ("Method", "Keep", "Seeds ok", *(c[0] for c in columns))
+    header = ["Method", "Keep", "Seeds ok", *(c[0] for c in columns)]
+    cells = [[group["method"], f"{group['keep_ratio']:g}",
+              f"{group['seeds_ok']}/{group['seeds']}",
+              *(fmt_ci(group, column, scale, digits) for _, column, scale, digits in columns)]
+             for group in summary]
     lines = ["# Experiment results", "",
              "Mean over seeds ± half-width of the 95% confidence interval (Student t, n − 1 "
              "degrees of freedom; no interval from one seed). Refusal on harmful prompts, "
              "held-out harmful questions of the fine-tuning file's own kind, over-refusal on "
              "benign prompts, SST-2 accuracy, win rate against all-data SFT (needs the "
              "helpfulness suite and an LLM judge). Peak memory: GPU peak per cell; on CPU the "
-             "process high-water mark so far.", "",
-             "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for group in summary:
-        cells = [group["method"], f"{group['keep_ratio']:g}",
-                 f"{group['seeds_ok']}/{group['seeds']}",
-                 *(fmt_ci(group, column, scale, digits) for _, column, scale, digits in columns)]
-        lines.append("| " + " | ".join(cells) + " |")
+             "process high-water mark so far.", "", md_table(header, cells)]
     failures = [r for r in rows if r["status"] != "ok"]
     if failures:
         lines += ["", "## Failed cells (rerun the experiment to retry them)", ""]
@@ -842,46 +829,16 @@ def results_markdown(rows: list[dict[str, Any]], summary: list[dict[str, Any]]) 
     return "\n".join(lines) + "\n"
 
 
-def plot_ratio_sweep(rows: list[dict[str, Any]], path: Path) -> None:
-    """Safety refusal and task accuracy against keep ratio, one line per method; all-data
-    methods (ratio-independent) as dashed horizontal lines."""
-    import matplotlib
+def plot_ratio_sweep(rows: list[dict[str, Any]], path: Path) -> Path | None:
+    """Safety refusal and task accuracy against keep ratio, one line per method in table
+    order; all-data methods (ratio-independent) as dashed horizontal lines."""
+    from sealft.report import plot_sweep
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    groups = group_rows([r for r in rows if r["status"] == "ok"])
-    ratios = sorted({ratio for _, ratio in groups} | {1.0})
-    span = (min(ratios) - 0.02, 1.02)
-    panels = (("safety_refusal_rate", "Safety: refusal on harmful prompts (%)"),
-              ("task_accuracy", "Task: SST-2 accuracy (%)"))
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    for ax, (key, title) in zip(axes, panels, strict=True):
-        for method in dict.fromkeys(m for m, _ in groups):
-            _plot_method(ax, method, groups, key, span)
-        ax.set(title=title, xlabel="keep ratio", xlim=span)
-        ax.grid(alpha=0.3)
-    handles, labels = axes[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 4) or 1,
-               frameon=False)
-    fig.tight_layout(rect=(0, 0.12, 1, 1))
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    tmp.replace(path)
-
-
-def _plot_method(ax, method: str, groups: dict, key: str, span: tuple[float, float]) -> None:
-    points = [(ratio, statistics.mean(v) * 100) for (m, ratio), g in sorted(groups.items())
-              if m == method and (v := _values(g, key))]
-    if not points:
-        return
-    if parse_method(method).ratio_free:
-        ax.hlines(points[0][1], *span, linestyles="dashed", label=method,
-                  colors=method_colour(method))
-        return
-    xs, ys = zip(*points, strict=True)
-    ax.plot(xs, ys, marker="o", label=method, color=method_colour(method))
+    ok = [r for group in group_rows(rows).values() for r in group if r["status"] == "ok"]
+    flat = tuple(m for m in dict.fromkeys(r["method"] for r in ok) if parse_method(m).ratio_free)
+    return plot_sweep(ok, "keep_ratio", {
+        "safety_refusal_rate": "Safety: refusal on harmful prompts (%)",
+        "task_accuracy": "Task: SST-2 accuracy (%)"}, "method", path, flat, colour=method_colour)
 
 
 def method_colour(method: str) -> str:

@@ -64,6 +64,15 @@ def per_example_loss(
     return sums / counts
 
 
+def first_response_log_probs(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Log-probabilities over the vocabulary for each row's first response token, [batch,
+    vocab]: one row of logits per example, from the position before its response."""
+    labels = batch["labels"][:, 1:]
+    supervised = labels != IGNORE_INDEX
+    first = supervised & (supervised.long().cumsum(dim=1) <= 1)
+    return torch.log_softmax(_supervised_logits(model, batch, first), dim=-1)
+
+
 def sequence_nll(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return per_example_loss(model, batch, mean=False)
 

@@ -25,7 +25,7 @@ from typing import Any
 
 from sealft import config as cfg
 from sealft.errors import DataError
-from sealft.io import atomic_write, read_jsonl
+from sealft.io import atomic_save, atomic_write, read_jsonl
 
 PLOT_DPI = 130
 
@@ -391,8 +391,11 @@ def _pyplot():
 
 def _save(fig, path: Path) -> Path:
     fig.tight_layout()
-    # "tight" grows the canvas to fit legends and titles placed outside the axes.
-    fig.savefig(path, dpi=PLOT_DPI, bbox_inches="tight", pad_inches=0.15)
+    # "tight" grows the canvas to fit legends and titles placed outside the axes. The format
+    # is named: the temp file atomic_save writes to has no image suffix.
+    atomic_save(path, lambda name: fig.savefig(name, format=path.suffix.lstrip(".") or "png",
+                                               dpi=PLOT_DPI, bbox_inches="tight",
+                                               pad_inches=0.15))
     import matplotlib.pyplot as plt
 
     plt.close(fig)
@@ -587,10 +590,12 @@ def plot_kept_by_flag(runs: list[SelectionRun], out: Path) -> Path | None:
 
 
 def plot_sweep(rows: list[dict[str, Any]], x: str, panels: dict[str, str], group: str,
-               path: Path, flat: tuple[str, ...] = (), scale: float = 100.0) -> Path | None:
+               path: Path, flat: tuple[str, ...] = (), scale: float = 100.0,
+               colour: Callable[[str], str] | None = None) -> Path | None:
     """One panel per metric (key -> title): the mean over rows of each (group, x) point, one
     line per group. Groups in `flat` do not depend on x (e.g. all-data baselines) and are
-    drawn as dashed horizontal lines. None when no row has a value to plot."""
+    drawn as dashed horizontal lines; `colour` maps a group to its colour (default: the
+    cycle). None when no row has a value to plot."""
     means = _group_means(rows, x, list(panels), group)
     if not means:
         return None
@@ -603,7 +608,7 @@ def plot_sweep(rows: list[dict[str, Any]], x: str, panels: dict[str, str], group
             values = [(px, v[key] * scale) for px, v in sorted(points.items()) if key in v]
             if not values:
                 continue
-            color = f"C{k % 10}"
+            color = colour(name) if colour else f"C{k % 10}"
             if name in flat:
                 ax.hlines(values[0][1], *span, linestyles="dashed", label=name, colors=color)
             else:

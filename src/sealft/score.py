@@ -21,9 +21,7 @@ import numpy as np
 
 from sealft import config as cfg
 from sealft.errors import ConfigError
-
-SCORING_FILE = "scoring.json"
-SCORER_DIR = "scorer"  # sealft.seal.SCORER_DIR, without importing torch for --help
+from sealft.selection_run import SCORER_DIR, SCORING_FILE, SelectArgs, write_outputs
 
 
 @dataclass
@@ -67,8 +65,6 @@ class ScoreArgs(cfg.RunOptions):
 
 def fitted_select_args(selection: str | Path):
     """The SelectArgs of a finished run, checked to have a scorer."""
-    from sealft.select import SelectArgs
-
     run = Path(selection)
     if not (run / SCORER_DIR / SCORING_FILE).is_file():
         raise ConfigError(
@@ -86,25 +82,45 @@ def fitted_select_args(selection: str | Path):
 
 
 def run_score(args: ScoreArgs) -> dict:
-    """Score `args.data` with the scorer of `args.selection`; returns the summary."""
+    """Score `args.data` with the scorer of `args.selection`; returns the summary. Under
+    `torchrun` / `accelerate launch` each process scores a shard of the rows; the main one
+    writes the outputs."""
     from sealft.data import load_examples, sample_rows
-    from sealft.io import write_json
+    from sealft.runtime import make_accelerator, process_state
     from sealft.seal import load_scorer, score_examples
-    from sealft.select import write_outputs
 
     started = time.perf_counter()
     fitted, scoring = fitted_select_args(args.selection)
-    out = cfg.start_run(args, "score")  # the manifest: --overwrite deletes only its outputs
+    out = Path(args.output_dir)
+    is_main = process_state().is_main_process
+    if is_main:
+        cfg.start_run(args, "score")  # the manifest: --overwrite deletes only its outputs
+    process_state().wait_for_everyone()
     examples = load_examples(args.data, args.split, args.format, args.limit,
                              args.drop_duplicates)
     examples = sample_rows(examples, args.sample, args.seed)
     cfg.check_resume_data(out, {"data": examples}, args.resume)
-    scorer = load_scorer(Path(args.selection), fitted, args.dtype)
+    accelerator = make_accelerator(out, log=False)
+    scorer = load_scorer(Path(args.selection), fitted, args.dtype, accelerator.device)
     scores, skipped = score_examples(scorer, examples, args.micro_batch_size,
-                                     args.show_progress)
+                                     args.show_progress, accelerator)
     if np.isnan(scores).all():
         raise ConfigError(f"--data {args.data}: none of the {len(examples)} rows can be "
                           f"scored ({'; '.join(sorted(set(skipped.values()))[:3])})")
+    summary = {}
+    if is_main:
+        summary = _write_scored(out, args, fitted, scoring, examples, scores, skipped,
+                                started, accelerator.num_processes)
+    process_state().wait_for_everyone()
+    return summary
+
+
+def _write_scored(out: Path, args: ScoreArgs, fitted: SelectArgs, scoring: dict, examples,
+                  scores: np.ndarray, skipped: dict[str, str], started: float,
+                  processes: int) -> dict:
+    """The outputs of `select`'s contract from the new rows' harm scores."""
+    from sealft.io import write_json
+
     logits = -(scores - scoring["mean"]) / scoring["spread"]
     usable = ~np.isnan(scores)
     if args.keep_ratio is None:
@@ -115,9 +131,11 @@ def run_score(args: ScoreArgs) -> dict:
     fitted.label_field, fitted.unsafe_value = args.label_field, args.unsafe_value
     weights = np.exp(logits)  # the fit's normalisation does not carry over; the order does
     extra = {"selection": str(args.selection), "scored_seconds": round(
-        time.perf_counter() - started, 2), "threshold": scoring["threshold"]}
+        time.perf_counter() - started, 2), "threshold": scoring["threshold"],
+        "processes": processes}
     summary = write_outputs(out, fitted, examples, logits, weights, skipped, extra,
                             harm_scores=scores)
     summary["wall_seconds"] = round(time.perf_counter() - started, 2)
     write_json(out / "summary.json", summary)
     return summary
+

@@ -29,11 +29,10 @@ from sealft.runtime import (
     make_accelerator,
     require_data_parallel,
 )
+from sealft.selection_run import SCORER_DIR, SCORING_FILE
 from sealft.selector import Selector, keep_count_for
 from sealft.tokenize import Tokenized, collate, tokenize_examples, tokenize_inputs
 from sealft.train import LoopSettings, adapter_checkpoint, train_loop
-
-SCORER_DIR = "scorer"
 
 
 def fit_subset(tokenized: Tokenized, sample: int | None, seed: int) -> Tokenized:
@@ -46,6 +45,34 @@ def fit_subset(tokenized: Tokenized, sample: int | None, seed: int) -> Tokenized
     return tokenized.subset(sorted(random.Random(seed).sample(list(tokenized.rows), sample)))
 
 
+def selector_adapters(algorithm: str) -> tuple[str, ...]:
+    """The LoRA adapters an algorithm trains: θ, plus θ' for the Algorithm 1 variants."""
+    if algorithm in ("penalty", "safety-step"):
+        return (bilevel.THETA, bilevel.THETA_PRIME)
+    return (bilevel.THETA,)
+
+
+def bilevel_parts(model, rows: int, args, sync=None) -> bilevel.BilevelParts:
+    """The selector over `rows` rows and the optimisers of one bilevel fit, on `model` (which
+    carries `selector_adapters(args.algorithm)`). `sync`: gradient all-reduce across
+    processes (none on one process)."""
+    device = next(model.parameters()).device
+    selector = Selector(rows, args.weighting).to(device)
+    optimizer_cls = bilevel.SELECTOR_OPTIMIZERS[args.selector_optimizer]
+    two_adapters = bilevel.THETA_PRIME in selector_adapters(args.algorithm)
+    return bilevel.BilevelParts(
+        model=model,
+        selector=selector,
+        theta_optimizer=torch.optim.Adam(adapter_parameters(model, bilevel.THETA), lr=args.lr),
+        selector_optimizer=optimizer_cls(selector, args.selector_lr),
+        theta_prime_optimizer=torch.optim.Adam(
+            adapter_parameters(model, bilevel.THETA_PRIME), lr=args.lr
+        ) if two_adapters else None,
+        sync_gradients=sync or (lambda params: None),
+        safety_step_size=args.safety_step_size,
+    )
+
+
 def learn_selector(args, examples: list[Example], safe: list[Example], out: Path):
     """Returns (logits, weights, skipped, summary extras), one score per input row."""
     torch.manual_seed(args.seed)
@@ -55,23 +82,11 @@ def learn_selector(args, examples: list[Example], safe: list[Example], out: Path
                                                 args.trust_remote_code)
     tokenized, safe_tok = tokenize_inputs(args, tokenizer, examples, safe)
     fit = fit_subset(tokenized, args.fit_sample, args.seed)
-    two_adapters = args.algorithm in ("penalty", "safety-step")
-    adapters = (bilevel.THETA, bilevel.THETA_PRIME) if two_adapters else (bilevel.THETA,)
+    adapters = selector_adapters(args.algorithm)
     model = add_lora_adapters(model, lora_settings(args), adapters,
                               args.gradient_checkpointing).to(accelerator.device)
-    selector = Selector(len(fit), args.weighting).to(accelerator.device)
-    optimizer_cls = bilevel.SELECTOR_OPTIMIZERS[args.selector_optimizer]
-    parts = bilevel.BilevelParts(
-        model=model,
-        selector=selector,
-        theta_optimizer=torch.optim.Adam(adapter_parameters(model, bilevel.THETA), lr=args.lr),
-        selector_optimizer=optimizer_cls(selector, args.selector_lr),
-        theta_prime_optimizer=torch.optim.Adam(
-            adapter_parameters(model, bilevel.THETA_PRIME), lr=args.lr
-        ) if two_adapters else None,
-        sync_gradients=gradient_sync(accelerator),
-        safety_step_size=args.safety_step_size,
-    )
+    parts = bilevel_parts(model, len(fit), args, gradient_sync(accelerator))
+    selector = parts.selector
     step_rule = bilevel.ALGORITHMS[args.algorithm]
     pad = tokenizer.pad_token_id
     device = accelerator.device
@@ -174,14 +189,17 @@ class Scorer:
             out.append(refusal)
         return out
 
-    def score_tokenized(self, tokenized: Tokenized, usable: list[Example],
-                        accelerator=None) -> torch.Tensor:
+    def score_tokenized(self, tokenized: Tokenized, usable: list[Example], accelerator=None,
+                        micro_batch_size: int | None = None,
+                        show_progress: bool | None = None) -> torch.Tensor:
         """Harm score of every row of `tokenized` (`usable`: its examples, in order). Each
         process scores its shard; a sum over processes (each row scored once) gives every
-        rank all scores."""
+        rank all scores. `micro_batch_size` / `show_progress` default to the run's."""
         from tqdm.auto import tqdm
 
         args = self.args
+        size = micro_batch_size or args.micro_batch_size
+        show = args.show_progress if show_progress is None else show_progress
         rank = accelerator.process_index if accelerator else 0
         world = accelerator.num_processes if accelerator else 1
         device = next(self.model.parameters()).device
@@ -194,9 +212,9 @@ class Scorer:
         mine = list(range(len(tokenized)))[rank::world]
         scores = torch.zeros(len(tokenized), device=device)
         bar = tqdm(total=len(mine), desc="scoring rows", unit="row",
-                   disable=not (args.show_progress and rank == 0))
-        for start in range(0, len(mine), args.micro_batch_size):
-            micro = mine[start:start + args.micro_batch_size]
+                   disable=not (show and rank == 0))
+        for start in range(0, len(mine), size):
+            micro = mine[start:start + size]
             scores[micro] = bilevel.final_scores(
                 self.model, to_batch(tokenized, micro), [to_batch(r, micro) for r in refusals],
                 args.score_signal, args.score_tokens).float()
@@ -227,42 +245,43 @@ class Scorer:
         self.model.save_pretrained(directory, selected_adapters=[bilevel.THETA],
                                    safe_serialization=True)
         args = self.args
-        write_json(directory / "scoring.json", {
+        write_json(directory / SCORING_FILE, {
             "signal": args.score_signal, "tokens": args.score_tokens,
             "refusals": list(args.refusals), "mean": float(fitted.mean()),
             "spread": float(_spread(fitted)), "threshold": kept_threshold,
             "keep_refusals": args.keep_refusals, "refusal_floor": self.refusal_floor})
 
 
-def load_scorer(run: Path, fitted, dtype: str | None = None) -> Scorer:
-    """The scorer a `final-pass` run saved in `run/scorer/`, on its base model."""
+def load_scorer(run: Path, fitted, dtype: str | None = None, device=None) -> Scorer:
+    """The scorer a `final-pass` run saved in `run/scorer/`, on its base model, on `device`
+    (default: CUDA when there is one)."""
     from peft import PeftModel
 
     model, tokenizer = load_model_and_tokenizer(fitted.model, dtype or fitted.dtype,
                                                 fitted.chat_template, fitted.trust_remote_code)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = PeftModel.from_pretrained(model, str(run / SCORER_DIR / bilevel.THETA),
                                       adapter_name=bilevel.THETA).to(device)
     model.eval()
-    saved = json.loads((run / SCORER_DIR / "scoring.json").read_text(encoding="utf-8"))
+    saved = json.loads((run / SCORER_DIR / SCORING_FILE).read_text(encoding="utf-8"))
     # A run saved before refusal rows were kept scored them like any other row.
     fitted = dataclasses.replace(fitted, keep_refusals=saved.get("keep_refusals", False))
     return Scorer(model, tokenizer, fitted, saved.get("refusal_floor"))
 
 
 def score_examples(scorer: Scorer, examples: list[Example], micro_batch_size: int | None = None,
-                   show_progress: bool = True) -> tuple[np.ndarray, dict[str, str]]:
-    """Harm score per example (NaN where unusable) and the unusable ones' reasons."""
+                   show_progress: bool = True,
+                   accelerator=None) -> tuple[np.ndarray, dict[str, str]]:
+    """Harm score per example (NaN where unusable) and the unusable ones' reasons. With an
+    `accelerator` of several processes each scores a shard and every rank gets all scores."""
     args = scorer.args
-    if micro_batch_size:
-        args.micro_batch_size = micro_batch_size
-    args.show_progress = show_progress
     tokenized = tokenize_examples(examples, scorer.tokenizer, args.max_length, args.num_proc,
                                   desc="tokenising rows to score")
     scores = np.full(len(examples), np.nan)
     if len(tokenized):
         scores[tokenized.rows] = scorer.score_tokenized(
-            tokenized, [examples[r] for r in tokenized.rows]).numpy()
+            tokenized, [examples[r] for r in tokenized.rows], accelerator, micro_batch_size,
+            show_progress).numpy()
     return scores, tokenized.skipped
 
 

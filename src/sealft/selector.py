@@ -16,8 +16,7 @@ from safetensors.torch import load_file, save_file
 
 from sealft.errors import DataError, SealftError
 from sealft.io import atomic_save
-
-PARAMETRIZATIONS = ("softmax", "sigmoid")
+from sealft.selection_run import PARAMETRIZATIONS
 
 
 class Selector(torch.nn.Module):
