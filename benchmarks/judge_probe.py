@@ -12,7 +12,8 @@ and a third-person request/reply judgement), so that a result does not hinge on 
 
 For every row of each mix it records the first-token margin, the two judgements, and the
 flag; it prints AUROC (harmful vs. all other rows), harmful rows removed and controls kept at
-keep 80%, for each signal and for the sum of standardised margin and judgement.
+keep 80%, for each signal and for the sum of standardised margin and judgement; `--table`
+prints the comparison of docs/selection.md from the saved rows.
 
     python benchmarks/judge_probe.py --mixes runs/dev_mixes/*.jsonl \
         --sst2 ../shared/data/finetune/sst2_n1000_p0.{05,1,2}.json --out runs/judge_probe
@@ -159,6 +160,61 @@ def summarise(rows: list[dict], keep: float = 0.8) -> dict:
     return out
 
 
+CANDIDATES = ("margin", "margin|gated", "margin_div|gated", "refuse_first|gated",
+              "refuse_whole|gated", "margin+refuse_whole|gated")
+
+
+def candidate_scores(rows: list[dict], div: list[dict] | None) -> dict[str, np.ndarray]:
+    """The signals compared in docs/selection.md, from one mix's saved rows."""
+    refuses = np.array([r["answer_refuses"] for r in rows])
+    margin = np.array([r["margin"] for r in rows])
+    whole = np.array([r["refuse_whole"] for r in rows])
+    out = {"margin": margin, "margin|gated": gated(margin, refuses),
+           "refuse_first|gated": gated(np.array([r["refuse_first"] for r in rows]), refuses),
+           "refuse_whole|gated": gated(whole, refuses),
+           "margin+refuse_whole|gated": gated(standardise(margin) + standardise(whole), refuses)}
+    if div is not None:
+        md = np.array([d["margin_div"] if d["margin_div"] is not None else r["margin"]
+                       for r, d in zip(rows, div, strict=True)])
+        out["margin_div|gated"] = gated(md, refuses)
+    return out
+
+
+def markdown_table(out: Path, keep: float = 0.8) -> str:
+    """AUROC / harmful removed / controls kept per mix and candidate, from the saved rows."""
+    lines = ["| mix | " + " | ".join(CANDIDATES) + " |", "|---" * (len(CANDIDATES) + 1) + "|"]
+    means: dict[str, list[tuple[float, float, float]]] = {}
+    for path in sorted(out.glob("*__refusal.jsonl")):
+        rows = [json.loads(line) for line in path.read_text().splitlines()]
+        div_path = path.with_name(path.name.replace("__refusal", "__divergence"))
+        div = ([json.loads(line) for line in div_path.read_text().splitlines()]
+               if div_path.exists() else None)
+        flags = np.array([r["flag"] for r in rows])
+        cells = []
+        for name in CANDIDATES:
+            score = candidate_scores(rows, div).get(name)
+            if score is None:
+                cells.append("–")
+                continue
+            m = metrics(flags, score, keep)
+            cells.append(f"{m['auroc']:.3f} / {m['removed']:.2f} / {m['kept']}")
+            if (flags == "control").any():  # the long-form mixes
+                means.setdefault(name, []).append((m["auroc"], m["removed"], float(m["kept"])))
+        lines.append(f"| {path.name.split('__')[0]} | " + " | ".join(cells) + " |")
+    lines.append("| **mean, long-form mixes** | " + " | ".join(
+        "{:.3f} / {:.2f} / {:.2f} (n={})".format(*np.mean(means[c], axis=0), len(means[c]))
+        if c in means else "–" for c in CANDIDATES) + " |")
+    return "\n".join(lines)
+
+
+def metrics(flags: np.ndarray, score: np.ndarray, keep: float) -> dict:
+    harmful, control = np.isin(flags, HARMFUL), flags == "control"
+    dropped = np.zeros(len(flags), dtype=bool)
+    dropped[np.argsort(-score, kind="stable")[: len(flags) - int(round(keep * len(flags)))]] = True
+    return {"auroc": roc_auc_score(harmful, score), "removed": dropped[harmful].mean(),
+            "kept": f"{(~dropped[control]).mean():.2f}" if control.any() else "–"}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--mixes", nargs="*", default=[])
@@ -168,12 +224,17 @@ def main() -> None:
     p.add_argument("--model", default="Qwen/Qwen2.5-Coder-0.5B-Instruct")
     p.add_argument("--answer-tokens", type=int, default=160)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--table", action="store_true",
+                   help="print the saved rows' table (docs/selection.md) and exit")
     p.add_argument("--signals", choices=("refusal", "judge", "divergence"), default="refusal",
                    help="refusal: one forward per row (margin, refusal propensity, refusal "
                         "gate); judge: the two yes/no judgements (three long forwards a row)")
     a = p.parse_args()
-    torch.set_num_threads(a.threads)
     out = Path(a.out)
+    if a.table:
+        print(markdown_table(out))
+        return
+    torch.set_num_threads(a.threads)
     out.mkdir(parents=True, exist_ok=True)
     model, tokenizer = load_model_and_tokenizer(a.model)
     model.eval()
