@@ -11,14 +11,12 @@ steps on prompts it never trained on:
                    harmful prompts of another kind (seeded samples)
   sst2             SST-2 validation accuracy (the fine-tuning task)
 
-Step 0 is the untouched model. Everything runs through the product: `sealft finetune` (a
-child process with --save-every and --resume) and `sealft.evaluate.evaluate` with --adapter.
-When the fine-tuning writes a checkpoint at an evaluation step, the child is paused
-(SIGSTOP), the checkpoint's adapter is copied into a PEFT folder (snapshots/step-N) and
-evaluated, and the child continues (SIGCONT): one core does one thing at a time. Each
-evaluation point appends a row to OUTPUT_DIR/curve.jsonl; a rerun skips what is done and
-resumes the fine-tuning from its last checkpoint (an evaluation step that a killed run passed
-without a snapshot is reported as missing).
+Step 0 is the untouched model. Everything runs through the product: `sealft.finetune.run_finetune`
+(with --save-every and --resume) and `sealft.evaluate.evaluate` with --adapter, in one process.
+When the fine-tuning writes a checkpoint at an evaluation step, its adapter is copied into a
+PEFT folder (snapshots/step-N) and evaluated before training goes on: one core does one thing
+at a time. Each evaluation point appends a row to OUTPUT_DIR/curve.jsonl; a rerun skips what is
+done and resumes the fine-tuning from its last checkpoint.
 
     HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 nice -n 10 python benchmarks/erosion_curve.py \\
         --output-dir runs/erosion-curve --output runs/erosion_curve.md
@@ -29,16 +27,14 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import random
 import shutil
-import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
+import torch
 from end_to_end import _question  # the same Alpaca-unwrapping as the end-to-end benchmark
 
 from sealft.evaluate import EvaluateArgs, evaluate
@@ -49,7 +45,6 @@ DATA = REPO.parent / "shared" / "data"
 QWEN = "Qwen/Qwen2.5-Coder-0.5B-Instruct"
 ALL_PROJECTIONS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
 HELDOUT = "heldout_harmful"
-POLL_SECONDS = 5.0
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -127,21 +122,21 @@ def build_data(args: argparse.Namespace, out: Path) -> tuple[Path, Path]:
     return train, heldout
 
 
-# --- fine-tuning (a child process) -----------------------------------------------------------
+# --- fine-tuning ---------------------------------------------------------------------------
 
-def finetune_command(args: argparse.Namespace, train: Path, folder: Path) -> list[str]:
+def finetune_args(args: argparse.Namespace, train: Path, folder: Path):
+    from sealft import config as cfg
+    from sealft.finetune import FinetuneArgs
+
     save_every = math.gcd(*[s for s in args.eval_steps if s > 0] or [0])
-    command = [sys.executable, "-m", "sealft", "finetune", "--model", args.model,
-               "--data", str(train), "--output-dir", str(folder), "--epochs", str(args.epochs),
-               "--batch-size", str(args.batch_size),
-               "--micro-batch-size", str(args.batch_size), "--lr", str(args.lr),
-               "--max-length", str(args.max_length), "--lora-r", str(args.lora_r),
-               "--lora-alpha", str(args.lora_alpha),
-               "--lora-target-modules", args.lora_targets, "--seed", str(args.seed),
-               "--save-every", str(save_every), "--no-show-progress"]
-    if (folder / "config.yaml").exists():
-        command.append("--resume")
-    return command
+    return cfg.build(FinetuneArgs, {
+        "model": args.model, "data": str(train), "output_dir": str(folder),
+        "epochs": args.epochs, "batch_size": args.batch_size,
+        "micro_batch_size": args.batch_size, "lr": args.lr, "max_length": args.max_length,
+        "lora_r": args.lora_r, "lora_alpha": args.lora_alpha,
+        "lora_target_modules": args.lora_targets.split(","), "seed": args.seed,
+        "save_every": save_every, "show_progress": False,
+        "resume": (folder / "config.yaml").exists()})
 
 
 def snapshot(checkpoint: Path, target: Path, args: argparse.Namespace) -> None:
@@ -158,13 +153,6 @@ def snapshot(checkpoint: Path, target: Path, args: argparse.Namespace) -> None:
                target_modules=args.lora_targets.split(","), task_type="CAUSAL_LM",
                base_model_name_or_path=args.model).save_pretrained(str(tmp))
     tmp.rename(target)
-
-
-def checkpoint_step(folder: Path) -> int | None:
-    try:
-        return json.loads((folder / "checkpoint" / "state.json").read_text())["global_step"]
-    except (OSError, ValueError, KeyError):
-        return None  # not written yet, or being swapped in
 
 
 # --- evaluation ------------------------------------------------------------------------------
@@ -211,6 +199,7 @@ def counts(folder: Path) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    torch.set_num_threads(args.threads)
     out = Path(args.output_dir)
     train, heldout = build_data(args, out)
     curve_path = out / "curve.jsonl"
@@ -223,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     snaps.mkdir(parents=True, exist_ok=True)
     wanted = [s for s in args.eval_steps if s > 0]
     if not (ft / "summary.json").exists():
-        run_finetune_child(args, train, ft, snaps, wanted, done, curve_path, heldout)
+        run_finetune_evaluating(args, train, ft, snaps, wanted, done, curve_path, heldout)
     final = json.loads((ft / "summary.json").read_text(encoding="utf-8"))["steps"]
     for step in wanted + [final]:
         if step in done:
@@ -244,39 +233,36 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def run_finetune_child(args, train: Path, ft: Path, snaps: Path, wanted: list[int],
-                       done: set[int], curve_path: Path, heldout: Path) -> None:
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads),
-           "MKL_NUM_THREADS": str(args.threads)}
-    child = subprocess.Popen(finetune_command(args, train, ft), env=env)
+def run_finetune_evaluating(args: argparse.Namespace, train: Path, ft: Path, snaps: Path,
+                            wanted: list[int], done: set[int], curve_path: Path,
+                            heldout: Path) -> None:
+    """`sealft finetune` in this process; each checkpoint it writes at a wanted step is copied
+    to snapshots/step-N and evaluated before training goes on (the training's RNG state is
+    restored afterwards, so the run is the one it would have been without the pauses)."""
+    from sealft import train as loop
+    from sealft.finetune import run_finetune
+
+    original = loop.Checkpoint.save
+
+    def save_then_evaluate(checkpoint, state) -> None:
+        original(checkpoint, state)
+        step = state.global_step
+        if step not in wanted or step in done:
+            return
+        target = snaps / f"step-{step}"
+        if not target.exists():
+            snapshot(checkpoint.directory / loop.CHECKPOINT, target, args)
+        rng = torch.get_rng_state()
+        append_jsonl(curve_path, {"step": step, **evaluate_point(
+            args, Path(args.output_dir), step, str(target), heldout)})
+        torch.set_rng_state(rng)
+        done.add(step)
+
+    loop.Checkpoint.save = save_then_evaluate
     try:
-        while True:
-            finished = child.poll() is not None
-            step = checkpoint_step(ft)
-            if step in wanted and step not in done and not (snaps / f"step-{step}").exists():
-                if not finished:
-                    os.kill(child.pid, signal.SIGSTOP)
-                try:
-                    step = checkpoint_step(ft)  # the checkpoint cannot change while paused
-                    if step in wanted and not (snaps / f"step-{step}").exists():
-                        snapshot(ft / "checkpoint", snaps / f"step-{step}", args)
-                        append_jsonl(curve_path, {"step": step, **evaluate_point(
-                            args, Path(args.output_dir), step, str(snaps / f"step-{step}"),
-                            heldout)})
-                        done.add(step)
-                finally:
-                    if not finished:
-                        os.kill(child.pid, signal.SIGCONT)
-            if finished:
-                break
-            time.sleep(POLL_SECONDS)
+        run_finetune(finetune_args(args, train, ft))
     finally:
-        if child.poll() is None:
-            os.kill(child.pid, signal.SIGCONT)
-            child.terminate()
-            child.wait()
-    if child.returncode != 0:
-        raise SystemExit(f"sealft finetune exited with {child.returncode}")
+        loop.Checkpoint.save = original
 
 
 def _cell(entry: dict[str, Any] | None, base: dict[str, Any] | None = None) -> str:
