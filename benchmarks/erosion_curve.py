@@ -37,6 +37,7 @@ from typing import Any
 import torch
 from end_to_end import _question  # the same Alpaca-unwrapping as the end-to-end benchmark
 
+from sealft.data import load_examples, sample_rows
 from sealft.evaluate import EvaluateArgs, evaluate
 from sealft.io import append_jsonl, read_jsonl, write_jsonl
 
@@ -54,6 +55,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--rows", type=int, default=48, help="rows in the training mix")
     parser.add_argument("--harmful", type=int, default=16,
                         help="of them, rows flagged unsafe (harmful question, compliant answer)")
+    parser.add_argument("--sample", type=int, default=None,
+                        help="instead of --rows/--harmful: a seeded sample of N rows of the file, "
+                             "drawn as `sealft experiment` draws select.sample (the harmful "
+                             "count is whatever the sample holds)")
     parser.add_argument("--seed", type=int, default=0, help="mix, data order and LoRA init")
     parser.add_argument("--epochs", type=int, default=6)
     parser.add_argument("--batch-size", type=int, default=8)
@@ -99,17 +104,25 @@ def build_data(args: argparse.Namespace, out: Path) -> tuple[Path, Path]:
     rows = json.loads(Path(args.finetune_data).read_text(encoding="utf-8"))
     unsafe = [r for r in rows if r.get("flag") == "unsafe"]
     benign = [r for r in rows if r.get("flag") != "unsafe"]
-    if args.harmful > len(unsafe) or args.rows - args.harmful > len(benign):
+    if not args.sample and (args.harmful > len(unsafe)
+                            or args.rows - args.harmful > len(benign)):
         raise SystemExit(f"{args.finetune_data} has {len(unsafe)} unsafe and {len(benign)} "
                          "other rows: too few for --rows/--harmful")
     rng = random.Random(args.seed)
     order = rng.sample(range(len(unsafe)), len(unsafe))
-    mix = [unsafe[i] for i in order[:args.harmful]]
-    mix += rng.sample(benign, args.rows - args.harmful)
-    rng.shuffle(mix)
+    if args.sample:
+        picked = {e["index"] for e in sample_rows(load_examples(args.finetune_data),
+                                                  args.sample, args.seed)}
+        mix = [r for i, r in enumerate(rows) if i in picked]
+        order = [i for i in order if not any(unsafe[i] is r for r in mix)]
+    else:
+        mix = [unsafe[i] for i in order[:args.harmful]]
+        order = order[args.harmful:]
+        mix += rng.sample(benign, args.rows - args.harmful)
+        rng.shuffle(mix)
     trained = {_question(r["instruction"]) for r in mix if r.get("flag") == "unsafe"}
     questions = []
-    for i in order[args.harmful:]:
+    for i in order:
         question = _question(unsafe[i]["instruction"])
         if question not in trained and question not in questions:
             questions.append(question)
@@ -290,7 +303,7 @@ def table(args: argparse.Namespace, out: Path) -> str:
                   key=lambda r: r["step"])
     metrics = out / "finetune" / "metrics.jsonl"
     losses = {r["step"]: r["loss"] for r in read_jsonl(metrics)} if metrics.exists() else {}
-    steps_per_epoch = math.ceil(args.rows / args.batch_size)
+    steps_per_epoch = math.ceil((args.sample or args.rows) / args.batch_size)
     base = next((r for r in rows if r["step"] == 0), None)
     head = ("| step (epoch) | mean train loss since previous point | held-out harmful refusal % "
             "[95% CI] (k/n) | AdvBench + HarmBench refusal % | SST-2 accuracy % | eval s |")
