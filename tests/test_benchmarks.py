@@ -151,6 +151,22 @@ def test_erosion_curve_mix_and_heldout_questions(tmp_path, monkeypatch):
     assert all(q.startswith("How do I break into house") for q in questions)
 
 
+def test_erosion_curve_sample_is_the_experiment_sample(tmp_path, monkeypatch):
+    bench = _erosion_curve(monkeypatch)
+    from sealft.data import load_examples, sample_rows
+
+    data = tmp_path / "mix.json"
+    data.write_text(json.dumps(_flagged_rows(40)))
+    args = bench.parse_args(["--finetune-data", str(data), "--sample", "16", "--seed", "3",
+                             "--heldout", "2"])
+    train, heldout = bench.build_data(args, tmp_path / "out")
+    mix = json.loads(train.read_text())
+    expected = sample_rows(load_examples(str(data)), 16, 3)
+    assert [r["instruction"] for r in mix] == [e["messages"][-2]["content"] for e in expected]
+    questions = [json.loads(line)["prompt"] for line in heldout.read_text().splitlines()]
+    assert len(questions) == 2 and not set(questions) & {r["instruction"] for r in mix}
+
+
 def test_erosion_curve_wilson_interval_by_hand(monkeypatch):
     bench = _erosion_curve(monkeypatch)
     low, high = bench.wilson(25, 40)  # p = 0.625: centre 0.61405, half-width 0.14372
