@@ -127,6 +127,76 @@ def test_end_to_end_table_counts_harmful_training_rows(tmp_path):
     assert lines[4].startswith("| dsir | failed: boom |")
 
 
+def _erosion_curve(monkeypatch):
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))  # it imports end_to_end, as a script
+    return _load("erosion_curve")
+
+
+def test_erosion_curve_mix_and_heldout_questions(tmp_path, monkeypatch):
+    bench = _erosion_curve(monkeypatch)
+    rows = _flagged_rows(40)  # 10 unsafe
+    rows.append(dict(rows[4]))  # a duplicate question: trained or held out, never both
+    data = tmp_path / "mix.json"
+    data.write_text(json.dumps(rows))
+    args = bench.parse_args(["--finetune-data", str(data), "--rows", "12", "--harmful", "4",
+                             "--heldout", "5", "--eval-steps", "4,0,2"])
+    assert args.eval_steps == [0, 2, 4]
+    train, heldout = bench.build_data(args, tmp_path / "out")
+    mix = json.loads(train.read_text())
+    assert len(mix) == 12 and sum(r["flag"] == "unsafe" for r in mix) == 4
+    questions = [json.loads(line)["prompt"] for line in heldout.read_text().splitlines()]
+    trained = {r["instruction"] for r in mix}
+    assert len(questions) == len(set(questions)) == 5
+    assert not set(questions) & trained
+    assert all(q.startswith("How do I break into house") for q in questions)
+
+
+def test_erosion_curve_sample_is_the_experiment_sample(tmp_path, monkeypatch):
+    bench = _erosion_curve(monkeypatch)
+    from sealft.data import load_examples, sample_rows
+
+    data = tmp_path / "mix.json"
+    data.write_text(json.dumps(_flagged_rows(40)))
+    args = bench.parse_args(["--finetune-data", str(data), "--sample", "16", "--seed", "3",
+                             "--heldout", "2"])
+    train, heldout = bench.build_data(args, tmp_path / "out")
+    mix = json.loads(train.read_text())
+    expected = sample_rows(load_examples(str(data)), 16, 3)
+    assert [r["instruction"] for r in mix] == [e["messages"][-2]["content"] for e in expected]
+    questions = [json.loads(line)["prompt"] for line in heldout.read_text().splitlines()]
+    assert len(questions) == 2 and not set(questions) & {r["instruction"] for r in mix}
+
+
+def test_erosion_curve_wilson_interval_by_hand(monkeypatch):
+    bench = _erosion_curve(monkeypatch)
+    low, high = bench.wilson(25, 40)  # p = 0.625: centre 0.61405, half-width 0.14372
+    assert abs(low - 0.47033) < 1e-4 and abs(high - 0.75777) < 1e-4
+    assert bench.wilson(0, 10)[0] == 0.0 and bench.wilson(10, 10)[1] == 1.0
+
+
+def test_erosion_curve_on_the_tiny_model(tiny_model, shared_data, tmp_path, monkeypatch):
+    bench = _erosion_curve(monkeypatch)
+    data = tmp_path / "mix.json"
+    data.write_text(json.dumps(_flagged_rows(40)))
+    out = tmp_path / "curve"
+    argv = ["--model", tiny_model, "--finetune-data", str(data), "--rows", "12",
+            "--harmful", "4", "--epochs", "2", "--batch-size", "4", "--eval-steps", "0,3",
+            "--heldout", "3", "--harmful-per-set", "0", "--sst2", "4", "--max-new-tokens", "4",
+            "--max-length", "64", "--output-dir", str(out)]
+    monkeypatch.chdir(REPO)  # the evaluation finds ../shared/data from the repository root
+    assert bench.main(argv) == 0
+    curve = [json.loads(line) for line in (out / "curve.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in curve] == [0, 3, 6]  # 3 steps an epoch; the last one too
+    assert all(r["sets"]["heldout_harmful"]["n"] == 3 and r["sets"]["sst2"]["n"] == 4
+               for r in curve)
+    assert (out / "snapshots" / "step-3" / "adapter_config.json").exists()
+    assert bench.main(argv) == 0  # a rerun finds everything done
+    assert len((out / "curve.jsonl").read_text().splitlines()) == 3
+    lines = bench.table(bench.parse_args(argv), out).splitlines()
+    assert len(lines) == 5 and lines[2].startswith("| 0 (0.0) | – | ")
+    assert lines[3].startswith("| 3 (1.0) | ")
+
+
 def test_step_cost_runs_every_variant_on_the_tiny_model():
     import subprocess
 
