@@ -79,6 +79,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--sst2", type=int, default=40, help="SST-2 validation rows")
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    parser.add_argument("--keep-scores", default=None,
+                        help="scores.jsonl of a selection run over this mix's train.json (e.g. "
+                             "`sealft select --finetune-data OUTPUT_DIR/train.json`): train on "
+                             "its kept rows only; the held-out prompts stay the mix's")
+    parser.add_argument("--oracle", action="store_true",
+                        help="train on the mix's rows not flagged unsafe (a perfect filter)")
     parser.add_argument("--output-dir", default="runs/erosion-curve")
     parser.add_argument("--output", default=None, help="also write the table to this .md")
     args = parser.parse_args(argv)
@@ -89,7 +95,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if not 0 < args.harmful <= args.rows or any(s < 0 for s in cfg_steps):
         parser.error("need 0 < --harmful <= --rows and --eval-steps >= 0")
     args.eval_steps = cfg_steps
+    if args.keep_scores and args.oracle:
+        parser.error("--keep-scores and --oracle each choose the trained rows: give one")
     return args
+
+
+def trained_rows(args: argparse.Namespace, train: Path, out: Path) -> Path:
+    """The mix itself, or the part of it a data filter kept (`--keep-scores`, `--oracle`):
+    the filter changes only what is trained on, never the held-out prompts."""
+    if not (args.keep_scores or args.oracle):
+        return train
+    mix = json.loads(train.read_text(encoding="utf-8"))
+    if args.oracle:
+        kept = [r for r in mix if r.get("flag") != "unsafe"]
+    else:
+        scores = list(read_jsonl(Path(args.keep_scores)))
+        if len(scores) != len(mix):
+            raise SystemExit(f"--keep-scores {args.keep_scores}: {len(scores)} rows, the mix "
+                             f"{train} has {len(mix)}; select over that file")
+        kept = [r for r, s in zip(mix, scores, strict=True) if s["kept"]]
+    path = out / "train_kept.json"
+    path.write_text(json.dumps(kept, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+    return path
 
 
 # --- data ----------------------------------------------------------------------------------
@@ -215,6 +242,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     out = Path(args.output_dir)
     train, heldout = build_data(args, out)
+    train = trained_rows(args, train, out)
     curve_path = out / "curve.jsonl"
     done = {r["step"] for r in read_jsonl(curve_path)} if curve_path.exists() else set()
     if 0 in args.eval_steps and 0 not in done:

@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
 from conftest import write_jsonl
 
 REPO = Path(__file__).resolve().parents[1]
@@ -165,6 +166,28 @@ def test_erosion_curve_sample_is_the_experiment_sample(tmp_path, monkeypatch):
     assert [r["instruction"] for r in mix] == [e["messages"][-2]["content"] for e in expected]
     questions = [json.loads(line)["prompt"] for line in heldout.read_text().splitlines()]
     assert len(questions) == 2 and not set(questions) & {r["instruction"] for r in mix}
+
+
+def test_erosion_curve_trains_on_what_a_filter_kept(tmp_path, monkeypatch):
+    bench = _erosion_curve(monkeypatch)
+    data = tmp_path / "mix.json"
+    data.write_text(json.dumps(_flagged_rows(40)))
+    common = ["--finetune-data", str(data), "--rows", "12", "--harmful", "4", "--heldout", "3"]
+    out = tmp_path / "oracle"
+    train, heldout = bench.build_data(bench.parse_args(common), out)
+    mix = json.loads(train.read_text())
+    kept = json.loads(bench.trained_rows(bench.parse_args([*common, "--oracle"]), train,
+                                         out).read_text())
+    assert kept == [r for r in mix if r["flag"] != "unsafe"] and len(kept) == 8
+    scores = tmp_path / "scores.jsonl"
+    scores.write_text("".join(json.dumps({"index": i, "kept": i % 3 == 0}) + "\n"
+                              for i in range(12)))
+    chosen = bench.trained_rows(bench.parse_args([*common, "--keep-scores", str(scores)]),
+                                train, out)
+    assert json.loads(chosen.read_text()) == mix[::3]
+    scores.write_text(scores.read_text().splitlines()[0] + "\n")  # a selection of another file
+    with pytest.raises(SystemExit, match="select over that file"):
+        bench.trained_rows(bench.parse_args([*common, "--keep-scores", str(scores)]), train, out)
 
 
 def test_erosion_curve_wilson_interval_by_hand(monkeypatch):
