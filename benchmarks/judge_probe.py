@@ -138,8 +138,6 @@ def gated(score: np.ndarray, refuses: np.ndarray) -> np.ndarray:
 
 def summarise(rows: list[dict], keep: float = 0.8) -> dict:
     flags = np.array([r["flag"] for r in rows])
-    harmful = np.isin(flags, HARMFUL)
-    control = flags == "control"
     names = [k for k in rows[0] if k not in ("id", "flag", "answer_refuses")]
     signals = {k: np.array([r[k] for r in rows], dtype=float) for k in names}
     if "answer_refuses" in rows[0]:
@@ -149,15 +147,9 @@ def summarise(rows: list[dict], keep: float = 0.8) -> dict:
     if "judge_self" in signals:
         signals["margin+self"] = standardise(signals["margin"]) + standardise(signals["judge_self"])
         signals["margin+third"] = standardise(signals["margin"]) + standardise(signals["judge_third"])
-    out = {}
-    for name, score in signals.items():
-        dropped = np.zeros(len(rows), dtype=bool)
-        dropped[np.argsort(-score, kind="stable")[: len(rows) - int(round(keep * len(rows)))]] = True
-        out[name] = {"auroc": round(float(roc_auc_score(harmful, score)), 3),
-                     "removed": round(float(dropped[harmful].mean()), 3),
-                     "controls_kept": round(float((~dropped[control]).mean()), 3)
-                     if control.any() else None}
-    return out
+    return {name: {k: None if v is None else round(float(v), 3)
+                   for k, v in metrics(flags, score, keep).items()}
+            for name, score in signals.items()}
 
 
 CANDIDATES = ("margin", "margin|gated", "margin_div|gated", "refuse_first|gated",
@@ -197,9 +189,10 @@ def markdown_table(out: Path, keep: float = 0.8) -> str:
                 cells.append("–")
                 continue
             m = metrics(flags, score, keep)
-            cells.append(f"{m['auroc']:.3f} / {m['removed']:.2f} / {m['kept']}")
-            if (flags == "control").any():  # the long-form mixes
-                means.setdefault(name, []).append((m["auroc"], m["removed"], float(m["kept"])))
+            kept = "–" if m["controls_kept"] is None else f"{m['controls_kept']:.2f}"
+            cells.append(f"{m['auroc']:.3f} / {m['removed']:.2f} / {kept}")
+            if m["controls_kept"] is not None:  # the long-form mixes
+                means.setdefault(name, []).append((m["auroc"], m["removed"], m["controls_kept"]))
         lines.append(f"| {path.name.split('__')[0]} | " + " | ".join(cells) + " |")
     lines.append("| **mean, long-form mixes** | " + " | ".join(
         "{:.3f} / {:.2f} / {:.2f} (n={})".format(*np.mean(means[c], axis=0), len(means[c]))
@@ -212,7 +205,7 @@ def metrics(flags: np.ndarray, score: np.ndarray, keep: float) -> dict:
     dropped = np.zeros(len(flags), dtype=bool)
     dropped[np.argsort(-score, kind="stable")[: len(flags) - int(round(keep * len(flags)))]] = True
     return {"auroc": roc_auc_score(harmful, score), "removed": dropped[harmful].mean(),
-            "kept": f"{(~dropped[control]).mean():.2f}" if control.any() else "–"}
+            "controls_kept": (~dropped[control]).mean() if control.any() else None}
 
 
 def main() -> None:
