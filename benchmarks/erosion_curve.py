@@ -267,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
         append_jsonl(curve_path, {"step": step, **evaluate_point(args, out, step, str(adapter),
                                                                  heldout)})
         done.add(step)
-    text = table(args, out)
+    text = table(args, out, trained=len(json.loads(train.read_text(encoding="utf-8"))))
     print(text)
     if args.output:
         Path(args.output).write_text(text, encoding="utf-8")
@@ -324,14 +324,14 @@ def _merge(sets: dict[str, Any], names: tuple[str, ...]) -> dict[str, Any] | Non
     return {"k": sum(p["k"] for p in parts), "n": sum(p["n"] for p in parts)}
 
 
-def table(args: argparse.Namespace, out: Path) -> str:
+def table(args: argparse.Namespace, out: Path, trained: int) -> str:
     """The curve as markdown: percentages with Wilson 95% intervals and counts, Δ against
     step 0, the mean training loss of the steps since the previous point."""
     rows = sorted({r["step"]: r for r in read_jsonl(out / "curve.jsonl")}.values(),
                   key=lambda r: r["step"])
     metrics = out / "finetune" / "metrics.jsonl"
     losses = {r["step"]: r["loss"] for r in read_jsonl(metrics)} if metrics.exists() else {}
-    steps_per_epoch = math.ceil((args.sample or args.rows) / args.batch_size)
+    steps_per_epoch = math.ceil(trained / args.batch_size)  # rows a filter kept, not the mix
     base = next((r for r in rows if r["step"] == 0), None)
     head = ("| step (epoch) | mean train loss since previous point | held-out harmful refusal % "
             "[95% CI] (k/n) | AdvBench + HarmBench refusal % | SST-2 accuracy % | eval s |")

@@ -215,7 +215,7 @@ def test_erosion_curve_on_the_tiny_model(tiny_model, shared_data, tmp_path, monk
     assert (out / "snapshots" / "step-3" / "adapter_config.json").exists()
     assert bench.main(argv) == 0  # a rerun finds everything done
     assert len((out / "curve.jsonl").read_text().splitlines()) == 3
-    lines = bench.table(bench.parse_args(argv), out).splitlines()
+    lines = bench.table(bench.parse_args(argv), out, trained=12).splitlines()
     assert len(lines) == 5 and lines[2].startswith("| 0 (0.0) | – | ")
     assert lines[3].startswith("| 3 (1.0) | ")
 
