@@ -261,3 +261,31 @@ def test_large_data_selects_every_row_in_order_from_arrow():
     table = {k.strip(): v.strip() for k, v in table.items()}
     assert table["scores.jsonl: every row once, in input order"].startswith("True (300 with")
     assert float(table["**host memory above the model**"].strip("* MB").replace(",", "")) > 0
+
+
+def test_erosion_cells_read_each_run_at_the_same_epochs_and_average_over_seeds(tmp_path):
+    cells = _load("erosion_cells")
+    for seed, (base_k, all_k, kept_k) in enumerate([(6, 1, 5), (8, 3, 7)]):
+        for method, rows, k in (("all", 8, all_k), ("kept", 4, kept_k)):
+            folder = tmp_path / f"{method}-{seed}"
+            folder.mkdir()
+            mix = [{"flag": "unsafe" if i < 2 else "safe"} for i in range(8)]
+            (folder / "train.json").write_text(json.dumps(mix))
+            if method == "kept":
+                (folder / "train_kept.json").write_text(json.dumps(mix[4:]))
+            steps = {0: base_k, 2 * rows // 4: k, 2 * rows // 4 + 1: 0}  # 2 epochs at batch 4
+            (folder / "curve.jsonl").write_text("".join(json.dumps(
+                {"step": s, "sets": {"heldout_harmful": {"n": 10, "k": v},
+                                     "sst2": {"n": 4, "k": 2}}}) + "\n"
+                for s, v in steps.items()))
+    text = cells.table({"all": str(tmp_path / "all-{seed}"), "kept": str(tmp_path / "kept-{seed}")},
+                       [0, 1], epochs=2, batch_size=4)
+    lines = {line.split("|")[1].strip(): line.split("|")[2:-1] for line in text.splitlines()[2:]}
+    # two seeds: mean ± t(0.975, 1) * stdev / sqrt(2) = 12.706 * 14.142 / 1.414 = 127.1
+    assert lines["base"][0].strip() == "70.0 ± 127.1 (60.0, 80.0)"
+    assert lines["all"][0].strip() == "20.0 ± 127.1 (10.0, 30.0)"  # step 4, not the later 0 %
+    assert lines["kept"][0].strip() == "60.0 ± 127.1 (50.0, 70.0)"  # step 2: 4 rows kept
+    assert lines["kept"][4].strip() == "0.0 ± 0.0 (0.0, 0.0)"  # no unsafe row among kept
+    assert lines["all"][1].strip() == "–"  # no AdvBench / HarmBench in these runs
+    with pytest.raises(SystemExit, match="no evaluation at step 6"):
+        cells.table({"all": str(tmp_path / "all-{seed}")}, [0], epochs=3, batch_size=4)

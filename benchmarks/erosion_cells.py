@@ -1,0 +1,92 @@
+"""The filter cells of an erosion regime side by side, over seeds: for each method (all data,
+a data filter's kept rows, the oracle) the `erosion_curve.py` runs of every seed, read at the
+same number of epochs, as mean ± 95% confidence interval (Student t over seeds, the
+experiment's `mean_ci`), with the base model from each seed's step 0.
+
+    python benchmarks/erosion_cells.py --epochs 2 --seeds 0 1 2 \\
+        --cell all=runs/erosion-A-s{seed}-all --cell oracle=runs/erosion-A-s{seed}-oracle \\
+        --cell seal=runs/erosion-A-s{seed}-seal --cell random=runs/erosion-A-s{seed}-random
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+from sealft.experiment import mean_ci
+
+HELDOUT = "heldout_harmful"
+COLUMNS = ("held-out harmful refusal %", "AdvBench + HarmBench refusal %", "SST-2 accuracy %",
+           "rows trained", "harmful rows trained")
+
+
+def _rate(sets: dict, names: tuple[str, ...]) -> float | None:
+    parts = [sets[n] for n in names if sets.get(n, {}).get("k") is not None]
+    if not parts:
+        return None
+    return 100 * sum(p["k"] for p in parts) / sum(p["n"] for p in parts)
+
+
+def read_cell(folder: Path, epochs: int, batch_size: int, base: bool = False) -> dict:
+    """One run's numbers at `epochs` epochs over the rows it trained (step 0 when `base`)."""
+    trained_file = folder / "train_kept.json"
+    if not trained_file.exists():
+        trained_file = folder / "train.json"
+    rows = json.loads(trained_file.read_text(encoding="utf-8"))
+    step = 0 if base else epochs * math.ceil(len(rows) / batch_size)
+    curve = {}
+    for line in (folder / "curve.jsonl").read_text(encoding="utf-8").splitlines():
+        point = json.loads(line)
+        curve[point["step"]] = point["sets"]
+    if step not in curve:
+        raise SystemExit(f"{folder}: no evaluation at step {step} ({epochs} epochs over "
+                         f"{len(rows)} rows); it has steps {sorted(curve)}")
+    sets = curve[step]
+    return {COLUMNS[0]: _rate(sets, (HELDOUT,)),
+            COLUMNS[1]: _rate(sets, ("advbench", "harmbench")),
+            COLUMNS[2]: _rate(sets, ("sst2",)),
+            COLUMNS[3]: 0 if base else len(rows),
+            COLUMNS[4]: 0 if base else sum(r.get("flag") == "unsafe" for r in rows)}
+
+
+def cell_format(values: list[float | None]) -> str:
+    present = [v for v in values if v is not None]
+    if not present:
+        return "–"
+    mean, half = mean_ci(present)
+    spread = f" ± {half:.1f}" if half is not None else ""
+    return f"{mean:.1f}{spread} ({', '.join(f'{v:.1f}' for v in present)})"
+
+
+def table(cells: dict[str, str], seeds: list[int], epochs: int, batch_size: int) -> str:
+    first = next(iter(cells.values()))
+    by_method = {"base": [read_cell(Path(first.format(seed=s)), epochs, batch_size, base=True)
+                          for s in seeds]}
+    for method, pattern in cells.items():
+        by_method[method] = [read_cell(Path(pattern.format(seed=s)), epochs, batch_size)
+                             for s in seeds]
+    lines = ["| method | " + " | ".join(COLUMNS) + " |", "|---" * (len(COLUMNS) + 1) + "|"]
+    for method, runs in by_method.items():
+        lines.append(f"| {method} | " + " | ".join(
+            cell_format([r[c] for r in runs]) for c in COLUMNS) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--cell", action="append", required=True, metavar="METHOD=PATTERN",
+                   help="a method and its run folders, {seed} in the pattern; the first cell's "
+                        "step 0 is the base model")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--batch-size", type=int, default=8)
+    a = p.parse_args(argv)
+    cells = dict(c.split("=", 1) for c in a.cell)
+    print(f"mean ± 95% CI over seeds {a.seeds} (per-seed values), {a.epochs} epochs\n")
+    print(table(cells, a.seeds, a.epochs, a.batch_size))
+
+
+if __name__ == "__main__":
+    main()
