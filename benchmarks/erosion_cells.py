@@ -67,10 +67,14 @@ def table(cells: dict[str, str], seeds: list[int], epochs: int, batch_size: int)
     for method, pattern in cells.items():
         by_method[method] = [read_cell(Path(pattern.format(seed=s)), epochs, batch_size)
                              for s in seeds]
-    lines = ["| method | " + " | ".join(COLUMNS) + " |", "|---" * (len(COLUMNS) + 1) + "|"]
+    delta = "Δ held-out refusal vs base (paired by seed)"
+    lines = ["| method | " + " | ".join((*COLUMNS, delta)) + " |",
+             "|---" * (len(COLUMNS) + 2) + "|"]
     for method, runs in by_method.items():
+        paired = [r[COLUMNS[0]] - b[COLUMNS[0]] for r, b in zip(runs, by_method["base"],
+                                                                 strict=True)]
         lines.append(f"| {method} | " + " | ".join(
-            cell_format([r[c] for r in runs]) for c in COLUMNS) + " |")
+            [cell_format([r[c] for r in runs]) for c in COLUMNS] + [cell_format(paired)]) + " |")
     return "\n".join(lines)
 
 

@@ -46,6 +46,8 @@ VARIANTS = {
     "loss-8-tokens": CPU | {"score_signal": "loss", "score_tokens": 8},
     "loss-shift-8-tokens": CPU | {"score_signal": "loss-shift", "score_tokens": 8},
     "strong-safety-pull": CPU | {"epochs": 3, "lr": 1e-3},
+    "safe-gradient-1": CPU | {"score_signal": "safe-gradient", "score_tokens": 1},
+    "safe-gradient-4": CPU | {"score_signal": "safe-gradient", "score_tokens": 4},
     "random": {"method": "random", "max_length": 192},
     "dsir": {"method": "dsir", "max_length": 192},
 }

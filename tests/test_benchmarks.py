@@ -287,5 +287,6 @@ def test_erosion_cells_read_each_run_at_the_same_epochs_and_average_over_seeds(t
     assert lines["kept"][0].strip() == "60.0 ± 127.1 (50.0, 70.0)"  # step 2: 4 rows kept
     assert lines["kept"][4].strip() == "0.0 ± 0.0 (0.0, 0.0)"  # no unsafe row among kept
     assert lines["all"][1].strip() == "–"  # no AdvBench / HarmBench in these runs
+    assert lines["kept"][5].strip() == "-10.0 ± 0.0 (-10.0, -10.0)"  # paired with each base
     with pytest.raises(SystemExit, match="no evaluation at step 6"):
         cells.table({"all": str(tmp_path / "all-{seed}")}, [0], epochs=3, batch_size=4)

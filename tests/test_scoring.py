@@ -30,7 +30,7 @@ def _select(tiny_model, tmp_path, rows, name="sel", **options):
                                  output_dir=str(tmp_path / name), **settings))
 
 
-@pytest.mark.parametrize("signal", ["refusal-margin", "loss", "loss-shift"])
+@pytest.mark.parametrize("signal", ["refusal-margin", "loss", "loss-shift", "safe-gradient"])
 def test_final_pass_ranks_rows_by_their_score(tiny_model, tmp_path, signal):
     summary = _select(tiny_model, tmp_path, toy_finetune_rows(20), score_signal=signal)
     rows = _scores(tmp_path / "sel" / "scores.jsonl")
@@ -136,6 +136,46 @@ def test_other_prompts_fall_back_to_one_forward_per_text(tiny_model):
         per_text = per_example_loss(model, batch, 1) - torch.minimum(
             per_example_loss(model, changed, 1), per_example_loss(model, refusals[1], 1))
     torch.testing.assert_close(scores, per_text, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("tokens", [1, 3])
+def test_safe_gradient_is_the_inner_product_of_the_rows_and_safe_gradients(tiny_model, tokens):
+    """The central difference along ∇f gives −⟨∇ℓ_i, ∇f⟩ of explicit per-row gradients, and
+    leaves θ exactly as it was."""
+    from sealft.bilevel import THETA, safe_direction, safe_gradient_scores
+    from sealft.models import adapter_parameters
+
+    model, batch, refusals = _adapted_model_and_batches(tiny_model)
+    params = adapter_parameters(model, THETA)
+    before = [p.detach().clone() for p in params]
+    direction = safe_direction(model, params, refusals, tokens)  # refusals as the safe set
+    scores = safe_gradient_scores(model, params, direction, batch, tokens)
+    expected = []
+    for row in range(len(batch["input_ids"])):
+        one = {k: v[row:row + 1] for k, v in batch.items()}
+        grads = torch.autograd.grad(per_example_loss(model, one, tokens).sum(), params)
+        expected.append(-sum(float((g * d).sum()) for g, d in zip(grads, direction, strict=True)))
+    expected = torch.tensor(expected)
+    assert expected.std() > 1e-2  # rows that differ, so a wrong sign or row order shows
+    # float32 central difference: about 0.1% of the largest score; a 1% tolerance still fails
+    # on a wrong sign, scale or row order
+    torch.testing.assert_close(scores, expected, atol=1e-2 * expected.abs().max(), rtol=0)
+    assert all(torch.equal(p, b) for p, b in zip(params, before, strict=True))
+
+
+def test_safe_gradient_scorer_saves_its_direction_and_rescores_alike(tiny_model, tmp_path):
+    rows = toy_finetune_rows(16)
+    _select(tiny_model, tmp_path, rows, score_signal="safe-gradient", score_tokens=2)
+    assert (tmp_path / "sel" / "scorer" / "safe_direction.safetensors").is_file()
+    fitted = {r["id"]: r["score"] for r in _scores(tmp_path / "sel" / "scores.jsonl")}
+    code = main(["score", "--selection", str(tmp_path / "sel"), "--data",
+                 str(tmp_path / "sel.jsonl"), "--output-dir", str(tmp_path / "again"),
+                 "--no-show-progress"])
+    assert code == 0
+    again = _scores(tmp_path / "again" / "scores.jsonl")
+    assert len(again) == 16 and len({round(r["score"], 4) for r in again}) > 1
+    for r in again:
+        assert r["score"] == pytest.approx(fitted[r["id"]], abs=1e-4)
 
 
 def test_score_command_reproduces_the_fit_and_scores_new_rows(tiny_model, tmp_path):

@@ -17,7 +17,8 @@ the only one that measurably ranks harmful rows below benign long answers (docs/
 step on f (the earlier default; on the SST-2 mixes it mostly reads answer length).
 
 After the loop, `final_scores` ranks every row once under the final θ (the scoring pass,
-sealft's default `--scoring final-pass`) instead of by the logits its visits left.
+sealft's default `--scoring final-pass`) instead of by the logits its visits left;
+`safe_gradient_scores` ranks it by the hypergradient itself, −⟨∇ℓ_i(θ), ∇f(θ)⟩.
 
 θ and θ' are two LoRA adapters on one frozen base. Each forward pass is used once: the
 per-example losses ℓ_i(θ) feed both θ's and ω's gradients, ℓ_i(θ') both θ''s and ω's.
@@ -379,6 +380,61 @@ def final_scores(model: torch.nn.Module, batch: Batch, refusal_batches: list[Bat
     refusal = torch.stack([per_example_loss(model, r, first_tokens)
                            for r in refusal_batches]).min(dim=0).values
     return loss - refusal
+
+
+def safe_direction(model: torch.nn.Module, params: list[torch.nn.Parameter],
+                   safe_batches: list[Batch], first_tokens: int | None) -> list[torch.Tensor]:
+    """∇f(θ): the gradient of the safe set's mean loss (over its first k response tokens)
+    with respect to θ's LoRA parameters `params`, for the `safe-gradient` signal. Preference
+    pairs contribute their chosen side: what the upper level wants the model to say."""
+    model.set_adapter(THETA)
+    batches = [b.get("chosen", b) for b in safe_batches]
+    total = sum(len(b["input_ids"]) for b in batches)
+    direction = [torch.zeros_like(p) for p in params]
+    for batch in batches:
+        if first_tokens is not None:
+            batch = _through_first_tokens(batch, first_tokens)
+        loss = per_example_loss(model, batch, first_tokens).sum() / total
+        for acc, grad in zip(direction, torch.autograd.grad(loss, params), strict=True):
+            acc += grad
+    return direction
+
+
+# How far the safe-gradient signal steps θ along ∇f: far enough that the safe set's own loss
+# moves by this many nats to first order (ε‖∇f‖² = SAFE_STEP), so the loss differences stand
+# well above float32 noise; near enough that curvature does not matter for a ranking.
+SAFE_STEP = 1e-2
+
+
+@torch.no_grad()
+def safe_gradient_scores(model: torch.nn.Module, params: list[torch.nn.Parameter],
+                         direction: list[torch.Tensor], batch: Batch,
+                         first_tokens: int | None) -> torch.Tensor:
+    """−⟨∇ℓ_i(θ), ∇f(θ)⟩ per row: SEAL's hypergradient for row i's weight to first order
+    (training on row i moves the safe loss f by −η⟨∇f, ∇ℓ_i⟩), at one θ for every row. Rows
+    that pull θ against the safe set's refusals score high.
+
+    A central difference of the rows' losses along ∇f gives every row's inner product from
+    two forward passes over the batch, where per-row gradients would need a backward per row
+    (and a double backward, the exact batched form, is not implemented for every attention
+    kernel)."""
+    model.set_adapter(THETA)
+    if first_tokens is not None:
+        batch = _through_first_tokens(batch, first_tokens)
+    norm = sum(float((d * d).sum()) for d in direction)
+    eps = SAFE_STEP / max(norm, 1e-30)
+    saved = [p.detach().clone() for p in params]
+
+    def loss_at(sign: float) -> torch.Tensor:
+        for p, d in zip(params, direction, strict=True):
+            p.add_(d, alpha=sign * eps)
+        try:
+            return per_example_loss(model, batch, first_tokens)
+        finally:
+            for p, original in zip(params, saved, strict=True):
+                p.copy_(original)
+
+    return (loss_at(-1.0) - loss_at(1.0)) / (2 * eps)
 
 
 def gamma_at(schedule: str, start: float, increment: float, epoch: int, progress: float) -> float:

@@ -34,6 +34,9 @@ from sealft.selector import Selector, keep_count_for
 from sealft.tokenize import Tokenized, collate, tokenize_examples, tokenize_inputs
 from sealft.train import LoopSettings, adapter_checkpoint, train_loop
 
+DIRECTION_FILE = "safe_direction.safetensors"
+"""safe-gradient runs: ∇f(θ) of the fit's safe set, one tensor per θ parameter."""
+
 
 def fit_subset(tokenized: Tokenized, sample: int | None, seed: int) -> Tokenized:
     """The rows the bilevel problem is fitted on: all, or a seeded sample of `sample` usable
@@ -127,6 +130,10 @@ def learn_selector(args, examples: list[Example], safe: list[Example], out: Path
         model.eval()
         scorer = Scorer(model, tokenizer, args)
         scoring_started = time.perf_counter()
+        safe_rows = len(safe_tok[0] if isinstance(safe_tok, tuple) else safe_tok)
+        scorer.fit_direction([to_batch(safe_tok, list(range(i, min(i + args.micro_batch_size,
+                                                                    safe_rows))))
+                              for i in range(0, safe_rows, args.micro_batch_size)])
         harm = scorer.score_tokenized(tokenized, [examples[r] for r in tokenized.rows],
                                       accelerator)
         score_seconds = time.perf_counter() - scoring_started
@@ -165,11 +172,24 @@ class Scorer:
     settings of the run. Scores the fitted rows after training and, loaded from a run dir,
     rows the run never saw (`sealft score`)."""
 
-    def __init__(self, model, tokenizer, args, refusal_floor: float | None = None):
+    def __init__(self, model, tokenizer, args, refusal_floor: float | None = None,
+                 direction: list[torch.Tensor] | None = None):
         self.model, self.tokenizer, self.args = model, tokenizer, args
         # The score given to rows whose answer is a refusal: set by the fit's pass (below its
         # lowest other row), reused as saved for rows scored later.
         self.refusal_floor = refusal_floor
+        # safe-gradient: ∇f(θ) of the fit's safe set, kept so that rows scored later are
+        # measured against the same direction.
+        self.direction = direction
+
+    def fit_direction(self, safe_batches: list) -> None:
+        """safe-gradient: ∇f(θ) over the safe set, from its micro-batches. Every process
+        computes it over all safe rows (a few short forwards and backwards), so no process
+        waits on another."""
+        if self.args.score_signal == "safe-gradient":
+            self.direction = bilevel.safe_direction(
+                self.model, adapter_parameters(self.model, bilevel.THETA), safe_batches,
+                self.args.score_tokens)
 
     def refusal_data(self, examples: list[Example], tokenized: Tokenized) -> list[Tokenized]:
         """Each usable row's own prompt answered by each of `args.refusals`, aligned with
@@ -213,11 +233,19 @@ class Scorer:
         scores = torch.zeros(len(tokenized), device=device)
         bar = tqdm(total=len(mine), desc="scoring rows", unit="row",
                    disable=not (show and rank == 0))
+        params = (adapter_parameters(self.model, bilevel.THETA)
+                  if args.score_signal == "safe-gradient" else [])
         for start in range(0, len(mine), size):
             micro = mine[start:start + size]
-            scores[micro] = bilevel.final_scores(
-                self.model, to_batch(tokenized, micro), [to_batch(r, micro) for r in refusals],
-                args.score_signal, args.score_tokens).float()
+            if params:
+                scores[micro] = bilevel.safe_gradient_scores(
+                    self.model, params, self.direction, to_batch(tokenized, micro),
+                    args.score_tokens).float()
+            else:
+                scores[micro] = bilevel.final_scores(
+                    self.model, to_batch(tokenized, micro),
+                    [to_batch(r, micro) for r in refusals], args.score_signal,
+                    args.score_tokens).float()
             bar.update(len(micro))
         bar.close()
         if world > 1:
@@ -244,6 +272,13 @@ class Scorer:
         record_output(directory)  # listed in the run's manifest before anything is written
         self.model.save_pretrained(directory, selected_adapters=[bilevel.THETA],
                                    safe_serialization=True)
+        if self.direction is not None:
+            from safetensors.torch import save_file
+
+            tmp = directory / (DIRECTION_FILE + ".tmp")
+            save_file({name: d.detach().cpu().contiguous() for name, d in
+                       zip(_theta_names(self.model), self.direction, strict=True)}, str(tmp))
+            tmp.replace(directory / DIRECTION_FILE)
         args = self.args
         write_json(directory / SCORING_FILE, {
             "signal": args.score_signal, "tokens": args.score_tokens,
@@ -266,7 +301,23 @@ def load_scorer(run: Path, fitted, dtype: str | None = None, device=None) -> Sco
     saved = json.loads((run / SCORER_DIR / SCORING_FILE).read_text(encoding="utf-8"))
     # A run saved before refusal rows were kept scored them like any other row.
     fitted = dataclasses.replace(fitted, keep_refusals=saved.get("keep_refusals", False))
-    return Scorer(model, tokenizer, fitted, saved.get("refusal_floor"))
+    direction = None
+    if fitted.score_signal == "safe-gradient":
+        from safetensors.torch import load_file
+
+        tensors = load_file(str(run / SCORER_DIR / DIRECTION_FILE), device=str(device))
+        names = _theta_names(model)
+        if sorted(names) != sorted(tensors):
+            raise ConfigError(f"--selection {run}: {SCORER_DIR}/{DIRECTION_FILE} does not "
+                              f"match the saved adapter; rerun the selection")
+        direction = [tensors[n] for n in names]
+    return Scorer(model, tokenizer, fitted, saved.get("refusal_floor"), direction)
+
+
+def _theta_names(model) -> list[str]:
+    """Names of θ's LoRA parameters, in `adapter_parameters` order."""
+    marker = f".{bilevel.THETA}."
+    return [n for n, _ in model.named_parameters() if "lora_" in n and marker in n]
 
 
 def score_examples(scorer: Scorer, examples: list[Example], micro_batch_size: int | None = None,

@@ -17,7 +17,7 @@ from sealft.data import Example
 from sealft.io import write_json, write_jsonl
 
 METHODS = ("seal", "random", "dsir", "reference-loss", "all", "oracle")
-SIGNALS = ("refusal-margin", "loss", "loss-shift")
+SIGNALS = ("refusal-margin", "loss", "loss-shift", "safe-gradient")
 PARAMETRIZATIONS = ("softmax", "sigmoid")
 SCORER_DIR = "scorer"
 """Where a `final-pass` SEAL run keeps its scorer (θ adapter + scoring.json)."""
@@ -53,7 +53,8 @@ class SelectArgs(cfg.RunOptions):
     score_signal: str = "refusal-margin"
     """final-pass signal: refusal-margin (row's loss minus the loss of a refusal to the row's
     own prompt, under θ) | loss (row's loss under θ) | loss-shift (loss under θ minus loss
-    under the frozen base). docs/selection.md says what each measures."""
+    under the frozen base) | safe-gradient (−⟨∇ℓ_i, ∇f⟩ under θ: how much a step on the row
+    would raise the safe set's loss). docs/selection.md says what each measures."""
     score_tokens: int | None = 1
     """final-pass: score the first N response tokens only (none = all)."""
     refusals: tuple[str, ...] = ("I'm sorry, but I can't assist with that.",
