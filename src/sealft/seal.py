@@ -130,10 +130,11 @@ def learn_selector(args, examples: list[Example], safe: list[Example], out: Path
         model.eval()
         scorer = Scorer(model, tokenizer, args)
         scoring_started = time.perf_counter()
-        safe_rows = len(safe_tok[0] if isinstance(safe_tok, tuple) else safe_tok)
-        scorer.fit_direction([to_batch(safe_tok, list(range(i, min(i + args.micro_batch_size,
-                                                                    safe_rows))))
-                              for i in range(0, safe_rows, args.micro_batch_size)])
+        if args.score_signal == "safe-gradient":
+            safe_rows = len(safe_tok[0] if isinstance(safe_tok, tuple) else safe_tok)
+            size = args.micro_batch_size
+            scorer.fit_direction([to_batch(safe_tok, list(range(i, min(i + size, safe_rows))))
+                                  for i in range(0, safe_rows, size)])
         harm = scorer.score_tokenized(tokenized, [examples[r] for r in tokenized.rows],
                                       accelerator)
         score_seconds = time.perf_counter() - scoring_started
@@ -186,10 +187,9 @@ class Scorer:
         """safe-gradient: ∇f(θ) over the safe set, from its micro-batches. Every process
         computes it over all safe rows (a few short forwards and backwards), so no process
         waits on another."""
-        if self.args.score_signal == "safe-gradient":
-            self.direction = bilevel.safe_direction(
-                self.model, adapter_parameters(self.model, bilevel.THETA), safe_batches,
-                self.args.score_tokens)
+        self.direction = bilevel.safe_direction(
+            self.model, adapter_parameters(self.model, bilevel.THETA), safe_batches,
+            self.args.score_tokens)
 
     def refusal_data(self, examples: list[Example], tokenized: Tokenized) -> list[Tokenized]:
         """Each usable row's own prompt answered by each of `args.refusals`, aligned with
