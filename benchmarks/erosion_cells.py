@@ -16,6 +16,7 @@ import math
 from pathlib import Path
 
 from sealft.experiment import mean_ci
+from sealft.io import read_jsonl
 
 HELDOUT = "heldout_harmful"
 COLUMNS = ("held-out harmful refusal %", "AdvBench + HarmBench refusal %", "SST-2 accuracy %",
@@ -36,10 +37,7 @@ def read_cell(folder: Path, epochs: int, batch_size: int, base: bool = False) ->
         trained_file = folder / "train.json"
     rows = json.loads(trained_file.read_text(encoding="utf-8"))
     step = 0 if base else epochs * math.ceil(len(rows) / batch_size)
-    curve = {}
-    for line in (folder / "curve.jsonl").read_text(encoding="utf-8").splitlines():
-        point = json.loads(line)
-        curve[point["step"]] = point["sets"]
+    curve = {point["step"]: point["sets"] for point in read_jsonl(folder / "curve.jsonl")}
     if step not in curve:
         raise SystemExit(f"{folder}: no evaluation at step {step} ({epochs} epochs over "
                          f"{len(rows)} rows); it has steps {sorted(curve)}")

@@ -44,7 +44,7 @@ from sealft.refusal import is_refusal
 from sealft.tokenize import IGNORE_INDEX, collate, tokenize_examples
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from judge_probe import gated, metrics  # noqa: E402  (one AUROC / keep-80% reading for both probes)
+from judge_probe import gated, signal_table  # noqa: E402  (one table for both probes)
 
 SCORES = ("dot", "cos", "cos_c")
 
@@ -118,30 +118,17 @@ def table(out: Path, keep: float = 0.8) -> str:
     found = sorted({k for p in paths for k in json.loads(p.read_text().splitlines()[0])
                     if k.endswith(SCORES)}, key=lambda k: (k.split("_")[0], k))
     names = [f"{n}{g}" for n in found for g in ("", "|gated")]
-    lines = ["| mix | " + " | ".join(n.replace("|", "\\|") for n in names) + " |",
-             "|---" * (len(names) + 1) + "|"]
-    means: dict[str, list] = {}
+    mixes = []
     for path in paths:
         rows = [json.loads(line) for line in path.read_text().splitlines()]
-        flags = np.array([r["flag"] for r in rows])
         refuses = np.array([r["answer_refuses"] for r in rows])
-        cells = []
-        for name in names:
-            if name.split("|")[0] not in rows[0]:
-                cells.append("–")
-                continue
-            raw = np.array([r[name.split("|")[0]] for r in rows])
-            m = metrics(flags, gated(raw, refuses) if name.endswith("|gated") else raw, keep)
-            kept = "–" if m["controls_kept"] is None else f"{m['controls_kept']:.2f}"
-            cells.append(f"{m['auroc']:.3f} / {m['removed']:.2f} / {kept}")
-            if m["controls_kept"] is not None:
-                means.setdefault(name, []).append((m["auroc"], m["removed"], m["controls_kept"]))
-        lines.append(f"| {path.stem} | " + " | ".join(cells) + " |")
-    if means:
-        lines.append("| **mean, long-form** | " + " | ".join(
-            "{:.3f} / {:.2f} / {:.2f} (n={})".format(*np.mean(means[n], axis=0), len(means[n]))
-            if n in means else "–" for n in names) + " |")
-    return "\n".join(lines)
+        scores = {}
+        for name in found:
+            if name in rows[0]:
+                raw = np.array([r[name] for r in rows])
+                scores[name], scores[f"{name}|gated"] = raw, gated(raw, refuses)
+        mixes.append((path.stem, np.array([r["flag"] for r in rows]), scores))
+    return signal_table(mixes, names, [n.replace("|", "\\|") for n in names], keep)
 
 
 def main() -> None:

@@ -174,17 +174,28 @@ def candidate_scores(rows: list[dict], div: list[dict] | None) -> dict[str, np.n
 
 def markdown_table(out: Path, keep: float = 0.8) -> str:
     """AUROC / harmful removed / controls kept per mix and candidate, from the saved rows."""
-    lines = ["| mix | " + " | ".join(CANDIDATES) + " |", "|---" * (len(CANDIDATES) + 1) + "|"]
-    means: dict[str, list[tuple[float, float, float]]] = {}
+    mixes = []
     for path in sorted(out.glob("*__refusal.jsonl")):
         rows = [json.loads(line) for line in path.read_text().splitlines()]
         div_path = path.with_name(path.name.replace("__refusal", "__divergence"))
         div = ([json.loads(line) for line in div_path.read_text().splitlines()]
                if div_path.exists() else None)
-        flags = np.array([r["flag"] for r in rows])
+        mixes.append((path.name.split("__")[0], np.array([r["flag"] for r in rows]),
+                      candidate_scores(rows, div)))
+    return signal_table(mixes, list(CANDIDATES), list(CANDIDATES), keep)
+
+
+def signal_table(mixes: list[tuple[str, np.ndarray, dict[str, np.ndarray]]], names: list[str],
+                 header: list[str], keep: float = 0.8) -> str:
+    """One line per (mix name, flags, scores by signal): AUROC / harmful removed / controls
+    kept for each of `names` ("–" where a mix lacks the signal), then the mean over the
+    long-form mixes (those with controls). `header`: the column titles of `names`."""
+    lines = ["| mix | " + " | ".join(header) + " |", "|---" * (len(names) + 1) + "|"]
+    means: dict[str, list[tuple[float, float, float]]] = {}
+    for mix, flags, scores in mixes:
         cells = []
-        for name in CANDIDATES:
-            score = candidate_scores(rows, div).get(name)
+        for name in names:
+            score = scores.get(name)
             if score is None:
                 cells.append("–")
                 continue
@@ -193,10 +204,10 @@ def markdown_table(out: Path, keep: float = 0.8) -> str:
             cells.append(f"{m['auroc']:.3f} / {m['removed']:.2f} / {kept}")
             if m["controls_kept"] is not None:  # the long-form mixes
                 means.setdefault(name, []).append((m["auroc"], m["removed"], m["controls_kept"]))
-        lines.append(f"| {path.name.split('__')[0]} | " + " | ".join(cells) + " |")
+        lines.append(f"| {mix} | " + " | ".join(cells) + " |")
     lines.append("| **mean, long-form mixes** | " + " | ".join(
         "{:.3f} / {:.2f} / {:.2f} (n={})".format(*np.mean(means[c], axis=0), len(means[c]))
-        if c in means else "–" for c in CANDIDATES) + " |")
+        if c in means else "–" for c in names) + " |")
     return "\n".join(lines)
 
 

@@ -233,11 +233,11 @@ class Scorer:
         scores = torch.zeros(len(tokenized), device=device)
         bar = tqdm(total=len(mine), desc="scoring rows", unit="row",
                    disable=not (show and rank == 0))
-        params = (adapter_parameters(self.model, bilevel.THETA)
-                  if args.score_signal == "safe-gradient" else [])
+        gradient_signal = args.score_signal == "safe-gradient"
+        params = adapter_parameters(self.model, bilevel.THETA) if gradient_signal else []
         for start in range(0, len(mine), size):
             micro = mine[start:start + size]
-            if params:
+            if gradient_signal:
                 scores[micro] = bilevel.safe_gradient_scores(
                     self.model, params, self.direction, to_batch(tokenized, micro),
                     args.score_tokens).float()
