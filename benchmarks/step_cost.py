@@ -62,11 +62,14 @@ def _rows(n: int, seed: int, data: str | None):
                        "completion": " ".join(rng.choices(words, k=40))} for _ in range(n)])
 
 
-def _batches(tokenized, micro: int, pad: int):
+def _batches(tokenized, micro: int, pad: int, device: str):
+    """Micro-batches already on the model's device, as the product's loops hand them over."""
     from sealft.tokenize import collate
 
     n = len(tokenized)
-    return [collate(tokenized, list(range(k, min(n, k + micro))), pad) for k in range(0, n, micro)]
+    return [{key: v.to(device) for key, v in collate(tokenized, list(range(k, min(n, k + micro))),
+                                                     pad).items()}
+            for k in range(0, n, micro)]
 
 
 def _settings(args: argparse.Namespace):
@@ -97,13 +100,17 @@ def _step_functions(args: argparse.Namespace, variants: tuple[str, ...]):
     pad = tokenizer.pad_token_id
     ft_rows, safe_rows = _rows(args.batch, 0, args.data), _rows(args.batch, 1, args.data)
     ft_tok = tokenize_examples(ft_rows, tokenizer, args.max_length, cache=False)
-    ft = _batches(ft_tok, args.micro, pad)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    ft = _batches(ft_tok, args.micro, pad, device)
     safe = _batches(tokenize_examples(safe_rows, tokenizer, args.max_length, cache=False),
-                    args.micro, pad)
+                    args.micro, pad, device)
+    # The model's own memory, in the unit peak_memory_mb reports: host RSS on CPU, allocated
+    # GPU memory on CUDA (so "above model" never subtracts host bytes from GPU bytes).
     base_rss = _rss_mb()
     if torch.cuda.is_available():
         model = model.cuda()
         torch.cuda.reset_peak_memory_stats()
+        base_rss = torch.cuda.memory_allocated() / 2**20
     bilevel_variants = [v for v in variants if v in bilevel.ALGORITHMS]
     adapters = (selector_adapters(settings.algorithm) if bilevel_variants
                 else (bilevel.THETA,))
