@@ -85,6 +85,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "its kept rows only; the held-out prompts stay the mix's")
     parser.add_argument("--oracle", action="store_true",
                         help="train on the mix's rows not flagged unsafe (a perfect filter)")
+    parser.add_argument("--safeinstr-k", type=int, default=0,
+                        help="SafeInstr: add this many seeded safety rows of --safe-data to "
+                             "the trained rows (after any filter)")
+    parser.add_argument("--safe-data", default=str(DATA / "safe" /
+                                                   "safetyllamas_safety_only.json"),
+                        help="the safety rows SafeInstr draws from")
     parser.add_argument("--output-dir", default="runs/erosion-curve")
     parser.add_argument("--output", default=None, help="also write the table to this .md")
     args = parser.parse_args(argv)
@@ -97,26 +103,45 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.eval_steps = cfg_steps
     if args.keep_scores and args.oracle:
         parser.error("--keep-scores and --oracle each choose the trained rows: give one")
+    if args.safeinstr_k < 0:
+        parser.error("--safeinstr-k must be >= 0")
     return args
 
 
 def trained_rows(args: argparse.Namespace, train: Path, out: Path) -> Path:
-    """The mix itself, or the part of it a data filter kept (`--keep-scores`, `--oracle`):
-    the filter changes only what is trained on, never the held-out prompts."""
-    if not (args.keep_scores or args.oracle):
+    """The mix itself, or the part of it a data filter kept (`--keep-scores`, `--oracle`),
+    plus SafeInstr's safety rows (`--safeinstr-k`): these change only what is trained on,
+    never the held-out prompts."""
+    if not (args.keep_scores or args.oracle or args.safeinstr_k):
         return train
     mix = json.loads(train.read_text(encoding="utf-8"))
     if args.oracle:
         kept = [r for r in mix if r.get("flag") != "unsafe"]
+    elif not args.keep_scores:
+        kept = mix
     else:
         scores = list(read_jsonl(Path(args.keep_scores)))
         if len(scores) != len(mix):
             raise SystemExit(f"--keep-scores {args.keep_scores}: {len(scores)} rows, the mix "
                              f"{train} has {len(mix)}; select over that file")
         kept = [r for r, s in zip(mix, scores, strict=True) if s["kept"]]
+    kept += safety_rows(args)
     path = out / "train_kept.json"
     path.write_text(json.dumps(kept, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
     return path
+
+
+def safety_rows(args: argparse.Namespace) -> list[dict[str, str]]:
+    """SafeInstr's k safety rows, drawn by the product's `safeinstr_mix`, written back in the
+    mix's own Alpaca format (flag "safe", source "safeinstr") so that one file holds both."""
+    if not args.safeinstr_k:
+        return []
+    from sealft.baselines import safeinstr_mix
+
+    safe = load_examples(args.safe_data, "train", "auto", None, True)
+    return [{"instruction": e["messages"][-2]["content"], "input": "",
+             "output": e["messages"][-1]["content"], "flag": "safe", "source": "safeinstr"}
+            for e in safeinstr_mix([], safe, args.safeinstr_k, args.seed)]
 
 
 # --- data ----------------------------------------------------------------------------------
