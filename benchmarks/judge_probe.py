@@ -32,6 +32,7 @@ from sklearn.metrics import roc_auc_score
 
 from sealft.data import load_examples, sample_rows
 from sealft.evaluate.judges import KeywordRefusalJudge
+from sealft.io import read_jsonl
 from sealft.models import load_model_and_tokenizer
 
 REFUSALS = ("I'm sorry, but I can't assist with that.", "I cannot help with that request.")
@@ -214,8 +215,7 @@ def candidate_scores(rows: list[dict], div: list[dict] | None,
 
 
 def _saved(path: Path) -> list[dict] | None:
-    return ([json.loads(line) for line in path.read_text().splitlines()]
-            if path.exists() else None)
+    return list(read_jsonl(path)) if path.exists() else None
 
 
 def markdown_table(out: Path, keep: float = 0.8, names: tuple[str, ...] | None = None) -> str:
@@ -223,7 +223,7 @@ def markdown_table(out: Path, keep: float = 0.8, names: tuple[str, ...] | None =
     (`names`: the candidates to show; default CANDIDATES)."""
     mixes = []
     for path in sorted(out.glob("*__refusal.jsonl")):
-        rows = [json.loads(line) for line in path.read_text().splitlines()]
+        rows = list(read_jsonl(path))
         div = _saved(path.with_name(path.name.replace("__refusal", "__divergence")))
         context = _saved(path.with_name(path.name.replace("__refusal", "__context")))
         if context is not None:
