@@ -39,8 +39,11 @@ import torch
 from sealft.runtime import peak_memory_mb
 
 REPO = Path(__file__).resolve().parents[1]
-VARIANTS = ("sft", "memory-efficient", "penalty", "safety-step", "score")
-"""`score`: the scoring pass (`seal.Scorer`, forward passes only) over `--score-rows` rows."""
+VARIANTS = ("sft", "memory-efficient", "penalty", "safety-step", "score", "score-retokenise")
+"""`score`: the scoring pass (`seal.Scorer`, forward passes only) over `--score-rows` rows.
+`score-retokenise`: the same pass with every row's refusal conversations rendered and tokenised
+(what it does where a chat template words a reply by its context), to show what splicing the
+refusals' reply tokens after each prompt saves."""
 
 
 def _rss_mb() -> float:
@@ -67,8 +70,7 @@ def _batches(tokenized, micro: int, pad: int, device: str):
     from sealft.tokenize import collate
 
     n = len(tokenized)
-    return [{key: v.to(device) for key, v in collate(tokenized, list(range(k, min(n, k + micro))),
-                                                     pad).items()}
+    return [collate(tokenized, list(range(k, min(n, k + micro))), pad, device)
             for k in range(0, n, micro)]
 
 
@@ -138,17 +140,21 @@ def _step_functions(args: argparse.Namespace, variants: tuple[str, ...]):
             steps[variant] = partial(bilevel.ALGORITHMS[variant], parts, ft, safe, 0.05,
                                      args.batch, args.batch)
             rows[variant] = len(ft_tok)
-    if "score" in variants:
+    score_variants = [v for v in variants if v.startswith("score")]
+    if score_variants:
         scored = _rows(args.score_rows or args.batch, 0, args.data)
         scored_tok = tokenize_examples(scored, tokenizer, args.max_length, cache=False)
         usable = [scored[r] for r in scored_tok.rows]
+    for variant in score_variants:
         scorer = Scorer(model, tokenizer, settings)
+        if variant == "score-retokenise":
+            scorer.refusal_replies = lambda *_: None  # as if the splice check had failed
 
-        def score():
+        def score(scorer=scorer):
             model.eval()  # as after a fit: no LoRA dropout in the scoring pass
             scorer.score_tokenized(scored_tok, usable, show_progress=False)
             model.train()
-        steps["score"], rows["score"] = score, len(scored_tok)
+        steps[variant], rows[variant] = score, len(scored_tok)
     return steps, rows, base_rss
 
 

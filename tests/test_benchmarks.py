@@ -230,8 +230,8 @@ def test_step_cost_runs_every_variant_on_the_tiny_model():
     assert result.returncode == 0, result.stderr[-2000:]
     rows = [line for line in result.stdout.splitlines() if line.startswith("| tiny |")]
     assert [r.split("|")[2].strip() for r in rows] == [
-        "sft", "memory-efficient", "penalty", "safety-step", "score"]
-    assert [int(r.split("|")[3]) for r in rows] == [4, 4, 4, 4, 6]
+        "sft", "memory-efficient", "penalty", "safety-step", "score", "score-retokenise"]
+    assert [int(r.split("|")[3]) for r in rows] == [4, 4, 4, 4, 6, 6]
     cells = [[float(c) for c in r.split("|")[4:9]] for r in rows]
     assert cells[0][1:3] == [1.0, 1.0] and cells[0][4] == 1.0  # SFT is its own reference
     assert all(len(c) == 5 and all(v > 0 for v in c[:2]) for c in cells)

@@ -138,6 +138,85 @@ def test_other_prompts_fall_back_to_one_forward_per_text(tiny_model):
     torch.testing.assert_close(scores, per_text, atol=1e-5, rtol=0)
 
 
+def _rows_of_two_layouts(n: int) -> list[dict]:
+    """Toy rows, every other one with a system prompt (two role layouts)."""
+    from sealft.data import normalise
+
+    rows = normalise(toy_finetune_rows(n), "rows")
+    for e in rows[::2]:
+        e["messages"] = [{"role": "system", "content": "you are helpful"}, *e["messages"]]
+    return rows
+
+
+def _refusal_scorer(model, tokenizer, max_length: int):
+    from sealft.seal import Scorer
+
+    return Scorer(model, tokenizer, SelectArgs(
+        finetune_data="x", safe_data="x", output_dir="x", max_length=max_length,
+        refusals=("sorry, i cannot help with that harmful request", "please answer a question")))
+
+
+@pytest.mark.parametrize("cut", [False, True])
+def test_spliced_refusals_equal_tokenising_every_row(tiny_model, cut):
+    """A refusal reply spliced after each row's prompt tokens gives the batch that tokenising
+    the row's prompt answered by the refusal gives, cut at max_length alike."""
+    from sealft.models import load_model_and_tokenizer
+    from sealft.tokenize import collate, splice_reply, tokenize_examples
+
+    model, tokenizer = load_model_and_tokenizer(tiny_model)
+    examples = _rows_of_two_layouts(8)
+    whole = tokenize_examples(examples, tokenizer, 512, cache=False)
+    longest_prompt = max(int((np.asarray(labels) == -100).sum()) for labels in whole.labels)
+    # Cut: every prompt fits, but the refusals' replies are cut short on the longest ones.
+    max_length = longest_prompt + 2 if cut else 512
+    tokenized = tokenize_examples(examples, tokenizer, max_length, cache=False)
+    assert len(tokenized) == len(examples)
+    usable = [examples[r] for r in tokenized.rows]
+    scorer = _refusal_scorer(model, tokenizer, max_length)
+    replies = scorer.refusal_replies(usable, tokenized)
+    assert replies is not None and len(replies) == 2
+    positions = list(range(len(tokenized)))
+    batch = collate(tokenized, positions, tokenizer.pad_token_id)
+    start = (batch["labels"] != -100).int().argmax(dim=1)
+    cut_expected, cut = cut, 0
+    for reply, refusal in zip(replies, scorer.refusal_data(usable, tokenized), strict=True):
+        expected = collate(refusal, positions, tokenizer.pad_token_id)
+        spliced = splice_reply(batch, reply, tokenizer.pad_token_id, max_length)
+        for key in ("input_ids", "labels", "attention_mask"):
+            assert torch.equal(spliced[key], expected[key]), key
+        cut += int((spliced["attention_mask"].sum(dim=1) < start + len(reply)).sum())
+    assert (cut > 0) == cut_expected
+
+
+def test_a_template_that_words_replies_by_context_tokenises_every_row(tiny_model):
+    """A chat template whose reply depends on the conversation before it fails the check, and
+    the scores are those of tokenising every row's refusal conversations."""
+    from sealft.bilevel import THETA, final_scores
+    from sealft.models import LoraSettings, add_lora_adapters, load_model_and_tokenizer
+    from sealft.tokenize import collate, tokenize_examples
+
+    model, tokenizer = load_model_and_tokenizer(tiny_model)
+    tokenizer.chat_template = tokenizer.chat_template.replace(
+        "<|{{ m['role'] }}|>",
+        "<|{{ m['role'] }}|>{% if m['role'] == 'assistant' and messages|length > 2 %}"
+        "please {% endif %}")
+    model = add_lora_adapters(model, LoraSettings(), (THETA,), False).eval()
+    examples = _rows_of_two_layouts(8)
+    tokenized = tokenize_examples(examples, tokenizer, 64, cache=False)
+    usable = [examples[r] for r in tokenized.rows]
+    scorer = _refusal_scorer(model, tokenizer, 64)
+    assert scorer.refusal_replies(usable, tokenized) is None
+    positions = list(range(len(tokenized)))
+    pad = tokenizer.pad_token_id
+    expected = final_scores(model, collate(tokenized, positions, pad),
+                            [collate(r, positions, pad)
+                             for r in scorer.refusal_data(usable, tokenized)],
+                            "refusal-margin", 1)
+    scores = scorer.score_tokenized(tokenized, usable, micro_batch_size=len(tokenized),
+                                    show_progress=False)
+    torch.testing.assert_close(scores, scorer.keep_refusals(expected, usable))
+
+
 @pytest.mark.parametrize("tokens", [1, 3])
 def test_safe_gradient_is_the_inner_product_of_the_rows_and_safe_gradients(tiny_model, tokens):
     """The central difference along ∇f gives −⟨∇ℓ_i, ∇f⟩ of explicit per-row gradients, and

@@ -145,9 +145,9 @@ class SealSelector:
         from sealft.seal import load_scorer, score_examples
 
         run = self._fitted()
-        fitted, _ = fitted_select_args(run)
+        fitted, scoring = fitted_select_args(run)
         if self._scorer is None:
-            self._scorer = load_scorer(run, fitted)
+            self._scorer = load_scorer(run, fitted, scoring)
         examples = normalise(data, "rows") if isinstance(data, list) else load_examples(str(data))
         scores, _ = score_examples(self._scorer, examples, show_progress=False)
         return scores

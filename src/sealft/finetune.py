@@ -152,8 +152,7 @@ def run_finetune(args: FinetuneArgs) -> dict:
         # A rank whose shard of a short last batch is empty still has to join DDP's gradient
         # all-reduce: it runs one row with weight 0.
         scale = accelerator.num_processes / len(batch) if ft_micro else 0.0
-        batches = [{k: v.to(device) for k, v in collate(tokenized, m, pad).items()}
-                   for m in (ft_micro or [[0]])]
+        batches = [collate(tokenized, m, pad, device) for m in (ft_micro or [[0]])]
         return sft_step(model, optimizer, batches, weights, scale, accelerator)
 
     settings = LoopSettings(

@@ -101,7 +101,8 @@ def run_score(args: ScoreArgs) -> dict:
     examples = sample_rows(examples, args.sample, args.seed)
     cfg.check_resume_data(out, {"data": examples}, args.resume)
     accelerator = make_accelerator(out, log=False)
-    scorer = load_scorer(Path(args.selection), fitted, args.dtype, accelerator.device)
+    scorer = load_scorer(Path(args.selection), fitted, scoring, args.dtype,
+                         accelerator.device)
     scores, skipped = score_examples(scorer, examples, args.micro_batch_size,
                                      args.show_progress, accelerator)
     if np.isnan(scores).all():

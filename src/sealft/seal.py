@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from functools import partial
 from pathlib import Path
@@ -31,7 +30,14 @@ from sealft.runtime import (
 )
 from sealft.selection_run import SCORER_DIR, SCORING_FILE
 from sealft.selector import Selector, keep_count_for
-from sealft.tokenize import Tokenized, collate, tokenize_examples, tokenize_inputs
+from sealft.tokenize import (
+    IGNORE_INDEX,
+    Tokenized,
+    collate,
+    splice_reply,
+    tokenize_examples,
+    tokenize_inputs,
+)
 from sealft.train import LoopSettings, adapter_checkpoint, train_loop
 
 DIRECTION_FILE = "safe_direction.safetensors"
@@ -98,7 +104,7 @@ def learn_selector(args, examples: list[Example], safe: list[Example], out: Path
         if isinstance(data, tuple):  # preference pairs
             return {"chosen": to_batch(data[0], positions),
                     "rejected": to_batch(data[1], positions)}
-        return {k: v.to(device) for k, v in collate(data, positions, pad).items()}
+        return collate(data, positions, pad, device)
 
     def step(ft_micro, safe_micro, progress, batch, safe_total):
         gamma = bilevel.gamma_at(args.gamma_schedule, args.gamma_start, args.gamma_increment,
@@ -168,6 +174,24 @@ def _spread(scores: torch.Tensor) -> torch.Tensor:
     return scores.std().clamp(min=1e-8) if len(scores) > 1 else torch.ones(())
 
 
+def _answered(examples: list[Example], text: str) -> list[Example]:
+    """The examples' prompts answered by `text`."""
+    return [{**e, "messages": e["messages"][:-1] + [{"role": "assistant", "content": text}]}
+            for e in examples]
+
+
+def _layout_sample(examples: list[Example]) -> list[int]:
+    """Positions of the first and the last example of every role layout (the roles of the
+    messages before the answer)."""
+    first: dict[tuple, int] = {}
+    last: dict[tuple, int] = {}
+    for p, e in enumerate(examples):
+        layout = tuple(m["role"] for m in e["messages"][:-1])
+        first.setdefault(layout, p)
+        last[layout] = p
+    return sorted(set(first.values()) | set(last.values()))
+
+
 class Scorer:
     """The scoring pass: the final θ (adapter `theta` on the frozen base) and the signal
     settings of the run. Scores the fitted rows after training and, loaded from a run dir,
@@ -199,15 +223,49 @@ class Scorer:
             return []
         out = []
         for text in args.refusals:
-            rows = [{**e, "messages": e["messages"][:-1]
-                     + [{"role": "assistant", "content": text}]} for e in examples]
-            refusal = tokenize_examples(rows, self.tokenizer, args.max_length, args.num_proc,
-                                        cache=False, desc="tokenising refusals")
+            refusal = tokenize_examples(_answered(examples, text), self.tokenizer,
+                                        args.max_length, args.num_proc, cache=False,
+                                        desc="tokenising refusals")
             if len(refusal) != len(tokenized):
                 raise ConfigError(f"--refusals {text!r}: cannot follow every prompt within "
                                   f"--max-length {args.max_length}; raise --max-length")
             out.append(refusal)
         return out
+
+    def refusal_replies(self, examples: list[Example],
+                        tokenized: Tokenized) -> list[list[int]] | None:
+        """Each refusal's reply as token ids, to follow every row's own prompt tokens
+        (`splice_reply`), or None. Rendering and tokenising every row's refusal conversations
+        cost more than the scoring forward itself on a GPU, yet with most chat templates a
+        reply renders the same after any prompt. That is checked on the first and the last row
+        of every role layout (system prompt or not, number of turns): each, answered by the
+        refusal, must tokenise to its own prompt tokens and then one and the same reply. Where
+        a check fails, None: every row's conversations are tokenised (`refusal_data`)."""
+        args = self.args
+        check = _layout_sample(examples)
+        answered = [row for text in args.refusals
+                    for row in _answered([examples[p] for p in check], text)]
+        # No cut: the whole reply, whatever the length of the prompt it follows.
+        probe = tokenize_examples(answered, self.tokenizer, 2**31 - 1, cache=False,
+                                  desc="checking refusal replies")
+        if len(probe) != len(answered):
+            return None
+        own_ids, own_labels = tokenized.take(check)
+        probe_ids, probe_labels = probe.take(list(range(len(answered))))
+        replies = []
+        for t in range(len(args.refusals)):
+            seen = set()
+            for j in range(len(check)):
+                ids, labels = probe_ids[t * len(check) + j], probe_labels[t * len(check) + j]
+                start = int((labels == IGNORE_INDEX).sum())
+                if (start != int((own_labels[j] == IGNORE_INDEX).sum())
+                        or not np.array_equal(ids[:start], own_ids[j][:start])):
+                    return None
+                seen.add(tuple(ids[start:].tolist()))
+            if len(seen) != 1:
+                return None
+            replies.append(list(seen.pop()))
+        return replies
 
     def score_tokenized(self, tokenized: Tokenized, usable: list[Example], accelerator=None,
                         micro_batch_size: int | None = None,
@@ -218,16 +276,22 @@ class Scorer:
         from tqdm.auto import tqdm
 
         args = self.args
+        if not len(tokenized):
+            return torch.zeros(0)
         size = micro_batch_size or args.micro_batch_size
         show = args.show_progress if show_progress is None else show_progress
         rank = accelerator.process_index if accelerator else 0
         world = accelerator.num_processes if accelerator else 1
         device = next(self.model.parameters()).device
-        refusals = self.refusal_data(usable, tokenized)
         pad = self.tokenizer.pad_token_id
+        margin = args.score_signal == "refusal-margin"
+        replies = self.refusal_replies(usable, tokenized) if margin else None
+        refusals = self.refusal_data(usable, tokenized) if replies is None else []
 
-        def to_batch(data: Tokenized, positions: list[int]):
-            return {k: v.to(device) for k, v in collate(data, positions, pad).items()}
+        def refusal_batches(batch, positions: list[int]) -> list:
+            if replies is not None:
+                return [splice_reply(batch, r, pad, args.max_length) for r in replies]
+            return [collate(r, positions, pad, device) for r in refusals]
 
         mine = list(range(len(tokenized)))[rank::world]
         scores = torch.zeros(len(tokenized), device=device)
@@ -237,14 +301,13 @@ class Scorer:
         params = adapter_parameters(self.model, bilevel.THETA) if gradient_signal else []
         for start in range(0, len(mine), size):
             micro = mine[start:start + size]
+            batch = collate(tokenized, micro, pad, device)
             if gradient_signal:
                 scores[micro] = bilevel.safe_gradient_scores(
-                    self.model, params, self.direction, to_batch(tokenized, micro),
-                    args.score_tokens).float()
+                    self.model, params, self.direction, batch, args.score_tokens).float()
             else:
                 scores[micro] = bilevel.final_scores(
-                    self.model, to_batch(tokenized, micro),
-                    [to_batch(r, micro) for r in refusals], args.score_signal,
+                    self.model, batch, refusal_batches(batch, micro), args.score_signal,
                     args.score_tokens).float()
             bar.update(len(micro))
         bar.close()
@@ -287,9 +350,11 @@ class Scorer:
             "keep_refusals": args.keep_refusals, "refusal_floor": self.refusal_floor})
 
 
-def load_scorer(run: Path, fitted, dtype: str | None = None, device=None) -> Scorer:
-    """The scorer a `final-pass` run saved in `run/scorer/`, on its base model, on `device`
-    (default: CUDA when there is one)."""
+def load_scorer(run: Path, fitted, saved: dict, dtype: str | None = None,
+                device=None) -> Scorer:
+    """The scorer a `final-pass` run saved in `run/scorer/` (`fitted`: the run's SelectArgs,
+    `saved`: its scoring.json, both as `score.fitted_select_args` read them), on its base
+    model, on `device` (default: CUDA when there is one)."""
     from peft import PeftModel
 
     model, tokenizer = load_model_and_tokenizer(fitted.model, dtype or fitted.dtype,
@@ -298,7 +363,6 @@ def load_scorer(run: Path, fitted, dtype: str | None = None, device=None) -> Sco
     model = PeftModel.from_pretrained(model, str(run / SCORER_DIR / bilevel.THETA),
                                       adapter_name=bilevel.THETA).to(device)
     model.eval()
-    saved = json.loads((run / SCORER_DIR / SCORING_FILE).read_text(encoding="utf-8"))
     # A run saved before refusal rows were kept scored them like any other row.
     fitted = dataclasses.replace(fitted, keep_refusals=saved.get("keep_refusals", False))
     direction = None
