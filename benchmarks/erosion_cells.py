@@ -15,6 +15,8 @@ import json
 import math
 from pathlib import Path
 
+from erosion_curve import merge_counts
+
 from sealft.experiment import mean_ci
 from sealft.io import read_jsonl
 
@@ -24,10 +26,8 @@ COLUMNS = ("held-out harmful refusal %", "AdvBench + HarmBench refusal %", "SST-
 
 
 def _rate(sets: dict, names: tuple[str, ...]) -> float | None:
-    parts = [sets[n] for n in names if sets.get(n, {}).get("k") is not None]
-    if not parts:
-        return None
-    return 100 * sum(p["k"] for p in parts) / sum(p["n"] for p in parts)
+    pooled = merge_counts(sets, names)
+    return None if pooled is None else 100 * pooled["k"] / pooled["n"]
 
 
 def read_cell(folder: Path, epochs: int, batch_size: int, base: bool = False) -> dict:

@@ -342,7 +342,9 @@ def _cell(entry: dict[str, Any] | None, base: dict[str, Any] | None = None) -> s
     return text
 
 
-def _merge(sets: dict[str, Any], names: tuple[str, ...]) -> dict[str, Any] | None:
+def merge_counts(sets: dict[str, Any], names: tuple[str, ...]) -> dict[str, Any] | None:
+    """The refusal counts of the named prompt sets of one evaluation, pooled (None when none
+    of them was judged)."""
     parts = [sets[n] for n in names if n in sets and sets[n].get("k") is not None]
     if not parts:
         return None
@@ -367,11 +369,11 @@ def table(args: argparse.Namespace, out: Path, trained: int) -> str:
         window = [losses[s] for s in range(previous + 1, step + 1) if s in losses]
         loss = f"{sum(window) / len(window):.3f}" if window else "–"
         bsets = base["sets"] if base else {}
-        other = _merge(sets, ("advbench", "harmbench"))
+        other = merge_counts(sets, ("advbench", "harmbench"))
         lines.append(
             f"| {step} ({step / steps_per_epoch:.1f}) | {loss} | "
             f"{_cell(sets.get(HELDOUT), bsets.get(HELDOUT))} | "
-            f"{_cell(other, _merge(bsets, ('advbench', 'harmbench')))} | "
+            f"{_cell(other, merge_counts(bsets, ('advbench', 'harmbench')))} | "
             f"{_cell(sets.get('sst2'), bsets.get('sst2'))} | {row['eval_seconds']:.0f} |")
         previous = step
     return "\n".join(lines) + "\n"
