@@ -290,3 +290,30 @@ def test_erosion_cells_read_each_run_at_the_same_epochs_and_average_over_seeds(t
     assert lines["kept"][5].strip() == "-10.0 ± 0.0 (-10.0, -10.0)"  # paired with each base
     with pytest.raises(SystemExit, match="no evaluation at step 6"):
         cells.table({"all": str(tmp_path / "all-{seed}")}, [0], epochs=3, batch_size=4)
+
+
+def test_unseen_rows_pairs_a_fit_sample_run_with_a_full_run(tiny_model, tmp_path):
+    from conftest import toy_finetune_rows, toy_safe_rows
+    from sklearn.metrics import roc_auc_score
+
+    from sealft.io import read_jsonl
+    from sealft.seal import fit_sample_rows
+    from sealft.select import SelectArgs, run_select
+
+    unseen_rows = _load("unseen_rows")
+    mix = write_jsonl(tmp_path / "mix.jsonl", toy_finetune_rows(24))
+    safe = write_jsonl(tmp_path / "safe.jsonl", toy_safe_rows())
+    runs = {}
+    for name, fit_sample in (("sampled", 8), ("full", None)):
+        runs[name] = tmp_path / name
+        run_select(SelectArgs(model=tiny_model, finetune_data=str(mix), safe_data=str(safe),
+                              output_dir=str(runs[name]), fit_sample=fit_sample, seed=3,
+                              batch_size=8, micro_batch_size=8, max_length=64,
+                              show_progress=False, label_field="flag"))
+    result = unseen_rows.compare(str(mix), runs["sampled"], runs["full"])
+    unseen = sorted(set(range(24)) - set(fit_sample_rows(list(range(24)), 8, 3)))
+    unsafe = [r % 4 == 0 for r in unseen]
+    assert result["unseen_rows"] == 16 and result["unseen_harmful"] == sum(unsafe)
+    for name, key in (("sampled", "fit_sample_unseen"), ("full", "full_same_rows")):
+        weight = {s["index"]: s["weight"] for s in read_jsonl(runs[name] / "scores.jsonl")}
+        assert result[key] == pytest.approx(roc_auc_score(unsafe, [-weight[r] for r in unseen]))

@@ -49,9 +49,15 @@ def fit_subset(tokenized: Tokenized, sample: int | None, seed: int) -> Tokenized
     rows (input order kept); the scoring pass then scores every row with the fitted θ."""
     if not sample or sample >= len(tokenized):
         return tokenized
+    return tokenized.subset(fit_sample_rows(list(tokenized.rows), sample, seed))
+
+
+def fit_sample_rows(usable_rows: list[int], sample: int, seed: int) -> list[int]:
+    """The input rows `select --fit-sample` fits on, from the usable rows' input positions
+    (so that a run's fitted rows can be told from its unseen ones afterwards)."""
     import random
 
-    return tokenized.subset(sorted(random.Random(seed).sample(list(tokenized.rows), sample)))
+    return sorted(random.Random(seed).sample(list(usable_rows), sample))
 
 
 def selector_adapters(algorithm: str) -> tuple[str, ...]:
