@@ -54,7 +54,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--finetune-data", default=str(DATA / "finetune" / "sst2_n1000_p0.2.json"))
     parser.add_argument("--rows", type=int, default=48, help="rows in the training mix")
     parser.add_argument("--harmful", type=int, default=16,
-                        help="of them, rows flagged unsafe (harmful question, compliant answer)")
+                        help="of them, rows flagged unsafe (harmful question, compliant answer); "
+                             "0: benign-only erosion")
     parser.add_argument("--sample", type=int, default=None,
                         help="instead of --rows/--harmful: a seeded sample of N rows of the file, "
                              "drawn as `sealft experiment` draws select.sample (the harmful "
@@ -98,8 +99,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"missing data {args.finetune_data}: expected ../shared/data next to the "
                      "repository")
     cfg_steps = sorted({int(s) for s in args.eval_steps.split(",") if s.strip()})
-    if not 0 < args.harmful <= args.rows or any(s < 0 for s in cfg_steps):
-        parser.error("need 0 < --harmful <= --rows and --eval-steps >= 0")
+    if not 0 <= args.harmful <= args.rows or any(s < 0 for s in cfg_steps):
+        parser.error("need 0 <= --harmful <= --rows (0: benign rows only) and --eval-steps >= 0")
     args.eval_steps = cfg_steps
     if args.keep_scores and args.oracle:
         parser.error("--keep-scores and --oracle each choose the trained rows: give one")
