@@ -65,14 +65,16 @@ def table(cells: dict[str, str], seeds: list[int], epochs: int, batch_size: int)
     for method, pattern in cells.items():
         by_method[method] = [read_cell(Path(pattern.format(seed=s)), epochs, batch_size)
                              for s in seeds]
-    delta = "Δ held-out refusal vs base (paired by seed)"
-    lines = ["| method | " + " | ".join((*COLUMNS, delta)) + " |",
-             "|---" * (len(COLUMNS) + 2) + "|"]
+    references = ["base"] + (["all"] if "all" in by_method else [])
+    deltas = [f"Δ held-out refusal vs {ref} (paired by seed)" for ref in references]
+    lines = ["| method | " + " | ".join((*COLUMNS, *deltas)) + " |",
+             "|---" * (len(COLUMNS) + len(deltas) + 1) + "|"]
     for method, runs in by_method.items():
-        paired = [r[COLUMNS[0]] - b[COLUMNS[0]] for r, b in zip(runs, by_method["base"],
-                                                                 strict=True)]
+        paired = [cell_format([r[COLUMNS[0]] - b[COLUMNS[0]]
+                               for r, b in zip(runs, by_method[ref], strict=True)])
+                  for ref in references]
         lines.append(f"| {method} | " + " | ".join(
-            [cell_format([r[c] for r in runs]) for c in COLUMNS] + [cell_format(paired)]) + " |")
+            [cell_format([r[c] for r in runs]) for c in COLUMNS] + paired) + " |")
     return "\n".join(lines)
 
 

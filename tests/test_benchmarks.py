@@ -14,6 +14,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def _load(name: str):
+    # As when run as a script: a benchmark imports its sibling benchmarks by name.
+    if str(REPO / "benchmarks") not in sys.path:
+        sys.path.insert(0, str(REPO / "benchmarks"))
     spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module
@@ -288,6 +291,7 @@ def test_erosion_cells_read_each_run_at_the_same_epochs_and_average_over_seeds(t
     assert lines["kept"][4].strip() == "0.0 ± 0.0 (0.0, 0.0)"  # no unsafe row among kept
     assert lines["all"][1].strip() == "–"  # no AdvBench / HarmBench in these runs
     assert lines["kept"][5].strip() == "-10.0 ± 0.0 (-10.0, -10.0)"  # paired with each base
+    assert lines["kept"][6].strip() == "40.0 ± 0.0 (40.0, 40.0)"  # paired with all data
     with pytest.raises(SystemExit, match="no evaluation at step 6"):
         cells.table({"all": str(tmp_path / "all-{seed}")}, [0], epochs=3, batch_size=4)
 
