@@ -241,12 +241,13 @@ class Scorer:
     def refusal_replies(self, examples: list[Example],
                         tokenized: Tokenized) -> list[list[int]] | None:
         """Each refusal's reply as token ids, to follow every row's own prompt tokens
-        (`splice_reply`), or None. Rendering and tokenising every row's refusal conversations
-        cost more than the scoring forward itself on a GPU, yet with most chat templates a
-        reply renders the same after any prompt. That is checked on the first and the last row
-        of every role layout (system prompt or not, number of turns): each, answered by the
-        refusal, must tokenise to its own prompt tokens and then one and the same reply. Where
-        a check fails, None: every row's conversations are tokenised (`refusal_data`)."""
+        (`splice_reply`), or None. Tokenising every row's refusal conversations costs two
+        template renderings per row and refusal, around a forward pass that on a GPU is short;
+        yet with most chat templates a reply renders the same after any prompt. That is
+        checked on the first and the last row of every role layout (system prompt or not,
+        number of turns): each, answered by the refusal, must tokenise to its own prompt tokens
+        and then one and the same reply. Where a check fails, None: every row's conversations
+        are tokenised (`refusal_data`)."""
         args = self.args
         check = _layout_sample(examples)
         answered = [row for text in args.refusals

@@ -242,8 +242,8 @@ def tokenize_examples(
         num_proc=num_proc if num_proc and num_proc > 1 and len(examples) >= 2000 else None,
         cache_file_name=cache_file,
         load_from_cache_file=cache,
-        # Our own key, so that datasets does not derive one by pickling the tokenizer: for a
-        # 150k-token vocabulary that took 0.7 s a call, more than scoring a few hundred rows.
+        # Our own key, so that datasets does not derive one by pickling the tokenizer, which
+        # for a large vocabulary costs more than tokenising a few hundred rows.
         new_fingerprint=fingerprint,
         desc=desc,
         # int32, not the inferred int64: half the disk and page cache for a million rows.
