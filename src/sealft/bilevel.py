@@ -38,7 +38,7 @@ from sealft.losses import (
     sequence_nll,
 )
 from sealft.selector import Selector
-from sealft.tokenize import IGNORE_INDEX
+from sealft.tokenize import IGNORE_INDEX, response_start
 
 THETA, THETA_PRIME = "theta", "theta_prime"
 Batch = dict[str, torch.Tensor]
@@ -308,21 +308,16 @@ def _through_first_tokens(batch: Batch, k: int) -> Batch:
     return {key: value[:, :end] if value.dim() == 2 else value for key, value in batch.items()}
 
 
-def _response_start(batch: Batch) -> torch.Tensor:
-    """Column of each row's first response token."""
-    return (batch["labels"] != IGNORE_INDEX).int().argmax(dim=1)
-
-
 def _same_prompts(batch: Batch, refusal_batches: list[Batch]) -> bool:
     """Whether every refusal row carries its row's own prompt tokens: then the row's first
     answer token and every refusal's first token are predicted from one and the same position,
     and one forward pass over the prompt scores them all. (A template that rewrites earlier
     turns once a reply follows can break this; those batches take one forward per text.)"""
-    start = _response_start(batch)
+    start = response_start(batch)
     width = int(start.max())
     in_prompt = torch.arange(width, device=start.device)[None, :] < start[:, None]
     prompt = batch["input_ids"][:, :width][in_prompt]
-    return all(torch.equal(_response_start(r), start)
+    return all(torch.equal(response_start(r), start)
                and torch.equal(r["input_ids"][:, :width][in_prompt], prompt)
                for r in refusal_batches)
 
@@ -332,7 +327,7 @@ def _first_token_margin(model: torch.nn.Module, batch: Batch,
     """refusal-margin over one response token from a single forward pass (see final_scores)."""
     log_probs = first_response_log_probs(model, _through_first_tokens(batch, 1))
     rows = torch.arange(len(log_probs), device=log_probs.device)
-    start = _response_start(batch)
+    start = response_start(batch)
 
     def nll(b: Batch) -> torch.Tensor:
         return -log_probs[rows, b["labels"][rows, start]]

@@ -300,6 +300,11 @@ def collate(tokenized: Tokenized, positions: list[int], pad_id: int,
     return {k: v.to(device) for k, v in batch.items()} if device is not None else batch
 
 
+def response_start(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Column of each row's first response token in a collated batch."""
+    return (batch["labels"] != IGNORE_INDEX).int().argmax(dim=1)
+
+
 def splice_reply(batch: dict[str, torch.Tensor], reply: Sequence[int], pad_id: int,
                  max_length: int) -> dict[str, torch.Tensor]:
     """`batch` with every row's response replaced by the token ids `reply`: each row's own
@@ -308,7 +313,7 @@ def splice_reply(batch: dict[str, torch.Tensor], reply: Sequence[int], pad_id: i
     template that renders a reply the same after any prompt (the caller checks that), at the
     cost of a tensor copy instead of two template renderings per row."""
     labels = batch["labels"]
-    start = (labels != IGNORE_INDEX).int().argmax(dim=1).tolist()
+    start = response_start(batch).tolist()
     ends = [min(s + len(reply), max_length) for s in start]
     width = max(ends)
     reply_ids = torch.as_tensor(list(reply), dtype=torch.long, device=labels.device)
