@@ -5,7 +5,14 @@ experiment's `mean_ci`), with the base model from each seed's step 0.
 
     python benchmarks/erosion_cells.py --epochs 2 --seeds 0 1 2 \\
         --cell all=runs/erosion-A-s{seed}-all --cell oracle=runs/erosion-A-s{seed}-oracle \\
-        --cell seal=runs/erosion-A-s{seed}-seal --cell random=runs/erosion-A-s{seed}-random
+        --cell seal=runs/erosion-A-s{seed}-seal --cell random=runs/erosion-A-s{seed}-random \\
+        --selection seal=runs/erosion-A-s{seed}-select \\
+        --selection random=runs/erosion-A-s{seed}-random-select
+
+The last columns give each stage's seconds: the data filter's whole `sealft select` run
+(`--selection`, its summary's wall time), the fine-tuning up to the step read (its training
+seconds pro rata of steps, so that a run trained past that step is not charged for it), and
+the evaluation at that step.
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ from sealft.io import read_jsonl
 HELDOUT = "heldout_harmful"
 COLUMNS = ("held-out harmful refusal %", "AdvBench + HarmBench refusal %", "SST-2 accuracy %",
            "rows trained", "harmful rows trained", "held-out terse non-refusals %")
+TIME_COLUMNS = ("selection s", "fine-tuning s", "evaluation s")
 TERSE_WORDS = 4
 """A held-out answer of at most this many words that is not a refusal ("naked", "bank fraud",
 "negative"): the answer format collapsing to the training rows' one-word labels, which the
@@ -34,8 +42,10 @@ def _rate(sets: dict, names: tuple[str, ...]) -> float | None:
     return None if pooled is None else 100 * pooled["k"] / pooled["n"]
 
 
-def read_cell(folder: Path, epochs: int, batch_size: int, base: bool = False) -> dict:
-    """One run's numbers at `epochs` epochs over the rows it trained (step 0 when `base`)."""
+def read_cell(folder: Path, epochs: int, batch_size: int, base: bool = False,
+              selection: Path | None = None) -> dict:
+    """One run's numbers at `epochs` epochs over the rows it trained (step 0 when `base`);
+    `selection`: the run folder of the filter that chose its rows, for the filter's time."""
     trained_file = folder / "train_kept.json"
     if not trained_file.exists():
         trained_file = folder / "train.json"
@@ -46,12 +56,28 @@ def read_cell(folder: Path, epochs: int, batch_size: int, base: bool = False) ->
         raise SystemExit(f"{folder}: no evaluation at step {step} ({epochs} epochs over "
                          f"{len(rows)} rows); it has steps {sorted(curve)}")
     sets = curve[step]
-    return {COLUMNS[0]: _rate(sets, (HELDOUT,)),
+    times = _stage_seconds(folder, step, selection) if not base else {}
+    return {**times, COLUMNS[0]: _rate(sets, (HELDOUT,)),
             COLUMNS[1]: _rate(sets, ("advbench", "harmbench")),
             COLUMNS[2]: _rate(sets, ("sst2",)),
             COLUMNS[3]: 0 if base else len(rows),
             COLUMNS[4]: 0 if base else sum(r.get("flag") == "unsafe" for r in rows),
             COLUMNS[5]: _terse(folder / "eval" / f"step-{step}")}
+
+
+def _summary(folder: Path) -> dict | None:
+    path = folder / "summary.json"
+    return json.loads(path.read_text(encoding="utf-8")) if path.exists() else None
+
+
+def _stage_seconds(folder: Path, step: int, selection: Path | None) -> dict:
+    chosen = _summary(selection) if selection is not None else None
+    trained = _summary(folder / "finetune")
+    evaluated = {p["step"]: p.get("eval_seconds") for p in read_jsonl(folder / "curve.jsonl")}
+    return {TIME_COLUMNS[0]: chosen.get("wall_seconds") if chosen else None,
+            TIME_COLUMNS[1]: (trained["train_seconds"] * step / max(trained["steps"], 1)
+                              if trained else None),
+            TIME_COLUMNS[2]: evaluated.get(step)}
 
 
 def _terse(evaluation: Path) -> float | None:
@@ -68,32 +94,37 @@ def _terse(evaluation: Path) -> float | None:
                      for j in held) / len(held)
 
 
-def cell_format(values: list[float | None]) -> str:
+def cell_format(values: list[float | None], digits: int = 1) -> str:
     present = [v for v in values if v is not None]
     if not present:
         return "–"
     mean, half = mean_ci(present)
-    spread = f" ± {half:.1f}" if half is not None else ""
-    return f"{mean:.1f}{spread} ({', '.join(f'{v:.1f}' for v in present)})"
+    spread = f" ± {half:.{digits}f}" if half is not None else ""
+    return f"{mean:.{digits}f}{spread} ({', '.join(f'{v:.{digits}f}' for v in present)})"
 
 
-def table(cells: dict[str, str], seeds: list[int], epochs: int, batch_size: int) -> str:
+def table(cells: dict[str, str], seeds: list[int], epochs: int, batch_size: int,
+          selections: dict[str, str] | None = None) -> str:
     first = next(iter(cells.values()))
     by_method = {"base": [read_cell(Path(first.format(seed=s)), epochs, batch_size, base=True)
                           for s in seeds]}
+    selections = selections or {}
     for method, pattern in cells.items():
-        by_method[method] = [read_cell(Path(pattern.format(seed=s)), epochs, batch_size)
+        chosen = selections.get(method)
+        by_method[method] = [read_cell(Path(pattern.format(seed=s)), epochs, batch_size,
+                                       selection=Path(chosen.format(seed=s)) if chosen else None)
                              for s in seeds]
     references = ["base"] + (["all"] if "all" in by_method else [])
     deltas = [f"Δ held-out refusal vs {ref} (paired by seed)" for ref in references]
-    lines = ["| method | " + " | ".join((*COLUMNS, *deltas)) + " |",
-             "|---" * (len(COLUMNS) + len(deltas) + 1) + "|"]
+    lines = ["| method | " + " | ".join((*COLUMNS, *deltas, *TIME_COLUMNS)) + " |",
+             "|---" * (len(COLUMNS) + len(deltas) + len(TIME_COLUMNS) + 1) + "|"]
     for method, runs in by_method.items():
         paired = [cell_format([r[COLUMNS[0]] - b[COLUMNS[0]]
                                for r, b in zip(runs, by_method[ref], strict=True)])
                   for ref in references]
         lines.append(f"| {method} | " + " | ".join(
-            [cell_format([r[c] for r in runs]) for c in COLUMNS] + paired) + " |")
+            [cell_format([r[c] for r in runs]) for c in COLUMNS] + paired
+            + [cell_format([r.get(c) for r in runs], digits=0) for c in TIME_COLUMNS]) + " |")
     return "\n".join(lines)
 
 
@@ -102,13 +133,17 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--cell", action="append", required=True, metavar="METHOD=PATTERN",
                    help="a method and its run folders, {seed} in the pattern; the first cell's "
                         "step 0 is the base model")
+    p.add_argument("--selection", action="append", default=[], metavar="METHOD=PATTERN",
+                   help="the `sealft select` run folders of a method's filter, {seed} in the "
+                        "pattern, for the selection-time column")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--batch-size", type=int, default=8)
     a = p.parse_args(argv)
     cells = dict(c.split("=", 1) for c in a.cell)
     print(f"mean ± 95% CI over seeds {a.seeds} (per-seed values), {a.epochs} epochs\n")
-    print(table(cells, a.seeds, a.epochs, a.batch_size))
+    selections = dict(c.split("=", 1) for c in a.selection)
+    print(table(cells, a.seeds, a.epochs, a.batch_size, selections))
 
 
 if __name__ == "__main__":

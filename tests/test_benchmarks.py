@@ -297,6 +297,29 @@ def test_erosion_cells_read_each_run_at_the_same_epochs_and_average_over_seeds(t
         cells.table({"all": str(tmp_path / "all-{seed}")}, [0], epochs=3, batch_size=4)
 
 
+def test_erosion_cells_give_each_stage_its_seconds(tmp_path):
+    cells = _load("erosion_cells")
+    run, chosen = tmp_path / "run", tmp_path / "select"
+    (run / "finetune").mkdir(parents=True)
+    chosen.mkdir()
+    (run / "train.json").write_text(json.dumps([{"flag": "safe"}] * 8))
+    # trained 6 steps in 60 s; 2 epochs of 8 rows at batch 4 are read at step 4
+    (run / "finetune" / "summary.json").write_text(json.dumps({"train_seconds": 60.0,
+                                                               "steps": 6}))
+    (chosen / "summary.json").write_text(json.dumps({"wall_seconds": 30.0}))
+    (run / "curve.jsonl").write_text("".join(json.dumps(
+        {"step": s, "eval_seconds": 10.0 + s, "sets": {"heldout_harmful": {"n": 10, "k": 5}}})
+        + "\n" for s in (0, 4, 6)))
+    text = cells.table({"seal": str(run)}, [0], epochs=2, batch_size=4,
+                       selections={"seal": str(chosen)})
+    header, *rows = [line.split("|")[1:-1] for line in text.splitlines()[:1] + text.splitlines()[2:]]
+    row = dict(zip([h.strip() for h in header], [c.strip() for c in rows[1]], strict=True))
+    assert (row["selection s"], row["fine-tuning s"], row["evaluation s"]) == ("30 (30)",
+                                                                              "40 (40)", "14 (14)")
+    base = dict(zip([h.strip() for h in header], [c.strip() for c in rows[0]], strict=True))
+    assert base["selection s"] == base["fine-tuning s"] == "–"
+
+
 
 def test_erosion_cells_count_terse_answers_that_are_not_refusals(tmp_path):
     cells = _load("erosion_cells")
@@ -340,3 +363,33 @@ def test_unseen_rows_pairs_a_fit_sample_run_with_a_full_run(tiny_model, tmp_path
     for name, key in (("sampled", "fit_sample_unseen"), ("full", "full_same_rows")):
         weight = {s["index"]: s["weight"] for s in read_jsonl(runs[name] / "scores.jsonl")}
         assert result[key] == pytest.approx(roc_auc_score(unsafe, [-weight[r] for r in unseen]))
+
+
+def test_contrast_probe_hypergradient_is_the_gradient_inner_product(tiny_model):
+    import torch
+
+    from sealft.data import normalise_rows
+    from sealft.tokenize import collate, tokenize_examples
+
+    probe = _load("contrast_probe")
+    model, tokenizer, params = probe.lora_model(tiny_model, 4, ["q_proj", "v_proj"], seed=0)
+    pairs = [({"id": f"c{i}", "messages": [{"role": "user", "content": f"how to hurt {i}"},
+                                           {"role": "assistant", "content": "no, sorry"}]},
+              {"id": f"r{i}", "messages": [{"role": "user", "content": f"how to hurt {i}"},
+                                           {"role": "assistant", "content": "hit them hard"}]})
+             for i in range(3)]
+    direction, act, used = probe.contrast_direction(model, params, tokenizer, pairs, 64, [1], 2)
+    assert used == 3 and act[1].shape == (model.config.hidden_size,)
+    rows = list(normalise_rows(_flagged_rows(6), "rows", "alpaca"))
+    scores = probe.row_scores(model, params, direction, act, tokenizer, rows, 64, [0, 2], 4)
+    assert [r["id"] for r in scores] == [r["id"] for r in rows]
+    tokenized = tokenize_examples(rows, tokenizer, 64, cache=False)
+    for position, row in enumerate(scores):
+        batch = collate(tokenized, [position], tokenizer.pad_token_id or 0)
+        nll, mask, _ = probe.token_losses(model, batch, [])
+        for k in (0, 2):
+            loss = probe.window_mean(nll, probe.window(mask, k)).sum()
+            grads = torch.autograd.grad(loss, params, retain_graph=True)
+            exact = -sum(float((g * d).sum()) for g, d in zip(grads, direction, strict=True))
+            # the probe differences float32 losses: agreement to 2%, as a ranking needs
+            assert row[f"hg_{k}"] == pytest.approx(exact, rel=2e-2)
