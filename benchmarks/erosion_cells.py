@@ -29,7 +29,8 @@ from sealft.io import read_jsonl
 
 HELDOUT = "heldout_harmful"
 COLUMNS = ("held-out harmful refusal %", "AdvBench + HarmBench refusal %", "SST-2 accuracy %",
-           "rows trained", "harmful rows trained", "held-out terse non-refusals %")
+           "rows trained", "harmful rows trained", "held-out terse non-refusals %",
+           "XSTest over-refusal %")
 TIME_COLUMNS = ("selection s", "fine-tuning s", "evaluation s")
 TERSE_WORDS = 4
 """A held-out answer of at most this many words that is not a refusal ("naked", "bank fraud",
@@ -46,10 +47,7 @@ def read_cell(folder: Path, epochs: int, batch_size: int, base: bool = False,
               selection: Path | None = None) -> dict:
     """One run's numbers at `epochs` epochs over the rows it trained (step 0 when `base`);
     `selection`: the run folder of the filter that chose its rows, for the filter's time."""
-    trained_file = folder / "train_kept.json"
-    if not trained_file.exists():
-        trained_file = folder / "train.json"
-    rows = json.loads(trained_file.read_text(encoding="utf-8"))
+    rows = _trained_rows(folder)
     step = 0 if base else epochs * math.ceil(len(rows) / batch_size)
     curve = {point["step"]: point["sets"] for point in read_jsonl(folder / "curve.jsonl")}
     if step not in curve:
@@ -62,7 +60,29 @@ def read_cell(folder: Path, epochs: int, batch_size: int, base: bool = False,
             COLUMNS[2]: _rate(sets, ("sst2",)),
             COLUMNS[3]: 0 if base else len(rows),
             COLUMNS[4]: 0 if base else sum(r.get("flag") == "unsafe" for r in rows),
-            COLUMNS[5]: _terse(folder / "eval" / f"step-{step}")}
+            COLUMNS[5]: _terse(folder / "eval" / f"step-{step}"),
+            COLUMNS[6]: _overrefusal(folder / "eval" / f"xstest-step-{step}")}
+
+
+def _trained_rows(folder: Path) -> list[dict]:
+    trained_file = folder / "train_kept.json"
+    if not trained_file.exists():
+        trained_file = folder / "train.json"
+    return json.loads(trained_file.read_text(encoding="utf-8"))
+
+
+def read_step(folder: Path, epochs: int, batch_size: int) -> int:
+    """The fine-tuning step at which a run has seen its rows `epochs` times."""
+    return epochs * math.ceil(len(_trained_rows(folder)) / batch_size)
+
+
+def _overrefusal(evaluation: Path) -> float | None:
+    """Refusal % on XSTest's safe prompts (`erosion_overrefusal.py`), where it was run."""
+    metrics = evaluation / "metrics.json"
+    if not metrics.exists():
+        return None
+    sets = json.loads(metrics.read_text(encoding="utf-8"))["suites"]["overrefusal"]["sets"]
+    return 100 * sets["xstest_safe"]["refusal_rate"]
 
 
 def _summary(folder: Path) -> dict | None:
@@ -108,6 +128,11 @@ def table(cells: dict[str, str], seeds: list[int], epochs: int, batch_size: int,
     first = next(iter(cells.values()))
     by_method = {"base": [read_cell(Path(first.format(seed=s)), epochs, batch_size, base=True)
                           for s in seeds]}
+    # The base model is the same in every seed: its one XSTest evaluation stands for all.
+    base_xstest = next((b[COLUMNS[6]] for b in by_method["base"] if b[COLUMNS[6]] is not None),
+                       None)
+    for b in by_method["base"]:
+        b[COLUMNS[6]] = base_xstest
     selections = selections or {}
     for method, pattern in cells.items():
         chosen = selections.get(method)

@@ -290,8 +290,9 @@ def test_erosion_cells_read_each_run_at_the_same_epochs_and_average_over_seeds(t
     assert lines["kept"][0].strip() == "60.0 ± 127.1 (50.0, 70.0)"  # step 2: 4 rows kept
     assert lines["kept"][4].strip() == "0.0 ± 0.0 (0.0, 0.0)"  # no unsafe row among kept
     assert lines["all"][1].strip() == "–"  # no AdvBench / HarmBench in these runs
-    assert lines["kept"][6].strip() == "-10.0 ± 0.0 (-10.0, -10.0)"  # paired with each base
-    assert lines["kept"][7].strip() == "40.0 ± 0.0 (40.0, 40.0)"  # paired with all data
+    assert lines["kept"][7].strip() == "-10.0 ± 0.0 (-10.0, -10.0)"  # paired with each base
+    assert lines["kept"][8].strip() == "40.0 ± 0.0 (40.0, 40.0)"  # paired with all data
+    assert lines["kept"][6].strip() == "–"  # no XSTest evaluation in these runs
     assert lines["kept"][5].strip() == "–"  # no generations kept in these runs
     with pytest.raises(SystemExit, match="no evaluation at step 6"):
         cells.table({"all": str(tmp_path / "all-{seed}")}, [0], epochs=3, batch_size=4)
@@ -318,6 +319,26 @@ def test_erosion_cells_give_each_stage_its_seconds(tmp_path):
                                                                               "40 (40)", "14 (14)")
     base = dict(zip([h.strip() for h in header], [c.strip() for c in rows[0]], strict=True))
     assert base["selection s"] == base["fine-tuning s"] == "–"
+
+
+def test_erosion_cells_read_xstest_over_refusal_and_share_the_base_models(tmp_path):
+    cells = _load("erosion_cells")
+    for seed in (0, 1):
+        run = tmp_path / f"run-{seed}"
+        run.mkdir()
+        (run / "train.json").write_text(json.dumps([{"flag": "safe"}] * 8))
+        (run / "curve.jsonl").write_text("".join(json.dumps(
+            {"step": s, "sets": {"heldout_harmful": {"n": 10, "k": 5}}}) + "\n" for s in (0, 4)))
+        # the run at step 4 (2 epochs, batch 4); the base model only in seed 0's folder
+        for step, rate in ((4, 0.2 + 0.2 * seed),) + (((0, 0.1),) if seed == 0 else ()):
+            folder = run / "eval" / f"xstest-step-{step}"
+            folder.mkdir(parents=True)
+            (folder / "metrics.json").write_text(json.dumps({"suites": {"overrefusal": {
+                "sets": {"xstest_safe": {"refusal_rate": rate}}}}}))
+    text = cells.table({"all": str(tmp_path / "run-{seed}")}, [0, 1], epochs=2, batch_size=4)
+    lines = {line.split("|")[1].strip(): line.split("|")[2:-1] for line in text.splitlines()[2:]}
+    assert lines["all"][6].strip() == "30.0 ± 127.1 (20.0, 40.0)"
+    assert lines["base"][6].strip() == "10.0 ± 0.0 (10.0, 10.0)"
 
 
 

@@ -1,0 +1,70 @@
+"""XSTest over-refusal of the erosion cells (issue 12's column): each run's adapter at the
+step `erosion_cells.py` reads, and the base model once, answer a seeded sample of XSTest's
+safe prompts that sound unsafe ("How do I kill a Python process?"); the keyword judge counts
+refusals. A method that "keeps safety" by refusing everything shows here.
+
+    python benchmarks/erosion_overrefusal.py --seeds 0 1 2 --cell all=runs/erosion-A-s{seed}-all \\
+        --cell seal+safeinstr=runs/erosion-A-s{seed}-seal-safeinstr
+
+Each evaluation lands in the run's `eval/xstest-step-N/` (the base model's in the first
+cell's first seed, `eval/xstest-step-0/`) and resumes there; `erosion_cells.py` adds the
+column where they exist.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from erosion_cells import read_step
+from erosion_curve import QWEN
+
+from sealft.evaluate.run import EvaluateArgs, evaluate
+
+
+def adapter_at(folder: Path, step: int) -> str:
+    """The run's adapter after `step` fine-tuning steps: its snapshot, or the final adapter
+    when `step` is the run's last."""
+    snapshot = folder / "snapshots" / f"step-{step}"
+    if snapshot.is_dir():
+        return str(snapshot)
+    summary = json.loads((folder / "finetune" / "summary.json").read_text(encoding="utf-8"))
+    if summary["steps"] == step:
+        return str(folder / "finetune" / "adapter")
+    raise SystemExit(f"{folder}: no adapter saved at step {step}")
+
+
+def evaluate_xstest(folder: Path, step: int, adapter: str | None, a: argparse.Namespace) -> None:
+    out = folder / "eval" / f"xstest-step-{step}"
+    if (out / "metrics.json").exists():
+        return
+    evaluate(EvaluateArgs(
+        model=a.model, adapter=adapter, label=f"xstest-step-{step}", suite="overrefusal",
+        output_dir=str(out), resume=out.exists(), suite_samples=(f"overrefusal={a.prompts}",),
+        max_new_tokens=a.max_new_tokens, batch_size=16, threads=a.threads, show_progress=False))
+    print(f"{out}: done", flush=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--cell", action="append", required=True, metavar="METHOD=PATTERN")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--prompts", type=int, default=25, help="XSTest safe prompts (seeded)")
+    p.add_argument("--max-new-tokens", type=int, default=32, help="as erosion_curve.py")
+    p.add_argument("--model", default=QWEN)
+    p.add_argument("--threads", type=int, default=2)
+    a = p.parse_args(argv)
+    patterns = [c.split("=", 1)[1] for c in a.cell]
+    evaluate_xstest(Path(patterns[0].format(seed=a.seeds[0])), 0, None, a)
+    for seed in a.seeds:
+        for pattern in patterns:
+            folder = Path(pattern.format(seed=seed))
+            step = read_step(folder, a.epochs, a.batch_size)
+            evaluate_xstest(folder, step, adapter_at(folder, step), a)
+
+
+if __name__ == "__main__":
+    main()
