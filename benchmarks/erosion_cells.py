@@ -82,7 +82,16 @@ def _overrefusal(evaluation: Path) -> float | None:
     if not metrics.exists():
         return None
     sets = json.loads(metrics.read_text(encoding="utf-8"))["suites"]["overrefusal"]["sets"]
-    return 100 * sets["xstest_safe"]["refusal_rate"]
+    return 100 * sets["xstest_safe"]["over_refusal_rate"]
+
+
+def _gap(run: dict) -> float | None:
+    """Held-out harmful refusal minus XSTest over-refusal: refusing harmful prompts counts,
+    refusing safe ones that sound harmful counts against. A model that refuses more of
+    everything does not gain."""
+    if run[COLUMNS[6]] is None:
+        return None
+    return run[COLUMNS[0]] - run[COLUMNS[6]]
 
 
 def _summary(folder: Path) -> dict | None:
@@ -140,13 +149,17 @@ def table(cells: dict[str, str], seeds: list[int], epochs: int, batch_size: int,
                                        selection=Path(chosen.format(seed=s)) if chosen else None)
                              for s in seeds]
     references = ["base"] + (["all"] if "all" in by_method else [])
-    deltas = [f"Δ held-out refusal vs {ref} (paired by seed)" for ref in references]
+    deltas = ([f"Δ held-out refusal vs {ref} (paired by seed)" for ref in references]
+              + [f"Δ refusal gap vs {ref} (paired by seed)" for ref in references])
     lines = ["| method | " + " | ".join((*COLUMNS, *deltas, *TIME_COLUMNS)) + " |",
              "|---" * (len(COLUMNS) + len(deltas) + len(TIME_COLUMNS) + 1) + "|"]
     for method, runs in by_method.items():
         paired = [cell_format([r[COLUMNS[0]] - b[COLUMNS[0]]
                                for r, b in zip(runs, by_method[ref], strict=True)])
                   for ref in references]
+        paired += [cell_format([_gap(r) - _gap(b) if None not in (_gap(r), _gap(b)) else None
+                                for r, b in zip(runs, by_method[ref], strict=True)])
+                   for ref in references]
         lines.append(f"| {method} | " + " | ".join(
             [cell_format([r[c] for r in runs]) for c in COLUMNS] + paired
             + [cell_format([r.get(c) for r in runs], digits=0) for c in TIME_COLUMNS]) + " |")

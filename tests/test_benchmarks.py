@@ -334,11 +334,13 @@ def test_erosion_cells_read_xstest_over_refusal_and_share_the_base_models(tmp_pa
             folder = run / "eval" / f"xstest-step-{step}"
             folder.mkdir(parents=True)
             (folder / "metrics.json").write_text(json.dumps({"suites": {"overrefusal": {
-                "sets": {"xstest_safe": {"refusal_rate": rate}}}}}))
+                "sets": {"xstest_safe": {"over_refusal_rate": rate}}}}}))
     text = cells.table({"all": str(tmp_path / "run-{seed}")}, [0, 1], epochs=2, batch_size=4)
     lines = {line.split("|")[1].strip(): line.split("|")[2:-1] for line in text.splitlines()[2:]}
     assert lines["all"][6].strip() == "30.0 ± 127.1 (20.0, 40.0)"
     assert lines["base"][6].strip() == "10.0 ± 0.0 (10.0, 10.0)"
+    # refusal gap, held-out 50% in every run: base 50 - 10 = 40; all 30 and 10, paired -10, -30
+    assert lines["all"][9].strip() == "-20.0 ± 127.1 (-10.0, -30.0)"
 
 
 
