@@ -76,6 +76,21 @@ def first_token(tokenizer, text: str) -> int:
 
 
 @torch.no_grad()
+def refusal_log_probs(model, tokenizer, prompt_ids: list[int], refusal_ids: list[list[int]]):
+    """Log-probabilities over the vocabulary along the prompt followed by each refusal (one
+    padded batch, a row per refusal), and the position that predicts the refusals' first
+    token."""
+    width = len(prompt_ids) + max(map(len, refusal_ids))
+    ids = torch.full((len(refusal_ids), width), tokenizer.pad_token_id or 0)
+    mask = torch.zeros_like(ids)
+    for k, r in enumerate(refusal_ids):
+        ids[k, : len(prompt_ids) + len(r)] = torch.tensor(prompt_ids + r)
+        mask[k, : len(prompt_ids) + len(r)] = 1
+    logp = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits.float(), dim=-1)
+    return logp, len(prompt_ids) - 1
+
+
+@torch.no_grad()
 def refusal_signals(model, tokenizer, example, judge) -> dict:
     """From one forward over the prompt followed by each refusal (a padded batch): the row's
     first-token margin, the prompt's refusal propensity (first token, whole refusal), and
@@ -84,14 +99,7 @@ def refusal_signals(model, tokenizer, example, judge) -> dict:
     prompt = tokenizer.apply_chat_template(context, add_generation_prompt=True, tokenize=False)
     prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
     refusal_ids = [tokenizer(r, add_special_tokens=False)["input_ids"] for r in REFUSALS]
-    width = len(prompt_ids) + max(map(len, refusal_ids))
-    ids = torch.full((len(REFUSALS), width), tokenizer.pad_token_id or 0)
-    mask = torch.zeros_like(ids)
-    for k, r in enumerate(refusal_ids):
-        ids[k, : len(prompt_ids) + len(r)] = torch.tensor(prompt_ids + r)
-        mask[k, : len(prompt_ids) + len(r)] = 1
-    logp = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits.float(), dim=-1)
-    start = len(prompt_ids) - 1
+    logp, start = refusal_log_probs(model, tokenizer, prompt_ids, refusal_ids)
     first = [-logp[k, start, r[0]].item() for k, r in enumerate(refusal_ids)]
     whole = [-logp[k, start + torch.arange(len(r)), torch.tensor(r)].mean().item()
              for k, r in enumerate(refusal_ids)]
@@ -169,14 +177,7 @@ def continue_signals(model, tokenizer, example) -> dict:
         prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True,
                                                tokenize=False)
         prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        width = len(prompt_ids) + max(map(len, refusal_ids))
-        ids = torch.full((len(REFUSALS), width), tokenizer.pad_token_id or 0)
-        mask = torch.zeros_like(ids)
-        for j, r in enumerate(refusal_ids):
-            ids[j, : len(prompt_ids) + len(r)] = torch.tensor(prompt_ids + r)
-            mask[j, : len(prompt_ids) + len(r)] = 1
-        logp = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits.float(), -1)
-        start = len(prompt_ids) - 1
+        logp, start = refusal_log_probs(model, tokenizer, prompt_ids, refusal_ids)
         signals[f"cont_first_{k}"] = max(logp[j, start, r[0]].item()
                                          for j, r in enumerate(refusal_ids))
         signals[f"cont_whole_{k}"] = max(
