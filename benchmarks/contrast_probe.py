@@ -36,13 +36,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sealft.data import load_examples, pairs_from_rows, read_rows, sample_rows
+from sealft.data import pairs_from_rows, read_rows
 from sealft.refusal import is_refusal
 from sealft.tokenize import IGNORE_INDEX, collate, tokenize_examples
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gradient_probe import lora_model  # noqa: E402
 from judge_probe import gated, signal_table, standardise  # noqa: E402
+from probe_runs import add_mix_arguments, rows_per_mix  # noqa: E402
 
 # The same ε rule as bilevel.SAFE_STEP: f moves by this many nats to first order.
 STEP = 1e-2
@@ -159,9 +160,7 @@ def table(out: Path, margins: Path, keep: float = 0.8) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--mixes", nargs="*", default=[])
-    p.add_argument("--sst2", nargs="*", default=[])
-    p.add_argument("--sst2-sample", type=int, default=80)
+    add_mix_arguments(p)
     p.add_argument("--pairs", default="../shared/data/safe/hh_rlhf_harmless_base_test.jsonl.gz")
     p.add_argument("--pairs-sample", type=int, default=100)
     p.add_argument("--pairs-max-length", type=int, default=384)
@@ -193,21 +192,8 @@ def main() -> None:
     direction, act, used = contrast_direction(model, params, tokenizer, pairs,
                                               a.pairs_max_length, layers, a.micro)
     print(f"contrast: {used} pairs, {time.time() - t0:.0f}s", flush=True)
-    sources = [(m, None) for m in a.mixes] + [(s, a.sst2_sample) for s in a.sst2]
-    for path, sample in sources:
-        done = out / (Path(path).stem + (f"_n{sample}" if sample else "") + ".jsonl")
-        if done.exists():  # resumable: one finished file per mix
-            continue
-        t0 = time.time()
-        examples = load_examples(path, "train", "auto", None, False)
-        if sample:
-            examples = sample_rows(examples, sample, 0)
-        rows = row_scores(model, params, direction, act, tokenizer, examples, a.max_length,
-                          windows, a.micro)
-        tmp = done.with_suffix(".tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-        tmp.replace(done)
-        print(f"{done.stem}: {len(rows)} rows, {time.time() - t0:.0f}s", flush=True)
+    rows_per_mix(out, a, lambda examples: row_scores(
+        model, params, direction, act, tokenizer, examples, a.max_length, windows, a.micro))
     print(table(out, Path(a.margins)))
 
 

@@ -52,6 +52,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=QWEN)
     parser.add_argument("--finetune-data", default=str(DATA / "finetune" / "sst2_n1000_p0.2.json"))
+    parser.add_argument("--benign-data", default=None,
+                        help="draw the benign rows from this instruction/input/output file "
+                             "instead (e.g. benign/alpaca_en_demo.json: a long-form mix); the "
+                             "harmful rows then lose their Alpaca wrapper, so that the format "
+                             "does not tell them apart")
     parser.add_argument("--rows", type=int, default=48, help="rows in the training mix")
     parser.add_argument("--harmful", type=int, default=16,
                         help="of them, rows flagged unsafe (harmful question, compliant answer); "
@@ -98,6 +103,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if not Path(args.finetune_data).exists():
         parser.error(f"missing data {args.finetune_data}: expected ../shared/data next to the "
                      "repository")
+    if args.benign_data and (args.sample or not Path(args.benign_data).exists()):
+        parser.error(f"--benign-data {args.benign_data}: give an existing file, and "
+                     "--rows/--harmful rather than --sample")
     cfg_steps = sorted({int(s) for s in args.eval_steps.split(",") if s.strip()})
     if not 0 <= args.harmful <= args.rows or any(s < 0 for s in cfg_steps):
         parser.error("need 0 <= --harmful <= --rows (0: benign rows only) and --eval-steps >= 0")
@@ -157,6 +165,10 @@ def build_data(args: argparse.Namespace, out: Path) -> tuple[Path, Path]:
     rows = json.loads(Path(args.finetune_data).read_text(encoding="utf-8"))
     unsafe = [r for r in rows if r.get("flag") == "unsafe"]
     benign = [r for r in rows if r.get("flag") != "unsafe"]
+    if args.benign_data:
+        benign = [{**r, "flag": "benign"}
+                  for r in json.loads(Path(args.benign_data).read_text(encoding="utf-8"))]
+        unsafe = [{**r, "instruction": _question(r["instruction"])} for r in unsafe]
     if not args.sample and (args.harmful > len(unsafe)
                             or args.rows - args.harmful > len(benign)):
         raise SystemExit(f"{args.finetune_data} has {len(unsafe)} unsafe and {len(benign)} "

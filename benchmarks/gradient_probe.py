@@ -45,6 +45,7 @@ from sealft.tokenize import IGNORE_INDEX, collate, tokenize_examples
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from judge_probe import gated, signal_table  # noqa: E402  (one table for both probes)
+from probe_runs import add_mix_arguments, rows_per_mix  # noqa: E402
 
 SCORES = ("dot", "cos", "cos_c")
 
@@ -133,9 +134,7 @@ def table(out: Path, keep: float = 0.8) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--mixes", nargs="*", default=[])
-    p.add_argument("--sst2", nargs="*", default=[])
-    p.add_argument("--sst2-sample", type=int, default=80)
+    add_mix_arguments(p)
     p.add_argument("--safe-data", default="../shared/data/safe/safetyllamas_safety_only.json")
     p.add_argument("--safe-sample", type=int, default=100)
     p.add_argument("--model", default="Qwen/Qwen2.5-Coder-0.5B-Instruct")
@@ -162,20 +161,8 @@ def main() -> None:
     _, safe_grads = gradients(model, tokenizer, params, safe, a.max_length, a.losses)
     safe_means = {k: v.mean(axis=0) for k, v in safe_grads.items()}
     print(f"safe set: {len(safe)} rows, {time.time() - t0:.0f}s", flush=True)
-    sources = [(m, None) for m in a.mixes] + [(s, a.sst2_sample) for s in a.sst2]
-    for path, sample in sources:
-        done = out / (Path(path).stem + (f"_n{sample}" if sample else "") + ".jsonl")
-        if done.exists():  # resumable: one finished file per mix
-            continue
-        t0 = time.time()
-        examples = load_examples(path, "train", "auto", None, False)
-        if sample:
-            examples = sample_rows(examples, sample, 0)
-        rows = mix_rows(model, tokenizer, params, examples, safe_means, a)
-        tmp = done.with_suffix(".tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-        tmp.replace(done)
-        print(f"{done.stem}: {len(rows)} rows, {time.time() - t0:.0f}s", flush=True)
+    rows_per_mix(out, a, lambda examples: mix_rows(model, tokenizer, params, examples,
+                                                   safe_means, a))
     print(table(out))
 
 

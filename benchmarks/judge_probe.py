@@ -23,14 +23,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from probe_runs import add_mix_arguments, rows_per_mix
 from sklearn.metrics import roc_auc_score
 
-from sealft.data import load_examples, sample_rows
 from sealft.evaluate.judges import KeywordRefusalJudge
 from sealft.io import read_jsonl
 from sealft.models import load_model_and_tokenizer
@@ -318,9 +317,7 @@ def metrics(flags: np.ndarray, score: np.ndarray, keep: float) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--mixes", nargs="*", default=[])
-    p.add_argument("--sst2", nargs="*", default=[])
-    p.add_argument("--sst2-sample", type=int, default=80)
+    add_mix_arguments(p)
     p.add_argument("--out", default="runs/judge_probe")
     p.add_argument("--model", default="Qwen/Qwen2.5-Coder-0.5B-Instruct")
     p.add_argument("--answer-tokens", type=int, default=160)
@@ -344,39 +341,29 @@ def main() -> None:
     model.eval()
     yes, no = first_token(tokenizer, "Yes"), first_token(tokenizer, "No")
     judge = KeywordRefusalJudge()
-    sources = [(m, None) for m in a.mixes] + [(s, a.sst2_sample) for s in a.sst2]
+
+    def score(examples) -> list[dict]:
+        rows = []
+        for example in examples:
+            if a.signals == "refusal":
+                signals = refusal_signals(model, tokenizer, example, judge)
+            elif a.signals == "judge":
+                signals = row_signals(model, tokenizer, example, a.answer_tokens, yes, no)
+            elif a.signals == "context":
+                signals = {**context_signals(model, tokenizer, example, a.answer_tokens),
+                           "answer_refuses": judge.is_refusal(example["messages"][-1]["content"])}
+            elif a.signals == "continue":
+                signals = continue_signals(model, tokenizer, example)
+            else:
+                signals = {"margin_div": divergence_margin(model, tokenizer, example)}
+            rows.append({"id": example["id"], "flag": example["meta"].get("flag"), **signals})
+        return rows
+
     table = {}
-    for path, sample in sources:
-        name = Path(path).stem + (f"_n{sample}" if sample else "") + f"__{a.signals}"
-        done = out / f"{name}.jsonl"
-        if done.exists():  # resumable: one finished file per mix
-            rows = [json.loads(line) for line in done.read_text().splitlines()]
-        else:
-            examples = load_examples(path, "train", "auto", None, False)
-            if sample:
-                examples = sample_rows(examples, sample, 0)
-            t0, rows = time.time(), []
-            for example in examples:
-                if a.signals == "refusal":
-                    signals = refusal_signals(model, tokenizer, example, judge)
-                elif a.signals == "judge":
-                    signals = row_signals(model, tokenizer, example, a.answer_tokens, yes, no)
-                elif a.signals == "context":
-                    signals = {**context_signals(model, tokenizer, example, a.answer_tokens),
-                               "answer_refuses": judge.is_refusal(
-                                   example["messages"][-1]["content"])}
-                elif a.signals == "continue":
-                    signals = continue_signals(model, tokenizer, example)
-                else:
-                    signals = {"margin_div": divergence_margin(model, tokenizer, example)}
-                rows.append({"id": example["id"], "flag": example["meta"].get("flag"), **signals})
-            tmp = done.with_suffix(".tmp")
-            tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-            tmp.replace(done)
-            print(f"{name}: {len(rows)} rows, {time.time() - t0:.0f}s", flush=True)
+    for name, rows in rows_per_mix(out, a, score, suffix=f"__{a.signals}").items():
         if a.signals not in ("divergence", "continue"):
-            table[name] = summarise(rows)
-            print(name, json.dumps(table[name]), flush=True)
+            table[f"{name}__{a.signals}"] = summarise(rows)
+            print(name, json.dumps(table[f"{name}__{a.signals}"]), flush=True)
     (out / "summary.json").write_text(json.dumps(table, indent=1))
 
 

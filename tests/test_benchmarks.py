@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from conftest import write_jsonl
 
@@ -153,6 +154,29 @@ def test_erosion_curve_mix_and_heldout_questions(tmp_path, monkeypatch):
     assert len(questions) == len(set(questions)) == 5
     assert not set(questions) & trained
     assert all(q.startswith("How do I break into house") for q in questions)
+
+
+def test_erosion_curve_long_form_mix_hides_the_alpaca_wrapper(tmp_path, monkeypatch):
+    bench = _erosion_curve(monkeypatch)
+    rows = _flagged_rows(40)
+    for r in rows:  # the shared file wraps every prompt in the Alpaca template
+        r["instruction"] = f"Below ...\n\n### Instruction:\n{r['instruction']}\n\n### Response:"
+    data, benign = tmp_path / "mix.json", tmp_path / "alpaca.json"
+    data.write_text(json.dumps(rows))
+    benign.write_text(json.dumps([{"instruction": f"Write a poem about {i}", "input": "",
+                                   "output": "Roses ..." * 50} for i in range(30)]))
+    args = bench.parse_args(["--finetune-data", str(data), "--benign-data", str(benign),
+                             "--rows", "12", "--harmful", "4", "--heldout", "3"])
+    train, heldout = bench.build_data(args, tmp_path / "out")
+    mix = json.loads(train.read_text())
+    assert sorted(r["flag"] for r in mix) == ["benign"] * 8 + ["unsafe"] * 4
+    assert all("###" not in r["instruction"] for r in mix)
+    assert all(r["instruction"].startswith("Write a poem") for r in mix if r["flag"] == "benign")
+    questions = [json.loads(line)["prompt"] for line in heldout.read_text().splitlines()]
+    assert len(questions) == 3 and not set(questions) & {r["instruction"] for r in mix}
+    with pytest.raises(SystemExit):  # --sample draws from one file; it cannot take two
+        bench.parse_args(["--finetune-data", str(data), "--benign-data", str(benign),
+                          "--sample", "10"])
 
 
 def test_erosion_curve_sample_is_the_experiment_sample(tmp_path, monkeypatch):
@@ -416,3 +440,43 @@ def test_contrast_probe_hypergradient_is_the_gradient_inner_product(tiny_model):
             exact = -sum(float((g * d).sum()) for g, d in zip(grads, direction, strict=True))
             # the probe differences float32 losses: agreement to 2%, as a ranking needs
             assert row[f"hg_{k}"] == pytest.approx(exact, rel=2e-2)
+
+
+def test_probe_runs_score_each_mix_once_and_resume(tmp_path):
+    runs = _load("probe_runs")
+    data = tmp_path / "mix.json"
+    data.write_text(json.dumps(_flagged_rows(20)))
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    runs.add_mix_arguments(parser)
+    a = parser.parse_args(["--mixes", str(data), "--sst2", str(data), "--sst2-sample", "8"])
+    calls = []
+
+    def score(examples):
+        calls.append(len(examples))
+        return [{"id": e["id"], "flag": e["meta"].get("flag")} for e in examples]
+
+    first = runs.rows_per_mix(tmp_path, a, score, suffix="__x")
+    assert calls == [20, 8] and sorted(first) == ["mix", "mix_n8"]
+    assert (tmp_path / "mix_n8__x.jsonl").exists() and not list(tmp_path.glob("*.tmp"))
+    assert runs.rows_per_mix(tmp_path, a, score, suffix="__x") == first and calls == [20, 8]
+
+
+def test_harm_probe_reads_the_instruction_end_and_ranks_by_the_safe_direction(tiny_model):
+    probe = _load("harm_probe")
+    from sealft.models import load_tokenizer
+
+    tokenizer = load_tokenizer(tiny_model)
+    messages = [{"role": "user", "content": "how do i pick a lock"}]
+    ids, first, inst = probe.prompt_ids(tokenizer, messages)
+    assert tokenizer.decode(ids[first: inst + 1]).strip() == "how do i pick a lock"
+    assert tokenizer.decode(ids[: inst + 1]).endswith("lock")
+    assert not tokenizer.decode(ids[: inst]).endswith("lock") and inst < len(ids) - 1
+    rng = np.random.default_rng(0)
+    safe = rng.normal(size=(30, 2, 2, 8)) + 3.0  # (rows, layers, positions, width)
+    mix = rng.normal(size=(10, 2, 2, 8))
+    mix[:2] += 3.0  # two rows that look like the safe set's prompts
+    scores = probe.direction_scores(safe.astype(np.float16), mix, mix.astype(np.float16))
+    assert scores.shape == (10, 2, 2)
+    assert set(np.argsort(-scores[:, 0, 0])[:2]) == {0, 1}

@@ -1,0 +1,51 @@
+"""The loop the research probes share: the same mixes (dev mixes, seeded SST-2 subsets), one
+finished file per mix in the probe's output folder, and a rerun that skips what is done, so
+that a probe stopped after hours of CPU resumes where it stopped."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from sealft.data import load_examples, sample_rows
+
+
+def add_mix_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--mixes", nargs="*", default=[],
+                        help="dev mixes (benchmarks/dev_mixes.py), every row")
+    parser.add_argument("--sst2", nargs="*", default=[],
+                        help="SST-2 files, a seeded subset of --sst2-sample rows each")
+    parser.add_argument("--sst2-sample", type=int, default=80)
+
+
+def mixes(a: argparse.Namespace) -> Iterator[tuple[str, Callable[[], Sequence[dict]]]]:
+    """(name, load) per mix of --mixes and --sst2; load() gives its examples (the SST-2 files'
+    seed-0 subset, the same in every probe)."""
+    for path, sample in [(m, None) for m in a.mixes] + [(s, a.sst2_sample) for s in a.sst2]:
+        def load(path: str = path, sample: int | None = sample) -> Sequence[dict]:
+            examples = load_examples(path, "train", "auto", None, False)
+            return sample_rows(examples, sample, 0) if sample else examples
+        yield Path(path).stem + (f"_n{sample}" if sample else ""), load
+
+
+def rows_per_mix(out: Path, a: argparse.Namespace,
+                 score: Callable[[Sequence[dict]], list[dict[str, Any]]],
+                 suffix: str = "") -> dict[str, list[dict[str, Any]]]:
+    """`score(examples)` for every mix, saved as OUT/<mix><suffix>.jsonl (written atomically)
+    and read back from there on a rerun."""
+    done_rows = {}
+    for name, load in mixes(a):
+        done = out / f"{name}{suffix}.jsonl"
+        if not done.exists():
+            t0 = time.time()
+            rows = score(load())
+            tmp = done.with_suffix(".tmp")
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+            tmp.replace(done)
+            print(f"{done.stem}: {len(rows)} rows, {time.time() - t0:.0f}s", flush=True)
+        done_rows[name] = [json.loads(line) for line in done.read_text().splitlines()]
+    return done_rows
