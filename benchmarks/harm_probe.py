@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from judge_probe import REFUSALS, first_token, gated, metrics
+from probe_runs import add_mix_arguments, mixes
 
 from sealft.data import load_examples, sample_rows
 from sealft.evaluate.judges import KeywordRefusalJudge
@@ -100,11 +101,6 @@ def prompt_examples(path: str) -> list[dict]:
             for i, x in zip(data["instructions"], inputs, strict=True)]
 
 
-def load_mix(path: str, sample: int | None) -> list[dict]:
-    examples = load_examples(path, "train", "auto", None, False)
-    return sample_rows(examples, sample, 0) if sample else examples
-
-
 def mix_rows(model, tokenizer, examples: list[dict], judge, memo: dict) -> dict[str, np.ndarray]:
     """The mix's features and margins; `memo` holds rows already computed for another mix
     (the dev mixes share many rows), keyed by prompt and answer."""
@@ -156,9 +152,7 @@ def fmt(m: dict) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--mixes", nargs="*", default=[])
-    p.add_argument("--sst2", nargs="*", default=[])
-    p.add_argument("--sst2-sample", type=int, default=80)
+    add_mix_arguments(p)
     p.add_argument("--safe-data", default=str(SAFE))
     p.add_argument("--safe-sample", type=int, default=200, help="as the CPU settings")
     p.add_argument("--unsafe-pairs", default=str(PAIRS / "safetyllamas_I-PhysicalSafetyUnsafe.json"))
@@ -192,10 +186,7 @@ def main() -> None:
         load_examples(a.safe_data, "train", "auto", None, True), a.safe_sample, 0))["feats"]}
     for key, path in (("unsafe_pairs", a.unsafe_pairs), ("safe_pairs", a.safe_pairs)):
         ref[key] = cached(key, lambda path=path: prompt_examples(path))["feats"]
-    sources = [(m, None) for m in a.mixes] + [(s, a.sst2_sample) for s in a.sst2]
-    rows = {Path(s).stem + (f"_n{n}" if n else ""): cached(
-        Path(s).stem + (f"_n{n}" if n else ""), lambda s=s, n=n: load_mix(s, n))
-        for s, n in sources}
+    rows = {name: cached(name, load) for name, load in mixes(a)}
     layer = a.layer - 1
     names = list(signals(next(iter(rows.values())), ref, layer))
     print("| mix | " + " | ".join(names) + " |\n" + "|---" * (len(names) + 1) + "|")
