@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from judge_probe import REFUSALS, first_token, gated, metrics
+from judge_probe import REFUSALS, first_token, gated, metrics, signal_table
 from probe_runs import add_mix_arguments, mixes
 
 from sealft.data import load_examples, sample_rows
@@ -63,8 +63,8 @@ def features(model, tokenizer, rows: list[tuple[list[dict], str]], batch: int = 
     """For each (prompt messages, answer): hidden states of every layer at the instruction's
     last token, at the template's last token, and averaged over the instruction's tokens (the
     safe set's prompts all end with ".", the mixes' questions with "?": one token's state
-    carries that style), (rows, layers, 3, width) float16, and the first-token refusal margin read at the
-    template's end."""
+    carries that style), (rows, layers, 3, width) float16, and the first-token refusal margin
+    read at the template's end."""
     encoded = [prompt_ids(tokenizer, m) for m, _ in rows]
     refusal_first = torch.tensor([first_token(tokenizer, r) for r in REFUSALS])
     order = np.argsort([len(e[0]) for e in encoded])
@@ -136,18 +136,14 @@ def directions(row: dict[str, np.ndarray], ref: dict[str, np.ndarray]) -> dict[s
             "scary": direction_scores(ref["safe"], ref["safe_pairs"], row["feats"])}
 
 
-def signals(row: dict[str, np.ndarray], ref: dict[str, np.ndarray],
+def signals(row: dict[str, np.ndarray], projections: dict[str, np.ndarray],
             layer: int) -> dict[str, np.ndarray]:
+    """The margin and every direction's projection at `layer`, refusals gated."""
     out = {"margin|gated": gated(row["margin"], row["refuses"])}
-    for name, proj in directions(row, ref).items():
+    for name, proj in projections.items():
         for p, pos in enumerate(POSITIONS):
             out[f"{name}_{pos}|gated"] = gated(proj[:, layer, p], row["refuses"])
     return out
-
-
-def fmt(m: dict) -> str:
-    kept = "–" if m["controls_kept"] is None else f"{m['controls_kept']:.2f}"
-    return f"{m['auroc']:.3f} / {m['removed']:.2f} / {kept}"
 
 
 def main() -> None:
@@ -187,31 +183,24 @@ def main() -> None:
     for key, path in (("unsafe_pairs", a.unsafe_pairs), ("safe_pairs", a.safe_pairs)):
         ref[key] = cached(key, lambda path=path: prompt_examples(path))["feats"]
     rows = {name: cached(name, load) for name, load in mixes(a)}
-    layer = a.layer - 1
-    names = list(signals(next(iter(rows.values())), ref, layer))
-    print("| mix | " + " | ".join(names) + " |\n" + "|---" * (len(names) + 1) + "|")
-    means: dict[str, list] = {n: [] for n in names}
-    for mix, row in rows.items():
-        scored = {n: metrics(row["flags"], s, 0.8) for n, s in signals(row, ref, layer).items()}
-        print(f"| {mix} | " + " | ".join(fmt(scored[n]) for n in names) + " |")
-        for n in names:
-            if scored[n]["controls_kept"] is not None:
-                means[n].append([scored[n][k] for k in ("auroc", "removed", "controls_kept")])
-    print("| **mean, long-form** | " + " | ".join(
-        "{:.3f} / {:.2f} / {:.2f}".format(*np.mean(means[n], axis=0)) if means[n] else "–"
-        for n in names) + " |")
+    projections = {mix: directions(row, ref) for mix, row in rows.items()}
+    table = [(mix, row["flags"], signals(row, projections[mix], a.layer - 1))
+             for mix, row in rows.items()]
+    names = list(table[0][2]) if table else []
+    print(signal_table(table, names, names))
     print("\nexploratory: mean over long-form mixes by layer (AUROC / removed / controls kept)")
-    long_form = [r for r in rows.values() if (r["flags"] == "control").any()]
-    projections = [directions(r, ref) for r in long_form]
-    for name in projections[0] if projections else ():
+    long_form = [mix for mix, row in rows.items() if (row["flags"] == "control").any()]
+    for name in projections[long_form[0]] if long_form else ():
         for p, pos in enumerate(POSITIONS):
             cells = []
             for lay in range(ref["safe"].shape[1]):
-                ms = [metrics(r["flags"], gated(pr[name][:, lay, p], r["refuses"]), 0.8)
-                      for r, pr in zip(long_form, projections, strict=True)]
+                ms = [metrics(rows[mix]["flags"],
+                              gated(projections[mix][name][:, lay, p], rows[mix]["refuses"]), 0.8)
+                      for mix in long_form]
                 cells.append(f"L{lay + 1} " + "{:.2f}/{:.2f}/{:.2f}".format(*np.mean(
                     [[m["auroc"], m["removed"], m["controls_kept"]] for m in ms], axis=0)))
             print(f"{name}_{pos}: " + "  ".join(cells))
+
 
 if __name__ == "__main__":
     main()

@@ -362,8 +362,9 @@ def main() -> None:
     table = {}
     for name, rows in rows_per_mix(out, a, score, suffix=f"__{a.signals}").items():
         if a.signals not in ("divergence", "continue"):
-            table[f"{name}__{a.signals}"] = summarise(rows)
-            print(name, json.dumps(table[f"{name}__{a.signals}"]), flush=True)
+            key = f"{name}__{a.signals}"
+            table[key] = summarise(rows)
+            print(key, json.dumps(table[key]), flush=True)
     (out / "summary.json").write_text(json.dumps(table, indent=1))
 
 
