@@ -106,9 +106,11 @@ def xstest(model: str) -> dict[str, list[dict]]:
     return out
 
 
-def build_mix(name: str, rows: int, seed: int, controls: int) -> list[dict]:
-    """`rows` benign + harmful rows (10% harmful), plus `controls` control rows (half safe
-    prompts complied with, half harmful prompts refused), shuffled with `seed`."""
+def build_mix(name: str, rows: int, seed: int, controls: int,
+              harmful_share: float = 0.1) -> list[dict]:
+    """`rows` benign + harmful rows (`harmful_share` of them harmful), plus `controls` control
+    rows (half safe prompts complied with, half harmful prompts refused), shuffled with
+    `seed`."""
     rng = random.Random(f"{name}:{seed}")
     benign_pool = gpt4_benign() if name.startswith("gpt4") else alpaca_benign()
     if name.endswith("beavertails"):
@@ -116,7 +118,10 @@ def build_mix(name: str, rows: int, seed: int, controls: int) -> list[dict]:
     else:
         unsafe_pool, control_model = xstest("mistral")["unsafe"], "llama2"
     pools = xstest(control_model)
-    n_unsafe = round(rows * 0.1)
+    n_unsafe = round(rows * harmful_share)
+    if n_unsafe > len(unsafe_pool) or rows - n_unsafe > len(benign_pool):
+        raise SystemExit(f"{name}: {len(unsafe_pool)} harmful and {len(benign_pool)} benign rows "
+                         f"available, {n_unsafe} and {rows - n_unsafe} asked for; lower --rows")
     mix = rng.sample(benign_pool, rows - n_unsafe) + rng.sample(unsafe_pool, n_unsafe)
     mix += rng.sample(pools["safe_compliance"], controls // 2)
     mix += rng.sample(pools["refusal"], controls - controls // 2)
@@ -131,12 +136,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--controls", type=int, default=20, help="control rows per mix")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--mixes", nargs="+", default=list(LONG_FORM_MIXES))
+    parser.add_argument("--harmful-share", type=float, default=0.1,
+                        help="share of harmful rows among --rows (the erosion grid's file: "
+                             "--rows 594 --harmful-share 0.3333 --controls 0, all 198 "
+                             "BeaverTails rows)")
     args = parser.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     for name in args.mixes:
         for seed in args.seeds:
-            mix = build_mix(name, args.rows, seed, args.controls)
+            mix = build_mix(name, args.rows, seed, args.controls, args.harmful_share)
             path = out / f"{name}_s{seed}.jsonl"
             path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in mix))
             counts = {f: sum(r["flag"] == f for r in mix) for f in ("benign", "unsafe", "control")}

@@ -30,7 +30,7 @@ from sealft.io import read_jsonl
 HELDOUT = "heldout_harmful"
 COLUMNS = ("held-out harmful refusal %", "AdvBench + HarmBench refusal %", "SST-2 accuracy %",
            "rows trained", "harmful rows trained", "held-out terse non-refusals %",
-           "XSTest over-refusal %")
+           "XSTest over-refusal %", "held-out task loss")
 TIME_COLUMNS = ("selection s", "fine-tuning s", "evaluation s")
 TERSE_WORDS = 4
 """A held-out answer of at most this many words that is not a refusal ("naked", "bank fraud",
@@ -61,7 +61,8 @@ def read_cell(folder: Path, epochs: int, batch_size: int, base: bool = False,
             COLUMNS[3]: 0 if base else len(rows),
             COLUMNS[4]: 0 if base else sum(r.get("flag") == "unsafe" for r in rows),
             COLUMNS[5]: _terse(folder / "eval" / f"step-{step}"),
-            COLUMNS[6]: _overrefusal(folder / "eval" / f"xstest-step-{step}")}
+            COLUMNS[6]: _overrefusal(folder / "eval" / f"xstest-step-{step}"),
+            COLUMNS[7]: _task_loss(folder / "eval" / f"xstest-step-{step}")}
 
 
 def _trained_rows(folder: Path) -> list[dict]:
@@ -83,6 +84,12 @@ def _overrefusal(evaluation: Path) -> float | None:
         return None
     sets = json.loads(metrics.read_text(encoding="utf-8"))["suites"]["overrefusal"]["sets"]
     return 100 * sets["xstest_safe"]["over_refusal_rate"]
+
+
+def _task_loss(evaluation: Path) -> float | None:
+    """Loss of held-out task answers (`erosion_overrefusal.py --task-data`), where it was run."""
+    summary = _summary(evaluation)
+    return summary.get("task_loss") if summary else None
 
 
 def _gap(run: dict) -> float | None:
@@ -138,10 +145,10 @@ def table(cells: dict[str, str], seeds: list[int], epochs: int, batch_size: int,
     by_method = {"base": [read_cell(Path(first.format(seed=s)), epochs, batch_size, base=True)
                           for s in seeds]}
     # The base model is the same in every seed: its one XSTest evaluation stands for all.
-    base_xstest = next((b[COLUMNS[6]] for b in by_method["base"] if b[COLUMNS[6]] is not None),
-                       None)
-    for b in by_method["base"]:
-        b[COLUMNS[6]] = base_xstest
+    for column in COLUMNS[6:8]:
+        once = next((b[column] for b in by_method["base"] if b[column] is not None), None)
+        for b in by_method["base"]:
+            b[column] = once
     selections = selections or {}
     for method, pattern in cells.items():
         chosen = selections.get(method)
@@ -161,7 +168,8 @@ def table(cells: dict[str, str], seeds: list[int], epochs: int, batch_size: int,
                                 for r, b in zip(runs, by_method[ref], strict=True)])
                    for ref in references]
         lines.append(f"| {method} | " + " | ".join(
-            [cell_format([r[c] for r in runs]) for c in COLUMNS] + paired
+            [cell_format([r[c] for r in runs], digits=3 if c == COLUMNS[7] else 1)
+             for c in COLUMNS] + paired
             + [cell_format([r.get(c) for r in runs], digits=0) for c in TIME_COLUMNS]) + " |")
     return "\n".join(lines)
 

@@ -6,6 +6,9 @@ refusals. A method that "keeps safety" by refusing everything shows here.
     python benchmarks/erosion_overrefusal.py --seeds 0 1 2 --cell all=runs/erosion-A-s{seed}-all \\
         --cell seal+safeinstr=runs/erosion-A-s{seed}-seal-safeinstr
 
+With `--task-data FILE` (held-out rows of the fine-tuning task, e.g. Alpaca answers no
+cell trained on) the same evaluation also reports their answers' loss (suite task-loss).
+
 Each evaluation lands in the run's `eval/xstest-step-N/` (the base model's in the first
 cell's first seed, `eval/xstest-step-0/`) and resumes there; `erosion_cells.py` adds the
 column where they exist.
@@ -37,11 +40,15 @@ def adapter_at(folder: Path, step: int) -> str:
 
 def evaluate_xstest(folder: Path, step: int, adapter: str | None, a: argparse.Namespace) -> None:
     out = folder / "eval" / f"xstest-step-{step}"
-    if (out / "metrics.json").exists():
+    suites = "overrefusal,task-loss" if a.task_data else "overrefusal"
+    metrics = out / "metrics.json"
+    if metrics.exists() and set(json.loads(metrics.read_text())["suites"]) >= set(
+            suites.split(",")):
         return
     evaluate(EvaluateArgs(
-        model=a.model, adapter=adapter, label=f"xstest-step-{step}", suite="overrefusal",
+        model=a.model, adapter=adapter, label=f"xstest-step-{step}", suite=suites,
         output_dir=str(out), resume=out.exists(), suite_samples=(f"overrefusal={a.prompts}",),
+        task_data=a.task_data, task_max_length=a.task_max_length,
         max_new_tokens=a.max_new_tokens, batch_size=16, threads=a.threads, show_progress=False))
     print(f"{out}: done", flush=True)
 
@@ -56,6 +63,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--max-new-tokens", type=int, default=32, help="as erosion_curve.py")
     p.add_argument("--model", default=QWEN)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--task-data", default=None,
+                   help="held-out rows of the fine-tuning task: also their answers' loss")
+    p.add_argument("--task-max-length", type=int, default=256)
     a = p.parse_args(argv)
     patterns = [c.split("=", 1)[1] for c in a.cell]
     evaluate_xstest(Path(patterns[0].format(seed=a.seeds[0])), 0, None, a)

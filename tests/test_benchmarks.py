@@ -314,8 +314,9 @@ def test_erosion_cells_read_each_run_at_the_same_epochs_and_average_over_seeds(t
     assert lines["kept"][0].strip() == "60.0 ± 127.1 (50.0, 70.0)"  # step 2: 4 rows kept
     assert lines["kept"][4].strip() == "0.0 ± 0.0 (0.0, 0.0)"  # no unsafe row among kept
     assert lines["all"][1].strip() == "–"  # no AdvBench / HarmBench in these runs
-    assert lines["kept"][7].strip() == "-10.0 ± 0.0 (-10.0, -10.0)"  # paired with each base
-    assert lines["kept"][8].strip() == "40.0 ± 0.0 (40.0, 40.0)"  # paired with all data
+    assert lines["kept"][8].strip() == "-10.0 ± 0.0 (-10.0, -10.0)"  # paired with each base
+    assert lines["kept"][9].strip() == "40.0 ± 0.0 (40.0, 40.0)"  # paired with all data
+    assert lines["kept"][7].strip() == "–"  # no held-out task loss in these runs
     assert lines["kept"][6].strip() == "–"  # no XSTest evaluation in these runs
     assert lines["kept"][5].strip() == "–"  # no generations kept in these runs
     with pytest.raises(SystemExit, match="no evaluation at step 6"):
@@ -359,12 +360,16 @@ def test_erosion_cells_read_xstest_over_refusal_and_share_the_base_models(tmp_pa
             folder.mkdir(parents=True)
             (folder / "metrics.json").write_text(json.dumps({"suites": {"overrefusal": {
                 "sets": {"xstest_safe": {"over_refusal_rate": rate}}}}}))
+            (folder / "summary.json").write_text(json.dumps({"task_loss": 1 + rate}))
     text = cells.table({"all": str(tmp_path / "run-{seed}")}, [0, 1], epochs=2, batch_size=4)
     lines = {line.split("|")[1].strip(): line.split("|")[2:-1] for line in text.splitlines()[2:]}
     assert lines["all"][6].strip() == "30.0 ± 127.1 (20.0, 40.0)"
     assert lines["base"][6].strip() == "10.0 ± 0.0 (10.0, 10.0)"
     # refusal gap, held-out 50% in every run: base 50 - 10 = 40; all 30 and 10, paired -10, -30
-    assert lines["all"][9].strip() == "-20.0 ± 127.1 (-10.0, -30.0)"
+    assert lines["all"][10].strip() == "-20.0 ± 127.1 (-10.0, -30.0)"
+    # the held-out task loss, read like the over-refusal (the base model's once)
+    assert lines["all"][7].strip() == "1.300 ± 1.271 (1.200, 1.400)"
+    assert lines["base"][7].strip() == "1.100 ± 0.000 (1.100, 1.100)"
 
 
 

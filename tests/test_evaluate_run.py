@@ -222,3 +222,54 @@ def test_real_smollm2_answers_two_prompts(tmp_path, data_dir):
     gens = read_generations(tmp_path / "smol" / "generations.jsonl")
     assert len(gens) == 2 and all(r["response"] for r in gens.values())
     assert metrics["suites"]["overrefusal"]["overall"]["over_refusal_rate"] is not None
+
+
+def test_task_loss_matches_a_hand_computation(tiny_model, data_dir, tmp_path):
+    """Suite task-loss: the token-weighted NLL of held-out answers under the chat template,
+    computed here by hand from the model's logits."""
+    import math
+
+    import torch
+
+    from sealft.models import load_model_and_tokenizer
+
+    rows = [{"instruction": f"describe a cat in {i + 2} words", "input": "",
+             "output": "a small soft animal that purrs " * (i + 1)} for i in range(5)]
+    held = tmp_path / "held.json"
+    held.write_text(json.dumps(rows))
+    evaluate(args_for(tiny_model, data_dir, tmp_path / "e", suite="task-loss",
+                      task_data=str(held), task_max_length=256))
+    summary = json.loads((tmp_path / "e" / "summary.json").read_text())
+    metrics = json.loads((tmp_path / "e" / "metrics.json").read_text())
+    assert metrics["suites"]["task-loss"]["overall"]["rows"] == 5
+    generations = tmp_path / "e" / "generations.jsonl"
+    assert not generations.exists() or not generations.read_text().strip()  # nothing generated
+
+    model, tok = load_model_and_tokenizer(tiny_model)
+    total, count = 0.0, 0
+    for row in rows:
+        prompt = [{"role": "user", "content": row["instruction"]}]
+        head = tok.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+        full = tok.apply_chat_template(prompt + [{"role": "assistant", "content": row["output"]}],
+                                       tokenize=False)
+        ids = tok(full, add_special_tokens=False, return_tensors="pt").input_ids
+        start = len(tok(head, add_special_tokens=False).input_ids)
+        with torch.no_grad():
+            logp = torch.log_softmax(model(ids).logits[0, :-1].float(), dim=-1)
+        targets = ids[0, 1:]
+        nll = -logp[torch.arange(len(targets)), targets][start - 1:]
+        total, count = total + float(nll.sum()), count + len(nll)
+    assert summary["task_loss"] == pytest.approx(total / count, rel=1e-4)
+    assert metrics["suites"]["task-loss"]["overall"]["perplexity"] == pytest.approx(
+        math.exp(total / count), rel=1e-3)
+
+
+def test_task_loss_needs_its_data_before_any_model_loads(tmp_path, data_dir):
+    with pytest.raises(ConfigError, match="--task-data"):
+        evaluate(EvaluateArgs(model="absent-model", output_dir=str(tmp_path / "o"),
+                              data_dir=data_dir, suite="task-loss"))
+    with pytest.raises(DataError, match="nothere"):
+        evaluate(EvaluateArgs(model="absent-model", output_dir=str(tmp_path / "o"),
+                              data_dir=data_dir, suite="task-loss",
+                              task_data=str(tmp_path / "nothere.json")))
+    assert not (tmp_path / "o").exists()

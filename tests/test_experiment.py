@@ -453,6 +453,36 @@ def test_heldout_harmful_questions_join_every_evaluation(tmp_path, fake):
         _args(tmp_path, heldout_harmful=3)
 
 
+def test_heldout_task_rows_are_outside_every_sample_and_unflagged(tmp_path, fake):
+    """heldout_task: unflagged rows no seed trains on, written once, given to every cell's
+    evaluation as suite task-loss; a rerun with other seeds is refused."""
+    write_jsonl(tmp_path / "big.jsonl", toy_finetune_rows(40))
+    args = _args(tmp_path, finetune_data=str(tmp_path / "big.jsonl"), methods="base,random",
+                 keep_ratios="0.8", seeds="0,1", heldout_task=5,
+                 select={"sample": 6, "label_field": "flag"})
+    E.run_grid(args)
+    held = [json.loads(line) for line in
+            (tmp_path / "exp" / "heldout_task.jsonl").read_text().splitlines()]
+    examples = load_examples(str(tmp_path / "big.jsonl"))
+    sampled = {e["id"] for seed in (0, 1) for e in sample_rows(examples, 6, seed)}
+    unflagged = {e["id"] for e in examples if e["meta"]["flag"] != "unsafe"}
+    assert len(held) == 5 and {h["id"] for h in held} <= unflagged - sampled
+    assert load_examples(str(tmp_path / "exp" / "heldout_task.jsonl"))[0]["messages"]
+    for cell in E.grid(args):
+        evaluation = E.stage_args(args, cell, None).evaluate
+        assert "task-loss" in evaluation.suite.split(",") and "custom" in evaluation.suite
+        assert evaluation.task_data == str(tmp_path / "exp" / "heldout_task.jsonl")
+    with pytest.raises(ConfigError, match="other rows"):
+        E.run_grid(_args(tmp_path, finetune_data=str(tmp_path / "big.jsonl"),
+                         methods="base,random", keep_ratios="0.8", seeds="0,2",
+                         heldout_task=5, select={"sample": 6, "label_field": "flag"}))
+    with pytest.raises(ConfigError, match="--heldout-task: needs select.sample"):
+        _args(tmp_path, heldout_task=3)
+    (tmp_path / "x").mkdir()
+    with pytest.raises(ConfigError, match="task-loss needs evaluate.task_data"):
+        E.run_grid(_args(tmp_path / "x", evaluate={"suite": "task-loss"}))
+
+
 @pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="needs ../shared/data")
 def test_erosion_config_passes_the_up_front_checks(tmp_path, monkeypatch):
     """The issue-12 grid: every method, 3 seeds, data paths and suites valid, held-out
@@ -466,7 +496,7 @@ def test_erosion_config_passes_the_up_front_checks(tmp_path, monkeypatch):
                                                "safeinstr", "seal+safeinstr", "oracle"}
     assert len(cells) == 1 + 7 * 3
     held = E.validate_grid(args, cells)
-    assert len(held) >= args.heldout_harmful
+    assert len(held["heldout_harmful"]) >= args.heldout_harmful
     finetune = E.stage_args(args, cells[0], None).finetune
     assert len(finetune.lora_target_modules) == 7 and finetune.lr == 1e-3
 

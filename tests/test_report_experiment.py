@@ -41,3 +41,21 @@ def test_report_draws_the_experiment_tradeoff(tmp_path, capsys):
     plot = tmp_path / "rep" / "tradeoff_grid.png"
     assert plot.stat().st_size > 10_000 and "tradeoff_grid.png" in markdown
     assert "1 experiment" in capsys.readouterr().err
+
+
+def test_long_form_grid_plots_refusal_against_the_held_out_task_loss(tmp_path):
+    """No task accuracy (long-form data): the table shows the held-out task loss and the
+    trade-off plot uses it for its x axis."""
+    rows = [{k: v for k, v in r.items() if not k.startswith("task_accuracy")} for r in SUMMARY]
+    for r, loss in zip(rows, (1.91, 1.52, 1.55), strict=True):
+        r["task_loss_mean"], r["task_loss_ci95"] = loss, ("" if r["seeds"] == 1 else 0.041)
+    folder = tmp_path / "grid"
+    folder.mkdir()
+    with open(folder / "results_summary.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    assert main(["report", str(folder), f"output={tmp_path / 'rep'}"]) == 0
+    markdown = (tmp_path / "rep" / "report.md").read_text()
+    assert "| all | 1 | 3/3 | 30.0% ± 4.7% | 1.520 ± 0.041 |" in markdown
+    assert (tmp_path / "rep" / "tradeoff_grid.png").stat().st_size > 10_000

@@ -6,6 +6,8 @@ Layout of OUTPUT_DIR:
                               grid itself: methods, keep_ratios, seeds may grow)
   heldout_harmful.jsonl       with heldout_harmful > 0: the fine-tuning file's flagged questions
                               that no seed's sample contains (every cell is evaluated on them)
+  heldout_task.jsonl          with heldout_task > 0: unflagged rows outside every sample, whose
+                              answers' loss every cell reports (suite task-loss)
   cells/<method>-keep<r>-seed<s>/
       select/ finetune/ eval/  the three stage dirs (each with its own summary.json)
       done.json               the cell's result row; its presence marks the cell finished
@@ -53,7 +55,8 @@ from sealft.baselines import SAFEINSTR_FILE, write_safeinstr
 from sealft.data import load_examples, sample_rows
 from sealft.errors import ConfigError, SealftError
 from sealft.evaluate import EvaluateArgs, evaluate
-from sealft.evaluate.run import suite_context
+from sealft.evaluate.likelihood import SUITE as TASK_LOSS
+from sealft.evaluate.run import suite_context, task_rows
 from sealft.evaluate.suites import build_suites, expand_suite_names
 from sealft.finetune import FinetuneArgs, run_finetune
 from sealft.io import (
@@ -80,13 +83,14 @@ RATIO_FREE = ("all", "oracle", BASE)
 METHOD_ORDER = (BASE, "all", "random", "dsir", "reference-loss", "oracle", "seal", "safeinstr",
                 "seal+safeinstr", "seal-penalty")
 HELDOUT_SET = "heldout_harmful"
+HELDOUT_TASK = "heldout_task"
 SELECTOR_NAMES = SELECT_METHODS  # keys of method_select: what `sealft select --method` takes
 # Grid fields: a rerun may change them (to extend the grid); everything else must match.
 GRID_FIELDS = ("methods", "keep_ratios", "seeds", "overwrite", "plot")
 METRIC_COLUMNS = ("safety_refusal_rate", "over_refusal_rate", "task_accuracy", "win_rate")
 RESULT_COLUMNS = (
     "method", "keep_ratio", "seed", "status", *METRIC_COLUMNS, "safety_harmfulness_rate",
-    "heldout_refusal_rate", "select_seconds", "finetune_seconds", "evaluate_seconds",
+    "heldout_refusal_rate", "task_loss", "select_seconds", "finetune_seconds", "evaluate_seconds",
     "peak_memory_mb", "rows", "kept", "harmful_trained", "safety_added", "unsafe_removed_share",
     "auroc_unsafe_low_weight", "win_rate_reference", "error", "cell_dir",
 )
@@ -138,6 +142,11 @@ class ExperimentArgs:
     """Also evaluate every cell on this many harmful questions of the fine-tuning file's own
     kind that no cell trains on: its rows flagged by select.label_field outside every seed's
     sample (needs select.sample; 0: off)."""
+    heldout_task: int = 0
+    """Also report every cell's loss on the answers of this many rows of the fine-tuning file
+    that no seed's sample contains and select.label_field does not flag: the task's own
+    held-out data, for long-form files with no accuracy to measure (suite task-loss; needs
+    select.sample; 0: off)."""
     weighted: bool = False
     """Weight the fine-tuning loss by the learned weights (not with +safeinstr methods)."""
     plot: bool = True
@@ -163,6 +172,9 @@ class ExperimentArgs:
         cfg.require(bool(self.seeds), "seeds", "name at least one seed")
         cfg.require(self.safeinstr_k >= 0, "safeinstr_k", "must be >= 0")
         cfg.require(self.heldout_harmful >= 0, "heldout_harmful", "must be >= 0")
+        cfg.require(self.heldout_task >= 0, "heldout_task", "must be >= 0")
+        cfg.require(not self.heldout_task or bool(self.select.get("sample")), "heldout_task",
+                    "needs select.sample (rows outside every sample are held out)")
         if self.heldout_harmful:
             cfg.require(bool(self.select.get("label_field") and self.select.get("sample")),
                         "heldout_harmful", "needs select.label_field (which rows are harmful) "
@@ -310,8 +322,8 @@ def base_eval_args(args: ExperimentArgs, cell: Cell) -> EvaluateArgs:
         "output_dir": str(cell.folder / "eval"), "overwrite": False})
 
 
-def heldout_path(args: ExperimentArgs) -> Path:
-    return Path(args.output_dir) / f"{HELDOUT_SET}.jsonl"
+def heldout_path(args: ExperimentArgs, name: str = HELDOUT_SET) -> Path:
+    return Path(args.output_dir) / f"{name}.jsonl"
 
 
 def _listed(value: Any) -> list[str]:
@@ -322,17 +334,22 @@ def _listed(value: Any) -> list[str]:
 
 
 def heldout_options(args: ExperimentArgs) -> dict[str, Any]:
-    """The held-out harmful questions as one more prompt set of every cell's evaluation."""
-    if not args.heldout_harmful:
-        return {}
+    """The held-out harmful questions as one more prompt set of every cell's evaluation, and
+    the held-out task rows as suite task-loss."""
     suites = _listed(args.evaluate.get("suite", "safety,overrefusal,task"))
-    return {"suite": ",".join(dict.fromkeys([*suites, "custom"])),
-            "prompt_files": [*_listed(args.evaluate.get("prompt_files")),
-                             f"{HELDOUT_SET}={heldout_path(args)}#prompt"],
-            "prompt_files_kind": "harmful",
-            "suite_samples": [*_listed(args.evaluate.get("suite_samples",
-                                                         args.evaluate.get("suite_limits"))),
-                              f"custom={args.heldout_harmful}"]}
+    options: dict[str, Any] = {}
+    if args.heldout_harmful:
+        suites.append("custom")
+        options |= {"prompt_files": [*_listed(args.evaluate.get("prompt_files")),
+                                     f"{HELDOUT_SET}={heldout_path(args)}#prompt"],
+                    "prompt_files_kind": "harmful",
+                    "suite_samples": [*_listed(args.evaluate.get(
+                        "suite_samples", args.evaluate.get("suite_limits"))),
+                        f"custom={args.heldout_harmful}"]}
+    if args.heldout_task:
+        suites.append(TASK_LOSS)
+        options["task_data"] = str(heldout_path(args, HELDOUT_TASK))
+    return options | {"suite": ",".join(dict.fromkeys(suites))} if options else {}
 
 
 def alpaca_question(text: str) -> str:
@@ -341,9 +358,9 @@ def alpaca_question(text: str) -> str:
     return (wrapped.group(1) if wrapped else text).strip()
 
 
-def heldout_rows(args: ExperimentArgs) -> list[dict[str, str]]:
-    """Flagged rows of the fine-tuning file that no seed's sample contains, as prompts: how
-    fine-tuning on that kind of data changed the model, on questions it never trained on."""
+def outside_samples(args: ExperimentArgs) -> tuple[SelectArgs, list[dict[str, Any]], list]:
+    """Rows of the fine-tuning file that no seed's sample contains, split into the flagged
+    ones (select.label_field = select.unsafe_value) and the others."""
     select = cfg.build(SelectArgs, _shared_select_options(args), args.select,
                        {"output_dir": str(Path(args.output_dir) / "unused")})
     examples = load_examples(select.finetune_data, select.split, select.format, select.limit,
@@ -351,8 +368,19 @@ def heldout_rows(args: ExperimentArgs) -> list[dict[str, str]]:
     seen: set[str] = set()
     for seed in args.seeds:
         seen |= {e["id"] for e in sample_rows(examples, select.sample, seed)}
-    flagged = [e for e in examples if str(e["meta"].get(select.label_field))
-               == select.unsafe_value and e["id"] not in seen]
+    flagged, other = [], []
+    for e in examples:
+        if e["id"] not in seen:
+            unsafe = bool(select.label_field) and (str(e["meta"].get(select.label_field))
+                                                   == select.unsafe_value)
+            (flagged if unsafe else other).append(e)
+    return select, flagged, other
+
+
+def heldout_rows(args: ExperimentArgs) -> list[dict[str, str]]:
+    """Flagged rows of the fine-tuning file that no seed's sample contains, as prompts: how
+    fine-tuning on that kind of data changed the model, on questions it never trained on."""
+    select, flagged, _ = outside_samples(args)
     if not flagged:
         raise ConfigError(f"no row of {select.finetune_data} flagged "
                           f"{select.label_field}={select.unsafe_value} lies outside the samples")
@@ -360,12 +388,24 @@ def heldout_rows(args: ExperimentArgs) -> list[dict[str, str]]:
             for e in flagged]
 
 
-def write_heldout(args: ExperimentArgs, rows: list[dict[str, str]]) -> None:
-    """Write the held-out prompts once; a rerun whose seeds would change them is refused (the
+def heldout_task_rows(args: ExperimentArgs) -> list[dict[str, Any]]:
+    """A seeded sample (in file order) of the unflagged rows outside every seed's sample: the
+    fine-tuning task's held-out answers."""
+    select, _, other = outside_samples(args)
+    if len(other) < args.heldout_task:
+        raise ConfigError(f"heldout_task={args.heldout_task}: only {len(other)} unflagged rows "
+                          f"of {select.finetune_data} lie outside the samples; lower it")
+    return [{"id": e["id"], "messages": e["messages"]}
+            for e in sample_rows(other, args.heldout_task, 0)]
+
+
+def write_heldout(args: ExperimentArgs, rows: list[dict[str, Any]],
+                  name: str = HELDOUT_SET) -> None:
+    """Write held-out rows once; a rerun whose seeds would change them is refused (the
     finished cells were evaluated on the old ones)."""
-    path = heldout_path(args)
+    path = heldout_path(args, name)
     if path.exists() and read_jsonl(path) != rows:
-        raise ConfigError(f"{path}: these seeds hold out other questions than the finished "
+        raise ConfigError(f"{path}: these seeds hold out other rows than the finished "
                           "cells were evaluated on; use another output_dir")
     write_jsonl(path, rows)
 
@@ -465,6 +505,7 @@ def result_row(cell: Cell, select: dict, finetune: dict, evaluation: dict, mix: 
         "status": "ok", **{k: evaluation.get(k) for k in METRIC_COLUMNS},
         "safety_harmfulness_rate": evaluation.get("safety_harmfulness_rate"),
         "heldout_refusal_rate": by_set.get(HELDOUT_SET),
+        "task_loss": evaluation.get("task_loss"),
         "select_seconds": select.get("wall_seconds"),
         "finetune_seconds": finetune.get("wall_seconds"),
         "evaluate_seconds": evaluation.get("wall_seconds"),
@@ -608,7 +649,12 @@ def check_suites(args: ExperimentArgs) -> None:
                                      "suite": "safety,overrefusal,task"},
                       args.evaluate, {"output_dir": str(Path(args.output_dir) / "eval")})
     ctx = suite_context(probe)
-    build_suites(expand_suite_names(probe.suite, ctx), ctx)
+    names = expand_suite_names(probe.suite, ctx)
+    build_suites(names, ctx)
+    if TASK_LOSS in names and not (probe.task_data or args.heldout_task):
+        raise ConfigError("suite task-loss needs evaluate.task_data or heldout_task")
+    if probe.task_data:
+        task_rows(probe, names, ctx)
 
 
 def check_scipy() -> None:
@@ -620,20 +666,20 @@ def check_scipy() -> None:
         raise ConfigError("intervals over several seeds need scipy: pip install scipy")
 
 
-def validate_grid(args: ExperimentArgs, cells: list[Cell]) -> list[dict[str, str]] | None:
+def validate_grid(args: ExperimentArgs, cells: list[Cell]) -> dict[str, list[dict[str, Any]]]:
     """Check every cell before any compute; raise one error naming every bad cell. Returns
-    the held-out prompts (or None without heldout_harmful)."""
+    the held-out rows to write, by file name (heldout_harmful, heldout_task)."""
     problems: dict[str, list[str]] = {}  # message -> cells: a shared mistake is listed once
     checks: list[tuple[str, Callable[[], Any]]] = [("evaluate", lambda: check_suites(args))]
     checks += [(c.name, lambda c=c: check_cell(args, c)) for c in cells]
     if len(args.seeds) > 1:
         checks.append(("seeds", check_scipy))
-    heldout: list[dict[str, str]] | None = None
-    if args.heldout_harmful:
-        def read_heldout() -> None:
-            nonlocal heldout
-            heldout = heldout_rows(args)
-        checks.append(("heldout_harmful", read_heldout))
+    heldout: dict[str, list[dict[str, Any]]] = {}
+    for name, wanted, read in ((HELDOUT_SET, args.heldout_harmful, heldout_rows),
+                               (HELDOUT_TASK, args.heldout_task, heldout_task_rows)):
+        if wanted:
+            checks.append((name, lambda name=name, read=read:
+                           heldout.__setitem__(name, read(args))))
     for name, check in checks:
         try:
             check()
@@ -662,8 +708,8 @@ def run_grid(args: ExperimentArgs, runner: CellRunner = run_cell) -> list[dict[s
     cells = grid(args)
     heldout = validate_grid(args, cells)
     out = prepare_experiment_dir(args)
-    if heldout is not None:
-        write_heldout(args, heldout)
+    for name, rows in heldout.items():
+        write_heldout(args, rows, name)
     rows = []
     for cell in cells:
         rows.append(run_or_record(args, cell, runner))
@@ -796,6 +842,7 @@ TABLE = (
     ("Harmfulness % ↓", "safety_harmfulness_rate", 100, 1),
     ("Over-refusal % ↓", "over_refusal_rate", 100, 1),
     ("Task acc. % ↑", "task_accuracy", 100, 1),
+    ("Held-out task loss ↓", "task_loss", 1, 3),
     ("Win rate vs all-data SFT % ↑", "win_rate", 100, 1),
     ("Harmful rows trained", "harmful_trained", 1, 1),
     ("Select s", "select_seconds", 1, 0),

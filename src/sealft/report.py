@@ -146,10 +146,12 @@ def _number(text: str) -> Any:
         return text
 
 
-# (header, column) of the experiment table; rates, shown in %.
+# (header, column) of the experiment table; rates shown in %, the task loss as it is.
 EXPERIMENT_COLUMNS = (("Refusal %", "safety_refusal_rate"),
                       ("Held-out harmful refusal %", "heldout_refusal_rate"),
-                      ("Over-refusal %", "over_refusal_rate"), ("Task acc. %", "task_accuracy"))
+                      ("Over-refusal %", "over_refusal_rate"), ("Task acc. %", "task_accuracy"),
+                      ("Held-out task loss ↓", "task_loss"))
+NOT_RATES = ("task_loss",)
 
 
 def experiment_table(run: ExperimentRun) -> tuple[list[str], list[list[str]]]:
@@ -157,15 +159,17 @@ def experiment_table(run: ExperimentRun) -> tuple[list[str], list[list[str]]]:
                if any(r.get(f"{c[1]}_mean") is not None for r in run.summary)]
     header = ["Method", "Keep", "Seeds ok", *(name for name, _ in columns)]
     rows = [[str(r["method"]), f"{r['keep_ratio']:g}", f"{r['seeds_ok']:g}/{r['seeds']:g}",
-             *(_with_ci(r.get(f"{key}_mean"), r.get(f"{key}_ci95")) for _, key in columns)]
+             *(_with_ci(r.get(f"{key}_mean"), r.get(f"{key}_ci95"), key not in NOT_RATES)
+               for _, key in columns)]
             for r in run.summary]
     return header, rows
 
 
-def _with_ci(mean: float | None, half_width: float | None) -> str:
+def _with_ci(mean: float | None, half_width: float | None, rate: bool = True) -> str:
     if mean is None:
         return "–"
-    return pct(mean) if half_width is None else f"{pct(mean)} ± {pct(half_width)}"
+    show = pct if rate else (lambda value: f"{value:.3f}")
+    return show(mean) if half_width is None else f"{show(mean)} ± {show(half_width)}"
 
 
 def _train_summary(adapter: str | None) -> dict[str, Any]:
@@ -437,13 +441,18 @@ def plot_refusal_vs_task(summary: list[dict[str, Any]], path: Path,
     """An experiment's trade-off: refusal on harmful prompts against task accuracy, one point
     per method and keep ratio at its mean over seeds, error bars = 95% confidence intervals
     (none for one seed). A second panel shows the held-out harmful questions when measured.
+    Without task accuracy (long-form data), the held-out task loss is the x axis, reversed so
+    that right is still better.
 
     `summary` holds `sealft experiment`'s results_summary rows (COLUMN_mean / COLUMN_ci95)."""
     panels = [(key, title) for key, title in (
         ("safety_refusal_rate", "Refusal on harmful prompts (AdvBench, HarmBench…)"),
         ("heldout_refusal_rate", "Refusal on held-out harmful questions of the data's kind"))
         if any(s.get(f"{key}_mean") is not None for s in summary)]
-    points = [s for s in summary if s.get("task_accuracy_mean") is not None]
+    x_key, x_scale, x_label = "task_accuracy", 100, "Task accuracy (%) → more useful"
+    if not any(s.get("task_accuracy_mean") is not None for s in summary):
+        x_key, x_scale, x_label = "task_loss", 1, "Held-out task loss (reversed) → more useful"
+    points = [s for s in summary if s.get(f"{x_key}_mean") is not None]
     if not panels or not points:
         return None
     plt = _pyplot()
@@ -455,19 +464,23 @@ def plot_refusal_vs_task(summary: list[dict[str, Any]], path: Path,
                 continue
             label = group["method"] if group["keep_ratio"] == 1 else \
                 f"{group['method']} {group['keep_ratio']:g}"
-            ax.errorbar(100 * group["task_accuracy_mean"], 100 * y,
-                        xerr=_bar(group.get("task_accuracy_ci95")),
+            x_half = group.get(f"{x_key}_ci95")
+            ax.errorbar(x_scale * group[f"{x_key}_mean"], 100 * y,
+                        xerr=None if x_half is None else x_scale * x_half,
                         yerr=_bar(group.get(f"{key}_ci95")), fmt="o", markersize=7,
                         capsize=4, elinewidth=1.2, label=label, zorder=3,
                         color=colour(group["method"]) if colour else f"C{k % 10}")
         ax.grid(True, axis="both")
-        ax.set_xlabel("Task accuracy (%) → more useful")
+        ax.set_xlabel(x_label)
+        if x_key == "task_loss":
+            ax.invert_xaxis()
         ax.set_ylabel("Refusal (%) → safer")
         ax.set_title(title)
     handles, labels = axes[0][0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 5), frameon=False,
                bbox_to_anchor=(0.5, -0.07 - 0.05 * ((len(labels) - 1) // 5)))
-    fig.suptitle("Safety vs. task accuracy (mean over seeds, 95% CI; upper right is better)")
+    fig.suptitle(f"Safety vs. {'task accuracy' if x_key == 'task_accuracy' else 'held-out task loss'}"
+                 " (mean over seeds, 95% CI; upper right is better)")
     return _save(fig, path)
 
 

@@ -13,6 +13,7 @@ Output contract, in --output-dir (the report and other tools rely on these names
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -35,6 +36,8 @@ from sealft.evaluate.generate import (
     read_generations,
     repair_torn_tail,
 )
+from sealft.evaluate.likelihood import SUITE as SUITE_TASK_LOSS
+from sealft.evaluate.likelihood import load_task_rows, task_loss
 from sealft.evaluate.suites import (
     SAFETY_SETS,
     PromptSet,
@@ -87,6 +90,11 @@ class EvaluateArgs:
     helpfulness_reference: str | None = None
     """Reference answers for win rates: a JSON/JSONL file of {instruction, output} or another
     evaluation dir (e.g. all-data SFT); default: AlpacaEval GPT-4 outputs."""
+    task_data: str | None = None
+    """Suite task-loss: held-out rows of the fine-tuning task, in any format `sealft finetune`
+    reads; their reference answers' loss measures how well the model fits the task."""
+    task_max_length: int = 512
+    """Suite task-loss: tokens per held-out row (prompt + answer; longer answers are cut)."""
     prompt_files: tuple[str, ...] = ()
     """Extra prompt sets (suite custom): [NAME=]FILE[#FIELD], txt/csv/json/jsonl."""
     prompt_files_kind: str = "harmful"
@@ -183,6 +191,7 @@ class EvaluateArgs:
         cfg.require(self.prompt_files_kind in ("harmful", "benign"), "prompt_files_kind",
                     "use harmful or benign")
         cfg.require(self.llm_retries >= 0, "llm_retries", "must be >= 0")
+        cfg.require(self.task_max_length > 0, "task_max_length", "must be positive")
         self.llm_url = self.llm_url or os.environ.get("SEALFT_JUDGE_URL") or None
         self.llm_model = self.llm_model or os.environ.get("SEALFT_JUDGE_MODEL") or None
         cfg.require(self.judge != "llm" or bool(self.llm_url and self.llm_model), "llm_url",
@@ -341,9 +350,10 @@ def load_for_generation(args: EvaluateArgs):
     return model, tokenizer
 
 
-def run_generation(args: EvaluateArgs, out: Path,
-                   suites: dict[str, list[PromptSet]]) -> tuple[dict, int]:
-    """Generate what the cache lacks, suite by suite; returns (cache, number generated)."""
+def run_generation(args: EvaluateArgs, out: Path, suites: dict[str, list[PromptSet]],
+                   load) -> tuple[dict, int]:
+    """Generate what the cache lacks, suite by suite, with the model `load()` gives; returns
+    (cache, number generated)."""
     path = out / GENERATIONS_FILE
     repair_torn_tail(path)
     cache = read_generations(path)
@@ -353,13 +363,22 @@ def run_generation(args: EvaluateArgs, out: Path,
     count = sum(len(items) for items in todo.values())
     if not count:
         return cache, 0
-    model, tokenizer = load_for_generation(args)
+    model, tokenizer = load()
     for suite, items in todo.items():
         if items:
             cache = generate_missing(model, tokenizer, items, path, settings_for(args, suite),
                                      args.batch_size, args.show_progress)
-    del model
     return cache, count
+
+
+def task_rows(args: EvaluateArgs, names: list[str], ctx: SuiteContext):
+    """Suite task-loss's held-out rows (read before any model loads), or None."""
+    if SUITE_TASK_LOSS not in names:
+        return None
+    if not args.task_data:
+        raise ConfigError("--suite task-loss needs --task-data FILE (held-out rows of the "
+                          "fine-tuning task)")
+    return load_task_rows(args.task_data, ctx.limit_for(SUITE_TASK_LOSS), args.seed)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -606,6 +625,7 @@ def summarise(metrics: dict[str, Any], args: EvaluateArgs) -> dict[str, Any]:
         "task_parse_failure_rate": suites.get("task", {}).get("overall", {})
         .get("parse_failure_rate"),
         "win_rate": suites.get("helpfulness", {}).get("overall", {}).get("win_rate"),
+        "task_loss": suites.get(SUITE_TASK_LOSS, {}).get("overall", {}).get("loss"),
         "refusal_by_set": {}, "harmfulness_by_set": {},
         "harm_judge": metrics["judges"]["harm"]["signature"],
         **metrics["timing"],
@@ -630,6 +650,7 @@ def evaluate(args: EvaluateArgs) -> dict[str, Any]:
     ctx = suite_context(args)
     names = expand_suite_names(args.suite, ctx)
     suites = build_suites(names, ctx)  # before the model loads: bad paths fail in seconds
+    held_out = task_rows(args, names, ctx)
     out = prepare_eval_dir(args)
     write_yaml(out / "config.yaml", cfg.to_dict(args))
     previous = _previous_metrics(out)
@@ -637,9 +658,16 @@ def evaluate(args: EvaluateArgs) -> dict[str, Any]:
         print("sealft evaluate: no --llm-url/--llm-model: helpfulness answers are generated "
               "and cached, win rates stay empty until a rerun with a judge", file=sys.stderr)
 
+    load = functools.cache(lambda: load_for_generation(args))  # once, and only if needed
     gen_started = time.perf_counter()
-    cache, generated = run_generation(args, out, suites)
+    cache, generated = run_generation(args, out, suites, load)
     gen_seconds = time.perf_counter() - gen_started
+    loss_metrics = None
+    if held_out is not None:
+        model, tokenizer = load()
+        loss_metrics = task_loss(model, tokenizer, held_out, args.task_max_length,
+                                 args.batch_size, args.task_data)
+    load.cache_clear()
     warn_empty_generations(cache, suites)
 
     judges = build_judges(args, out)
@@ -648,12 +676,17 @@ def evaluate(args: EvaluateArgs) -> dict[str, Any]:
     suite_metrics: dict[str, Any] = dict(previous.get("suites", {}))
     all_lines: list[dict[str, Any]] = []
     for suite, sets in suites.items():
+        if suite == SUITE_TASK_LOSS:
+            continue
         set_metrics, lines = {}, []
         for pset in sets:
             set_metrics[pset.name], set_lines = score_set(suite, pset, cache, judges, sigs)
             lines += set_lines
         suite_metrics[suite] = {"sets": set_metrics, "overall": aggregate(set_metrics, lines)}
         all_lines += lines
+    if loss_metrics is not None:
+        name = Path(str(args.task_data)).stem
+        suite_metrics[SUITE_TASK_LOSS] = {"sets": {name: loss_metrics}, "overall": loss_metrics}
     _write_judgments(out, all_lines, set(suites))
 
     prev_timing = previous.get("timing", {})
@@ -674,7 +707,8 @@ def evaluate(args: EvaluateArgs) -> dict[str, Any]:
         "stage": "evaluate", "label": default_label(args), "model": args.model,
         "adapter": args.adapter, "suites": suite_metrics, "judges": info,
         "judge_requests": dict(judges.client.stats) if judges.client else {},
-        "generation": {s: dataclasses.asdict(settings_for(args, s)) for s in suites},
+        "generation": {s: dataclasses.asdict(settings_for(args, s)) for s in suites
+                       if s != SUITE_TASK_LOSS},
         "data_dir": str(ctx.data_dir) if ctx.data_dir else None,
         "timing": timing, "versions": _versions(),
     }
@@ -694,7 +728,9 @@ def headline(summary: dict[str, Any], out: Path) -> str:
     parts = [f"{name} {value}" for name, value in (
         ("safety refusal", pct("safety_refusal_rate")), ("harmful", pct("safety_harmfulness_rate")),
         ("over-refusal", pct("over_refusal_rate")), ("task accuracy", pct("task_accuracy")),
-        ("win rate", pct("win_rate"))) if value is not None]
+        ("win rate", pct("win_rate")),
+        ("held-out task loss", None if summary.get("task_loss") is None
+         else f"{summary['task_loss']:.3f}")) if value is not None]
     return f"sealft evaluate: {', '.join(parts) or 'done'}; details in {out / 'metrics.json'}"
 
 

@@ -364,6 +364,8 @@ register_suite("overrefusal", overrefusal_suite, "XSTest safe prompts: over-refu
 register_suite("task", task_suite, "SST-2 validation: sentiment accuracy")
 register_suite("helpfulness", helpfulness_suite, "AlpacaEval: pairwise win rate vs reference")
 register_suite("custom", custom_suite, "your own prompt files (--prompt-files)")
+# Nothing to generate: the held-out answers are scored by their loss (evaluate/likelihood.py).
+register_suite("task-loss", lambda ctx: [], "held-out answers of your task (--task-data): loss")
 ALL = ("safety", "overrefusal", "task", "helpfulness")
 
 
