@@ -237,13 +237,17 @@ def test_task_loss_matches_a_hand_computation(tiny_model, data_dir, tmp_path):
              "output": "a small soft animal that purrs " * (i + 1)} for i in range(5)]
     held = tmp_path / "held.json"
     held.write_text(json.dumps(rows))
-    evaluate(args_for(tiny_model, data_dir, tmp_path / "e", suite="task-loss",
-                      task_data=str(held), task_max_length=256))
+    # After generation (safety), as in an experiment's cells: the padded generation calls
+    # must not leak padding into the held-out rows' tokens.
+    evaluate(args_for(tiny_model, data_dir, tmp_path / "e", suite="safety,task-loss",
+                      task_data=str(held), task_max_length=256, suite_samples=("safety=2",)))
     summary = json.loads((tmp_path / "e" / "summary.json").read_text())
     metrics = json.loads((tmp_path / "e" / "metrics.json").read_text())
     assert metrics["suites"]["task-loss"]["overall"]["rows"] == 5
-    generations = tmp_path / "e" / "generations.jsonl"
-    assert not generations.exists() or not generations.read_text().strip()  # nothing generated
+    generated = [json.loads(line) for line in
+                 (tmp_path / "e" / "generations.jsonl").read_text().splitlines()]
+    assert {g["suite"] for g in generated} == {"safety"}  # nothing generated for task-loss
+    assert metrics["suites"]["task-loss"]["overall"]["truncated"] == 0
 
     model, tok = load_model_and_tokenizer(tiny_model)
     total, count = 0.0, 0

@@ -472,6 +472,7 @@ def test_heldout_task_rows_are_outside_every_sample_and_unflagged(tmp_path, fake
         evaluation = E.stage_args(args, cell, None).evaluate
         assert "task-loss" in evaluation.suite.split(",") and "custom" in evaluation.suite
         assert evaluation.task_data == str(tmp_path / "exp" / "heldout_task.jsonl")
+        assert "task-loss=5" in evaluation.suite_samples  # not cut by evaluate.sample
     with pytest.raises(ConfigError, match="other rows"):
         E.run_grid(_args(tmp_path, finetune_data=str(tmp_path / "big.jsonl"),
                          methods="base,random", keep_ratios="0.8", seeds="0,2",

@@ -337,19 +337,21 @@ def heldout_options(args: ExperimentArgs) -> dict[str, Any]:
     """The held-out harmful questions as one more prompt set of every cell's evaluation, and
     the held-out task rows as suite task-loss."""
     suites = _listed(args.evaluate.get("suite", "safety,overrefusal,task"))
+    samples = _listed(args.evaluate.get("suite_samples", args.evaluate.get("suite_limits")))
     options: dict[str, Any] = {}
     if args.heldout_harmful:
         suites.append("custom")
+        samples.append(f"custom={args.heldout_harmful}")
         options |= {"prompt_files": [*_listed(args.evaluate.get("prompt_files")),
                                      f"{HELDOUT_SET}={heldout_path(args)}#prompt"],
-                    "prompt_files_kind": "harmful",
-                    "suite_samples": [*_listed(args.evaluate.get(
-                        "suite_samples", args.evaluate.get("suite_limits"))),
-                        f"custom={args.heldout_harmful}"]}
-    if args.heldout_task:
+                    "prompt_files_kind": "harmful"}
+    if args.heldout_task:  # every row of the file, whatever evaluate.sample says
         suites.append(TASK_LOSS)
+        samples.append(f"{TASK_LOSS}={args.heldout_task}")
         options["task_data"] = str(heldout_path(args, HELDOUT_TASK))
-    return options | {"suite": ",".join(dict.fromkeys(suites))} if options else {}
+    if not options:
+        return {}
+    return options | {"suite": ",".join(dict.fromkeys(suites)), "suite_samples": samples}
 
 
 def alpaca_question(text: str) -> str:

@@ -122,8 +122,20 @@ def _encode(tokenizer, texts: list[str]) -> list[list[int]]:
     backend = getattr(tokenizer, "backend_tokenizer", None) if tokenizer.is_fast else None
     if backend is None:
         return tokenizer(texts, add_special_tokens=False)["input_ids"]
-    encode = getattr(backend, "encode_batch_fast", backend.encode_batch)
-    return [e.ids for e in encode(texts, add_special_tokens=False)]
+    # A padded call through transformers (generation does one) leaves padding, and possibly
+    # truncation, switched on in the backend; encoding through it then would pad every row
+    # to the batch's longest. Switched off for this call and restored after it.
+    padding, truncation = backend.padding, backend.truncation
+    backend.no_padding()
+    backend.no_truncation()
+    try:
+        encode = getattr(backend, "encode_batch_fast", backend.encode_batch)
+        return [e.ids for e in encode(texts, add_special_tokens=False)]
+    finally:
+        if padding:
+            backend.enable_padding(**padding)
+        if truncation:
+            backend.enable_truncation(**truncation)
 
 
 def _split_prompt(prompt_text: str, full_text: str) -> str:
