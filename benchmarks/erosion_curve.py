@@ -82,7 +82,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="held-out harmful questions of the fine-tuning file (seeded)")
     parser.add_argument("--harmful-per-set", type=int, default=10,
                         help="prompts from each of AdvBench and HarmBench (seeded; 0: none)")
-    parser.add_argument("--sst2", type=int, default=40, help="SST-2 validation rows")
+    parser.add_argument("--sst2", type=int, default=40,
+                        help="SST-2 validation rows (0: none; a long-form mix's cells answer "
+                             "SST-2 in prose)")
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--keep-scores", default=None,
@@ -248,13 +250,14 @@ def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
 def evaluate_point(args: argparse.Namespace, out: Path, step: int, adapter: str | None,
                    heldout: Path) -> dict[str, Any]:
     folder = out / "eval" / f"step-{step}"
-    suites = ["custom", "task"] + (["safety"] if args.harmful_per_set else [])
+    suites = (["custom"] + (["task"] if args.sst2 else [])
+              + (["safety"] if args.harmful_per_set else []))
     started = time.perf_counter()
     evaluate(EvaluateArgs(
         model=args.model, adapter=adapter, label=f"step-{step}", suite=",".join(suites),
         output_dir=str(folder), resume=folder.exists(), safety_sets=("advbench", "harmbench"),
         sample=args.harmful_per_set or None,
-        suite_samples=(f"task={args.sst2}", f"custom={args.heldout}"),
+        suite_samples=(f"custom={args.heldout}",) + ((f"task={args.sst2}",) if args.sst2 else ()),
         prompt_files=(f"{HELDOUT}={heldout}#prompt",), max_new_tokens=args.max_new_tokens,
         task_max_new_tokens=4, batch_size=16, threads=args.threads, show_progress=False))
     return {"eval_seconds": round(time.perf_counter() - started, 1),

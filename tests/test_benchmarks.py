@@ -485,3 +485,23 @@ def test_harm_probe_reads_the_instruction_end_and_ranks_by_the_safe_direction(ti
     scores = probe.direction_scores(safe.astype(np.float16), mix, mix.astype(np.float16))
     assert scores.shape == (10, 2, 2)
     assert set(np.argsort(-scores[:, 0, 0])[:2]) == {0, 1}
+
+
+@pytest.mark.skipif(not (REPO.parent / "shared" / "data" / "finetune").is_dir(),
+                    reason="needs ../shared/data")
+def test_heldout_task_rows_lie_outside_every_seeds_training_mix(tmp_path):
+    rows_tool, curve = _load("heldout_task_rows"), _load("erosion_curve")
+    benign = tmp_path / "benign.json"
+    benign.write_text(json.dumps([{"instruction": f"task {i}", "input": "", "output": f"answer {i}"}
+                                  for i in range(30)]))
+    out = tmp_path / "held.json"
+    assert rows_tool.main(["--benign-data", str(benign), "--rows", "8", "--harmful", "0",
+                           "--seeds", "0", "1", "--n", "5", "--out", str(out)]) == 0
+    held = {r["instruction"] for r in json.loads(out.read_text())}
+    trained = set()
+    for seed in (0, 1):
+        args = curve.parse_args(["--benign-data", str(benign), "--rows", "8", "--harmful", "0",
+                                 "--seed", str(seed), "--output-dir", str(tmp_path / f"s{seed}")])
+        train, _ = curve.build_data(args, tmp_path / f"s{seed}")
+        trained |= {r["instruction"] for r in json.loads(train.read_text())}
+    assert len(held) == 5 and not held & trained
