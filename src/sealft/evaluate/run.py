@@ -667,7 +667,8 @@ def evaluate(args: EvaluateArgs) -> dict[str, Any]:
         model, tokenizer = load()
         loss_metrics = task_loss(model, tokenizer, held_out, args.task_max_length,
                                  args.batch_size, args.task_data)
-    load.cache_clear()
+        del model, tokenizer
+    load.cache_clear()  # the model is not kept through judging (a classifier judge loads one)
     warn_empty_generations(cache, suites)
 
     judges = build_judges(args, out)
