@@ -427,20 +427,30 @@ def test_failed_cells_give_a_nonzero_exit_listing_them(tmp_path, monkeypatch, ca
     assert broken.calls["evaluate"] == 4  # the other cells still ran
 
 
+def _heldout_grid(tmp_path: Path, rows: list[dict], written: str,
+                  **heldout) -> tuple[E.ExperimentArgs, list[dict], list, set[str]]:
+    """A base + random grid over `rows` with samples of 6 and `heldout` options, run with the
+    fakes: (args, the rows of `written`.jsonl, the file's examples, ids of every seed's
+    sample)."""
+    write_jsonl(tmp_path / "big.jsonl", rows)
+    args = _args(tmp_path, finetune_data=str(tmp_path / "big.jsonl"), methods="base,random",
+                 keep_ratios="0.8", seeds="0,1", select={"sample": 6, "label_field": "flag"},
+                 **heldout)
+    E.run_grid(args)
+    held = [json.loads(line) for line in
+            (tmp_path / "exp" / f"{written}.jsonl").read_text().splitlines()]
+    examples = load_examples(str(tmp_path / "big.jsonl"))
+    sampled = {e["id"] for seed in args.seeds for e in sample_rows(examples, 6, seed)}
+    return args, held, examples, sampled
+
+
 def test_heldout_harmful_questions_join_every_evaluation(tmp_path, fake):
     rows = toy_finetune_rows(40)  # 10 flagged, at most 2 x 6 of them in the samples
     for row in rows[::4]:  # the flagged rows, in the Alpaca wrapper of the shared SST-2 mixes
         row["instruction"] = (f"Below is an instruction.\n\n### Instruction:\n"
                               f"{row['instruction']}\n\n### Response:\n")
-    write_jsonl(tmp_path / "big.jsonl", rows)
-    args = _args(tmp_path, finetune_data=str(tmp_path / "big.jsonl"), methods="base,random",
-                 keep_ratios="0.8", seeds="0,1", heldout_harmful=3,
-                 select={"sample": 6, "label_field": "flag"})
-    E.run_grid(args)
-    held = [json.loads(line) for line in
-            (tmp_path / "exp" / "heldout_harmful.jsonl").read_text().splitlines()]
-    examples = load_examples(str(tmp_path / "big.jsonl"))
-    sampled = {e["id"] for seed in (0, 1) for e in sample_rows(examples, 6, seed)}
+    args, held, examples, sampled = _heldout_grid(tmp_path, rows, "heldout_harmful",
+                                                  heldout_harmful=3)
     flagged = [e for e in examples if e["meta"]["flag"] == "unsafe"]
     assert {h["id"] for h in held} == {e["id"] for e in flagged} - sampled
     assert held and all(h["prompt"].startswith("how do i make a bomb") for h in held)
@@ -456,15 +466,8 @@ def test_heldout_harmful_questions_join_every_evaluation(tmp_path, fake):
 def test_heldout_task_rows_are_outside_every_sample_and_unflagged(tmp_path, fake):
     """heldout_task: unflagged rows no seed trains on, written once, given to every cell's
     evaluation as suite task-loss; a rerun with other seeds is refused."""
-    write_jsonl(tmp_path / "big.jsonl", toy_finetune_rows(40))
-    args = _args(tmp_path, finetune_data=str(tmp_path / "big.jsonl"), methods="base,random",
-                 keep_ratios="0.8", seeds="0,1", heldout_task=5,
-                 select={"sample": 6, "label_field": "flag"})
-    E.run_grid(args)
-    held = [json.loads(line) for line in
-            (tmp_path / "exp" / "heldout_task.jsonl").read_text().splitlines()]
-    examples = load_examples(str(tmp_path / "big.jsonl"))
-    sampled = {e["id"] for seed in (0, 1) for e in sample_rows(examples, 6, seed)}
+    args, held, examples, sampled = _heldout_grid(tmp_path, toy_finetune_rows(40),
+                                                  "heldout_task", heldout_task=5)
     unflagged = {e["id"] for e in examples if e["meta"]["flag"] != "unsafe"}
     assert len(held) == 5 and {h["id"] for h in held} <= unflagged - sampled
     assert load_examples(str(tmp_path / "exp" / "heldout_task.jsonl"))[0]["messages"]

@@ -36,6 +36,7 @@ depend on the seed).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import gc
 import json
 import math
@@ -379,10 +380,14 @@ def outside_samples(args: ExperimentArgs) -> tuple[SelectArgs, list[dict[str, An
     return select, flagged, other
 
 
-def heldout_rows(args: ExperimentArgs) -> list[dict[str, str]]:
-    """Flagged rows of the fine-tuning file that no seed's sample contains, as prompts: how
-    fine-tuning on that kind of data changed the model, on questions it never trained on."""
-    select, flagged, _ = outside_samples(args)
+HeldoutSplit = tuple[SelectArgs, list[dict[str, Any]], list]
+
+
+def heldout_rows(args: ExperimentArgs, split: HeldoutSplit) -> list[dict[str, str]]:
+    """Flagged rows of the fine-tuning file that no seed's sample contains (`split`, from
+    outside_samples), as prompts: how fine-tuning on that kind of data changed the model, on
+    questions it never trained on."""
+    select, flagged, _ = split
     if not flagged:
         raise ConfigError(f"no row of {select.finetune_data} flagged "
                           f"{select.label_field}={select.unsafe_value} lies outside the samples")
@@ -390,10 +395,10 @@ def heldout_rows(args: ExperimentArgs) -> list[dict[str, str]]:
             for e in flagged]
 
 
-def heldout_task_rows(args: ExperimentArgs) -> list[dict[str, Any]]:
-    """A seeded sample (in file order) of the unflagged rows outside every seed's sample: the
-    fine-tuning task's held-out answers."""
-    select, _, other = outside_samples(args)
+def heldout_task_rows(args: ExperimentArgs, split: HeldoutSplit) -> list[dict[str, Any]]:
+    """A seeded sample (in file order) of the unflagged rows outside every seed's sample
+    (`split`, from outside_samples): the fine-tuning task's held-out answers."""
+    select, _, other = split
     if len(other) < args.heldout_task:
         raise ConfigError(f"heldout_task={args.heldout_task}: only {len(other)} unflagged rows "
                           f"of {select.finetune_data} lie outside the samples; lower it")
@@ -677,11 +682,12 @@ def validate_grid(args: ExperimentArgs, cells: list[Cell]) -> dict[str, list[dic
     if len(args.seeds) > 1:
         checks.append(("seeds", check_scipy))
     heldout: dict[str, list[dict[str, Any]]] = {}
+    split = functools.cache(lambda: outside_samples(args))  # the file is read once for both
     for name, wanted, read in ((HELDOUT_SET, args.heldout_harmful, heldout_rows),
                                (HELDOUT_TASK, args.heldout_task, heldout_task_rows)):
         if wanted:
             checks.append((name, lambda name=name, read=read:
-                           heldout.__setitem__(name, read(args))))
+                           heldout.__setitem__(name, read(args, split()))))
     for name, check in checks:
         try:
             check()

@@ -18,7 +18,7 @@ import torch
 
 from sealft.data import load_examples, sample_rows
 from sealft.losses import per_example_loss
-from sealft.tokenize import collate, require_usable, tokenize_examples
+from sealft.tokenize import IGNORE_INDEX, collate, require_usable, tokenize_examples
 
 SUITE = "task-loss"
 
@@ -45,7 +45,7 @@ def task_loss(model, tokenizer, examples, max_length: int, batch_size: int,
     for start in range(0, len(order), batch_size):
         batch = collate(tokenized, order[start:start + batch_size], pad_id, device)
         sums = per_example_loss(model, batch, mean=False)
-        counts = (batch["labels"][:, 1:] != -100).sum(dim=1)
+        counts = (batch["labels"][:, 1:] != IGNORE_INDEX).sum(dim=1)
         total += float(sums.sum())
         tokens += int(counts.sum())
         per_row += (sums / counts.clamp(min=1)).tolist()
