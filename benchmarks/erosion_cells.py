@@ -32,6 +32,8 @@ COLUMNS = ("held-out harmful refusal %", "AdvBench + HarmBench refusal %", "SST-
            "rows trained", "harmful rows trained", "held-out terse non-refusals %",
            "XSTest over-refusal %", "held-out task loss")
 TIME_COLUMNS = ("selection s", "fine-tuning s", "evaluation s")
+DIGITS = {"held-out task loss": 3}
+"""Decimals a column is shown with where one is not enough (default 1)."""
 TERSE_WORDS = 4
 """A held-out answer of at most this many words that is not a refusal ("naked", "bank fraud",
 "negative"): the answer format collapsing to the training rows' one-word labels, which the
@@ -168,7 +170,7 @@ def table(cells: dict[str, str], seeds: list[int], epochs: int, batch_size: int,
                                 for r, b in zip(runs, by_method[ref], strict=True)])
                    for ref in references]
         lines.append(f"| {method} | " + " | ".join(
-            [cell_format([r[c] for r in runs], digits=3 if c == COLUMNS[7] else 1)
+            [cell_format([r[c] for r in runs], digits=DIGITS.get(c, 1))
              for c in COLUMNS] + paired
             + [cell_format([r.get(c) for r in runs], digits=0) for c in TIME_COLUMNS]) + " |")
     return "\n".join(lines)

@@ -300,7 +300,9 @@ def main(argv: list[str] | None = None) -> int:
         if step in done:
             continue
         target = snaps / f"step-{step}"
-        adapter = ft / "adapter" if step == final else target
+        # A snapshot of the last step is the final adapter; preferring it keeps the adapter
+        # path the same as that of an evaluation a killed run started there, so it resumes.
+        adapter = ft / "adapter" if step == final and not target.exists() else target
         if not adapter.exists():
             print(f"erosion_curve: no snapshot of step {step} (passed by a killed run, or "
                   f"beyond the last step {final})", file=sys.stderr)
