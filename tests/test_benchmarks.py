@@ -230,18 +230,25 @@ def test_erosion_curve_on_the_tiny_model(tiny_model, shared_data, tmp_path, monk
     data.write_text(json.dumps(_flagged_rows(40)))
     out = tmp_path / "curve"
     argv = ["--model", tiny_model, "--finetune-data", str(data), "--rows", "12",
-            "--harmful", "4", "--epochs", "2", "--batch-size", "4", "--eval-steps", "0,3",
+            "--harmful", "4", "--epochs", "2", "--batch-size", "4", "--eval-steps", "0,3,6",
             "--heldout", "3", "--harmful-per-set", "0", "--sst2", "4", "--max-new-tokens", "4",
             "--max-length", "64", "--output-dir", str(out)]
     monkeypatch.chdir(REPO)  # the evaluation finds ../shared/data from the repository root
     assert bench.main(argv) == 0
-    curve = [json.loads(line) for line in (out / "curve.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in curve] == [0, 3, 6]  # 3 steps an epoch; the last one too
+    curve_file = out / "curve.jsonl"
+    curve = [json.loads(line) for line in curve_file.read_text().splitlines()]
+    assert [r["step"] for r in curve] == [0, 3, 6]  # 3 steps an epoch; the last one is 6
     assert all(r["sets"]["heldout_harmful"]["n"] == 3 and r["sets"]["sst2"]["n"] == 4
                for r in curve)
     assert (out / "snapshots" / "step-3" / "adapter_config.json").exists()
     assert bench.main(argv) == 0  # a rerun finds everything done
-    assert len((out / "curve.jsonl").read_text().splitlines()) == 3
+    assert len(curve_file.read_text().splitlines()) == 3
+    # Killed while evaluating the last step (evaluated on its snapshot): the rerun resumes
+    # that evaluation instead of refusing its directory as another adapter's.
+    curve_file.write_text("".join(json.dumps(r) + "\n" for r in curve[:2]))
+    (out / "eval" / "step-6" / "metrics.json").unlink()
+    assert bench.main(argv) == 0
+    assert [json.loads(line)["step"] for line in curve_file.read_text().splitlines()] == [0, 3, 6]
     lines = bench.table(bench.parse_args(argv), out, trained=12).splitlines()
     assert len(lines) == 5 and lines[2].startswith("| 0 (0.0) | – | ")
     assert lines[3].startswith("| 3 (1.0) | ")
@@ -505,3 +512,45 @@ def test_heldout_task_rows_lie_outside_every_seeds_training_mix(tmp_path):
         train, _ = curve.build_data(args, tmp_path / f"s{seed}")
         trained |= {r["instruction"] for r in json.loads(train.read_text())}
     assert len(held) == 5 and not held & trained
+
+
+def test_interference_probe_caches_the_lower_layers_and_pairs_the_two_fits(tiny_model):
+    import argparse
+
+    from peft import LoraConfig, get_peft_model
+
+    from sealft.data import normalise_rows
+    from sealft.models import load_model_and_tokenizer
+
+    probe = _load("interference_probe")
+    model, tokenizer = load_model_and_tokenizer(tiny_model)
+    model.requires_grad_(False)
+    pad = tokenizer.pad_token_id or 0
+    rows = list(normalise_rows(_flagged_rows(6), "rows", "alpaca"))
+    safe = list(normalise_rows([{"instruction": f"How do I hurt someone {i}?",
+                                 "output": "I cannot help with that."} for i in range(4)],
+                               "safe", "alpaca"))
+    data = probe.windowed(rows, tokenizer, 64, 4)
+    firsts = [probe.first_token(tokenizer, r) for r in probe.REFUSALS]
+    full, refuse = probe.window_losses(model, data, pad, firsts)
+    upper = probe.UpperLayers(model, 1)
+    cached = upper.cache(data, pad)
+    assert [c[0].dim() for c in cached] == [2] * len(data)
+    part, part_refuse = probe.window_losses(model, cached, pad, firsts)
+    np.testing.assert_allclose(part, full, rtol=1e-4, atol=1e-5)  # left padding included
+    np.testing.assert_allclose(part_refuse, refuse, rtol=1e-4, atol=1e-5)
+
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=4, target_modules=["q_proj",
+                                                                               "v_proj"]))
+    assert not any("lora" in name for name, _ in upper.all[0].named_modules())  # frozen, cached
+    initial = {k: v.clone() for k, v in model.state_dict().items() if "lora_" in k}
+    a = argparse.Namespace(lr=5e-2, epochs=2, batch_size=2, safe_batch_size=2,
+                           safe_weight=1.0, seed=0, pad=pad)
+    safe_cached = upper.cache(probe.windowed(safe, tokenizer, 64, 4), pad)
+    losses = []
+    for with_safe in (False, False, True):
+        model.load_state_dict(initial, strict=False)
+        probe.fit(model, cached, safe_cached, a, with_safe)
+        losses.append(probe.window_losses(model, cached, pad, firsts)[0])
+    np.testing.assert_allclose(losses[1], losses[0])  # the same batches in the same order
+    assert not np.allclose(losses[0], part) and not np.allclose(losses[2], losses[0])
