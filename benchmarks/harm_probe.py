@@ -26,13 +26,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
 from judge_probe import REFUSALS, first_token, gated, metrics, signal_table
-from probe_runs import add_mix_arguments, mixes
+from probe_runs import add_mix_arguments, computed_once, mixes
 
 from sealft.data import load_examples, sample_rows
 from sealft.evaluate.judges import KeywordRefusalJudge
@@ -166,17 +165,19 @@ def main() -> None:
     loaded: list = []  # the model, loaded at the first mix not yet saved
 
     def cached(name: str, examples_fn) -> dict[str, np.ndarray]:
-        path = out / f"{name}.npz"
-        if not path.exists():  # resumable: one file per mix
-            t0 = time.time()
+        def compute() -> dict[str, np.ndarray]:
             if not loaded:
                 loaded.extend(load_model_and_tokenizer(a.model))
                 loaded[0].eval()
-            row = mix_rows(*loaded, examples_fn(), judge, memo)
-            np.savez(path.with_suffix(".tmp.npz"), **row)
-            path.with_suffix(".tmp.npz").replace(path)
-            print(f"{name}: {len(row['flags'])} rows, {time.time() - t0:.0f}s", flush=True)
-        return dict(np.load(path))
+            return mix_rows(*loaded, examples_fn(), judge, memo)
+
+        def write(path: Path, row: dict[str, np.ndarray]) -> None:
+            with path.open("wb") as f:  # a file object: savez would append ".npz" to a name
+                np.savez(f, **row)
+
+        return computed_once(out / f"{name}.npz", compute, write,
+                             lambda path: dict(np.load(path)),
+                             lambda row: f"{len(row['flags'])} rows, ")
 
     ref = {"safe": cached("safe", lambda: sample_rows(
         load_examples(a.safe_data, "train", "auto", None, True), a.safe_sample, 0))["feats"]}

@@ -32,20 +32,33 @@ def mixes(a: argparse.Namespace) -> Iterator[tuple[str, Callable[[], Sequence[di
         yield Path(path).stem + (f"_n{sample}" if sample else ""), load
 
 
+def computed_once(path: Path, compute: Callable[[], Any], write: Callable[[Path, Any], None],
+                  read: Callable[[Path], Any], describe: Callable[[Any], str] = lambda _: "") -> Any:
+    """`compute()` written to `path` (atomically: a temporary file beside it, then a rename)
+    the first time, and read back from there on every later call and rerun."""
+    if not path.exists():
+        t0 = time.time()
+        value = compute()
+        tmp = path.with_name(path.name + ".tmp")  # outside the *.jsonl / *.npz a table reads
+        write(tmp, value)
+        tmp.replace(path)
+        print(f"{path.stem}: {describe(value)}{time.time() - t0:.0f}s", flush=True)
+    return read(path)
+
+
+def _write_rows(path: Path, rows: list[dict[str, Any]]) -> None:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def _read_rows(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
 def rows_per_mix(out: Path, a: argparse.Namespace,
                  score: Callable[[Sequence[dict]], list[dict[str, Any]]],
                  suffix: str = "") -> dict[str, list[dict[str, Any]]]:
-    """`score(examples)` for every mix, saved as OUT/<mix><suffix>.jsonl (written atomically)
-    and read back from there on a rerun."""
-    done_rows = {}
-    for name, load in mixes(a):
-        done = out / f"{name}{suffix}.jsonl"
-        if not done.exists():
-            t0 = time.time()
-            rows = score(load())
-            tmp = done.with_suffix(".tmp")
-            tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-            tmp.replace(done)
-            print(f"{done.stem}: {len(rows)} rows, {time.time() - t0:.0f}s", flush=True)
-        done_rows[name] = [json.loads(line) for line in done.read_text().splitlines()]
-    return done_rows
+    """`score(examples)` for every mix, saved as OUT/<mix><suffix>.jsonl and read back from
+    there on a rerun."""
+    return {name: computed_once(out / f"{name}{suffix}.jsonl", lambda load=load: score(load()),
+                                _write_rows, _read_rows, lambda rows: f"{len(rows)} rows, ")
+            for name, load in mixes(a)}
