@@ -37,6 +37,7 @@ import numpy as np
 import torch
 
 from sealft.data import pairs_from_rows, read_rows
+from sealft.io import read_jsonl
 from sealft.refusal import is_refusal
 from sealft.tokenize import IGNORE_INDEX, collate, tokenize_examples
 
@@ -137,7 +138,7 @@ def row_scores(model, params, direction, act, tokenizer, examples, max_length: i
 def table(out: Path, margins: Path, keep: float = 0.8) -> str:
     mixes, names = [], []
     for path in sorted(out.glob("*.jsonl")):
-        rows = [json.loads(line) for line in path.read_text().splitlines()]
+        rows = read_jsonl(path)
         refuses = np.array([r["answer_refuses"] for r in rows])
         found = [k for k in rows[0] if k.startswith(("hg_", "act"))]
         scores = {}

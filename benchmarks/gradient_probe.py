@@ -39,6 +39,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 
 from sealft.data import load_examples, sample_rows
+from sealft.io import read_jsonl
 from sealft.models import load_model_and_tokenizer
 from sealft.refusal import is_refusal
 from sealft.tokenize import IGNORE_INDEX, collate, tokenize_examples
@@ -121,7 +122,7 @@ def table(out: Path, keep: float = 0.8) -> str:
     names = [f"{n}{g}" for n in found for g in ("", "|gated")]
     mixes = []
     for path in paths:
-        rows = [json.loads(line) for line in path.read_text().splitlines()]
+        rows = read_jsonl(path)
         refuses = np.array([r["answer_refuses"] for r in rows])
         scores = {}
         for name in found:

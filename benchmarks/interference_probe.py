@@ -28,7 +28,6 @@ comparison) and whether the answer opens as a refusal (the product's gate).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -38,6 +37,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 
 from sealft.data import load_examples, sample_rows
+from sealft.io import read_jsonl
 from sealft.models import load_model_and_tokenizer
 from sealft.refusal import is_refusal
 from sealft.tokenize import IGNORE_INDEX, tokenize_examples
@@ -223,17 +223,17 @@ def mix_rows(model, upper: UpperLayers, tokenizer, initial: dict, safe, examples
 def table(out: Path, keep: float = 0.8) -> str:
     mixes, names = [], []
     for path in sorted(out.glob("*.jsonl")):
-        rows = [json.loads(line) for line in path.read_text().splitlines()]
+        rows = read_jsonl(path)
         refuses = np.array([r["answer_refuses"] for r in rows])
         margin = np.array([r["margin"] for r in rows])
         scores = {"margin|gated": gated(margin, refuses)}
         for window in WINDOWS:
-            for kind in ("interf", "shift"):
-                v = np.array([r[f"{kind}_{window}"] for r in rows])
-                scores[f"{kind}_{window}|gated"] = gated(v, refuses)
-            v = np.array([r[f"interf_{window}"] for r in rows])
-            scores[f"margin+interf_{window}|gated"] = gated(standardise(margin) + standardise(v),
-                                                           refuses)
+            interf = np.array([r[f"interf_{window}"] for r in rows])
+            shift = np.array([r[f"shift_{window}"] for r in rows])
+            scores[f"interf_{window}|gated"] = gated(interf, refuses)
+            scores[f"shift_{window}|gated"] = gated(shift, refuses)
+            scores[f"margin+interf_{window}|gated"] = gated(
+                standardise(margin) + standardise(interf), refuses)
         names = list(scores)
         mixes.append((path.stem, np.array([r["flag"] for r in rows]), scores))
     return signal_table(mixes, names, [n.replace("|", "\\|") for n in names], keep)

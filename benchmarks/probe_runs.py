@@ -5,13 +5,13 @@ that a probe stopped after hours of CPU resumes where it stopped."""
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 from sealft.data import load_examples, sample_rows
+from sealft.io import read_jsonl, write_jsonl
 
 
 def add_mix_arguments(parser: argparse.ArgumentParser) -> None:
@@ -46,19 +46,11 @@ def computed_once(path: Path, compute: Callable[[], Any], write: Callable[[Path,
     return read(path)
 
 
-def _write_rows(path: Path, rows: list[dict[str, Any]]) -> None:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-
-
-def _read_rows(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in path.read_text().splitlines()]
-
-
 def rows_per_mix(out: Path, a: argparse.Namespace,
                  score: Callable[[Sequence[dict]], list[dict[str, Any]]],
                  suffix: str = "") -> dict[str, list[dict[str, Any]]]:
     """`score(examples)` for every mix, saved as OUT/<mix><suffix>.jsonl and read back from
     there on a rerun."""
     return {name: computed_once(out / f"{name}{suffix}.jsonl", lambda load=load: score(load()),
-                                _write_rows, _read_rows, lambda rows: f"{len(rows)} rows, ")
+                                write_jsonl, read_jsonl, lambda rows: f"{len(rows)} rows, ")
             for name, load in mixes(a)}
