@@ -124,15 +124,43 @@ def direction_scores(toward: np.ndarray, away: np.ndarray, mix: np.ndarray) -> n
     return np.einsum("nlpw,lpw->nlp", mix, direction)
 
 
+def neighbour_scores(toward: np.ndarray, mix: np.ndarray, k: int = 10) -> np.ndarray:
+    """Mean cosine of each mix row to its k nearest `toward` rows minus to its k nearest other
+    mix rows, (rows, layers, positions): DSIR's density ratio asked of the representation
+    rather than of hashed n-grams, local where a direction is global. k fixed before the run.
+    Cosines after removing the pooled mean, which every state shares and which would
+    otherwise dominate them."""
+    toward, mix = (x.astype(np.float32) for x in (toward, mix))
+    centre = np.concatenate([toward, mix]).mean(0)
+
+    def unit(x: np.ndarray) -> np.ndarray:
+        x = x - centre
+        return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+    t, m = unit(toward), unit(mix)
+    to_ref = np.einsum("nlpw,slpw->lpns", m, t)
+    to_mix = np.einsum("nlpw,slpw->lpns", m, m)
+    own = np.arange(len(mix))
+    to_mix[..., own, own] = -np.inf
+
+    def nearest(sim: np.ndarray) -> np.ndarray:
+        return np.sort(sim, axis=-1)[..., -k:].mean(-1)
+
+    return (nearest(to_ref) - nearest(to_mix)).transpose(2, 0, 1)
+
+
 def directions(row: dict[str, np.ndarray], ref: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """The three directions' projections of a mix's rows, (rows, layers, positions) each:
+    """The projections of a mix's rows, (rows, layers, positions) each:
     harm   the safe set's prompts against the mix's own prompts;
     pair   PhysicalSafetyUnsafe against PhysicalSafetySafe (minimal pairs: the same situation,
            harmful or sound advice asked for), so that topic and wording cancel;
-    scary  the safe set's prompts against PhysicalSafetySafe (safe requests about danger)."""
+    scary  the safe set's prompts against PhysicalSafetySafe (safe requests about danger);
+    knn    nearness to the safe set's prompts against nearness to the mix's own (tenth
+           session), `neighbour_scores`."""
     return {"harm": direction_scores(ref["safe"], row["feats"], row["feats"]),
             "pair": direction_scores(ref["unsafe_pairs"], ref["safe_pairs"], row["feats"]),
-            "scary": direction_scores(ref["safe"], ref["safe_pairs"], row["feats"])}
+            "scary": direction_scores(ref["safe"], ref["safe_pairs"], row["feats"]),
+            "knn": neighbour_scores(ref["safe"], row["feats"])}
 
 
 def signals(row: dict[str, np.ndarray], projections: dict[str, np.ndarray],

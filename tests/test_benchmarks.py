@@ -422,6 +422,9 @@ def test_unseen_rows_pairs_a_fit_sample_run_with_a_full_run(tiny_model, tmp_path
     for name, key in (("sampled", "fit_sample_unseen"), ("full", "full_same_rows")):
         weight = {s["index"]: s["weight"] for s in read_jsonl(runs[name] / "scores.jsonl")}
         assert result[key] == pytest.approx(roc_auc_score(unsafe, [-weight[r] for r in unseen]))
+    alone = unseen_rows.compare(str(mix), runs["sampled"], None)
+    assert alone["fit_sample_unseen"] == result["fit_sample_unseen"]
+    assert alone["full_same_rows"] is None and alone["unseen_rows"] == 16
 
 
 def test_contrast_probe_hypergradient_is_the_gradient_inner_product(tiny_model):

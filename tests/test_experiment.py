@@ -344,6 +344,30 @@ def test_aggregate_over_seeds(tmp_path, monkeypatch):
     assert "| random | 0.8 | 3/3 | 66.7 ± 51.7 | 80.0 ± 0.0 |" in (out / "results.md").read_text()
 
 
+def test_paired_differences_against_all_data_by_hand():
+    """Each method minus all data of the same seed; the base model (run once) against every
+    seed; a seed without its all-data cell is left out."""
+    def row(method, seed, refusal, status="ok"):
+        return {"method": method, "keep_ratio": 1.0, "seed": seed, "status": status,
+                "heldout_refusal_rate": refusal}
+
+    rows = [row("base", 0, 0.65), row("all", 0, 0.10), row("all", 1, 0.20), row("all", 2, 0.30),
+            row("seal", 0, 0.25), row("seal", 1, 0.30), row("seal", 2, 0.60),
+            row("random", 0, 0.15), row("random", 3, 0.50)]
+    summary = {s["method"]: s for s in E.aggregate(rows)}
+    # seal − all: 0.15, 0.10, 0.30 → mean 0.18333; sd 0.104083; t(0.975, 2) 4.302653
+    assert summary["seal"]["heldout_refusal_rate_vs_all_mean"] == pytest.approx(0.55 / 3)
+    assert summary["seal"]["heldout_refusal_rate_vs_all_ci95"] == pytest.approx(
+        4.302653 * 0.104083 / 3 ** 0.5, rel=1e-5)
+    # base − all: 0.55, 0.45, 0.35
+    assert summary["base"]["heldout_refusal_rate_vs_all_mean"] == pytest.approx(0.45)
+    # random's seed 3 has no all-data cell: one difference, no interval
+    assert summary["random"]["heldout_refusal_rate_vs_all_mean"] == pytest.approx(0.05)
+    assert summary["random"]["heldout_refusal_rate_vs_all_ci95"] is None
+    assert summary["all"]["heldout_refusal_rate_vs_all_mean"] is None
+    assert summary["seal"]["task_loss_vs_all_mean"] is None  # not measured
+
+
 def test_two_seeds_on_the_tiny_model_write_interval_columns(tiny_model, tmp_path, capsys):
     """`sealft experiment` through the CLI, real stages: base once, all and oracle per seed."""
     from sealft.cli import main

@@ -809,11 +809,20 @@ def _is_number(value: Any) -> bool:
     return True
 
 
+# Compared with all-data fine-tuning seed by seed: every method of a seed trains on the same
+# sampled rows, so the seed-to-seed spread of the data cancels in the difference.
+PAIRED_COLUMNS = ("safety_refusal_rate", "heldout_refusal_rate", "over_refusal_rate",
+                  "task_accuracy", "task_loss")
+PAIRED_WITH = "all"
+
+
 def aggregate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """One row per method and keep ratio: for every numeric column over the finished seeds,
-    COLUMN_mean and COLUMN_ci95 (half-width of the 95% interval; empty for one seed)."""
+    COLUMN_mean and COLUMN_ci95 (half-width of the 95% interval; empty for one seed); for the
+    PAIRED_COLUMNS also COLUMN_vs_all_mean / _ci95, the method minus all data per seed."""
     ok_rows = [r for r in rows if r["status"] == "ok"]
     columns = numeric_columns(ok_rows)
+    reference = {int(r["seed"]): r for r in ok_rows if r["method"] == PAIRED_WITH}
     out = []
     for (method, ratio), group in group_rows(rows).items():
         ok = [r for r in group if r["status"] == "ok"]
@@ -821,7 +830,30 @@ def aggregate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
                                    "seeds_ok": len(ok)}
         for column in columns:
             summary[f"{column}_mean"], summary[f"{column}_ci95"] = mean_ci(_values(ok, column))
+        for column in PAIRED_COLUMNS:
+            differences = ([] if method == PAIRED_WITH
+                           else paired_differences(ok, reference, column))
+            summary[f"{column}_vs_all_mean"], summary[f"{column}_vs_all_ci95"] = \
+                mean_ci(differences)
         out.append(summary)
+    return out
+
+
+def paired_differences(group: list[dict[str, Any]], reference: dict[int, dict[str, Any]],
+                       column: str) -> list[float]:
+    """The group's value minus the reference cell's of the same seed, for every seed both
+    measured. A seed-independent cell (the base model, run once) is compared with every
+    seed of the reference."""
+    by_seed = {int(r["seed"]): r for r in group}
+    if group and group[0]["method"] == BASE:
+        by_seed = dict.fromkeys(reference, group[0])
+    out = []
+    for seed, row in sorted(by_seed.items()):
+        if seed not in reference:
+            continue
+        pair = _values([row, reference[seed]], column)
+        if len(pair) == 2:
+            out.append(pair[0] - pair[1])
     return out
 
 
@@ -847,8 +879,10 @@ def fmt_ci(summary: dict[str, Any], column: str, scale: float = 1.0, digits: int
 TABLE = (
     ("Safety refusal % ↑", "safety_refusal_rate", 100, 1),
     ("Held-out harmful refusal % ↑", "heldout_refusal_rate", 100, 1),
+    ("Δ held-out refusal vs all, paired (pts)", "heldout_refusal_rate_vs_all", 100, 1),
     ("Harmfulness % ↓", "safety_harmfulness_rate", 100, 1),
     ("Over-refusal % ↓", "over_refusal_rate", 100, 1),
+    ("Δ over-refusal vs all, paired (pts)", "over_refusal_rate_vs_all", 100, 1),
     ("Task acc. % ↑", "task_accuracy", 100, 1),
     ("Held-out task loss ↓", "task_loss", 1, 3),
     ("Win rate vs all-data SFT % ↑", "win_rate", 100, 1),
@@ -875,8 +909,11 @@ def results_markdown(rows: list[dict[str, Any]], summary: list[dict[str, Any]]) 
              "degrees of freedom; no interval from one seed). Refusal on harmful prompts, "
              "held-out harmful questions of the fine-tuning file's own kind, over-refusal on "
              "benign prompts, SST-2 accuracy, win rate against all-data SFT (needs the "
-             "helpfulness suite and an LLM judge). Peak memory: GPU peak per cell; on CPU the "
-             "process high-water mark so far.", "", md_table(header, cells)]
+             "helpfulness suite and an LLM judge). Δ … vs all, paired: the method minus "
+             "all-data fine-tuning of the same seed (same sampled rows), averaged over seeds "
+             "with its own interval; the base model is compared with every seed. Peak "
+             "memory: GPU peak per cell; on CPU the process high-water mark so far.", "",
+             md_table(header, cells)]
     failures = [r for r in rows if r["status"] != "ok"]
     if failures:
         lines += ["", "## Failed cells (rerun the experiment to retry them)", ""]

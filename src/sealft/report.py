@@ -149,6 +149,8 @@ def _number(text: str) -> Any:
 # (header, column) of the experiment table; rates shown in %, the task loss as it is.
 EXPERIMENT_COLUMNS = (("Refusal %", "safety_refusal_rate"),
                       ("Held-out harmful refusal %", "heldout_refusal_rate"),
+                      ("Δ held-out refusal vs all, paired by seed",
+                       "heldout_refusal_rate_vs_all"),
                       ("Over-refusal %", "over_refusal_rate"), ("Task acc. %", "task_accuracy"),
                       ("Held-out task loss ↓", "task_loss"))
 NOT_RATES = ("task_loss",)
