@@ -150,8 +150,10 @@ def test_results_table_csv_and_plot(tmp_path, fake):
                    "Evaluate s", "Peak memory"):
         assert column in header
     assert "Win rate" not in header  # no cell has one (no judge): the column is left out
-    # one seed: means without intervals; 1.5 s and 2.5 s round half to even
-    assert "| seal | 0.8 | 1/1 | 50.0 | 10.0 | 78.0 | 2 | 2 | 3 | 150 |" in markdown
+    assert "Δ over-refusal vs all, paired" in header
+    # one seed: means without intervals; over-refusal as all data's (0.0 points apart); 1.5 s
+    # and 2.5 s round half to even
+    assert "| seal | 0.8 | 1/1 | 50.0 | 10.0 | 0.0 | 78.0 | 2 | 2 | 3 | 150 |" in markdown
     assert (out / "ratio_sweep.png").stat().st_size > 10_000
     assert (out / "tradeoff.png").stat().st_size > 10_000
 
