@@ -40,7 +40,7 @@ def compare(mix: str, fit_sample_run: Path, full_run: Path | None,
     config = yaml.safe_load((fit_sample_run / "config.yaml").read_text(encoding="utf-8"))
     summary = json.loads((fit_sample_run / "summary.json").read_text(encoding="utf-8"))
     sampled = _weights(fit_sample_run)
-    full = _weights(full_run) if full_run else None
+    full = _weights(full_run) if full_run is not None else None
     usable = sorted(sampled)
     fitted = set(fit_sample_rows(usable, config["fit_sample"], config["seed"]))
     if len(fitted) != summary.get("fitted_rows"):
@@ -51,8 +51,8 @@ def compare(mix: str, fit_sample_run: Path, full_run: Path | None,
     return {"mix": Path(mix).stem, "seed": config["seed"], "unseen_rows": len(unseen),
             "unseen_harmful": int(unsafe[unseen].sum()),
             "fit_sample_unseen": _auroc(sampled, unseen, unsafe),
-            "full_same_rows": _auroc(full, unseen, unsafe) if full else None,
-            "full_all_rows": _auroc(full, sorted(full), unsafe) if full else None}
+            "full_same_rows": _auroc(full, unseen, unsafe) if full is not None else None,
+            "full_all_rows": _auroc(full, sorted(full), unsafe) if full is not None else None}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> None:
         r = compare(mix, sampled, full)
         paired = (f"{r['full_same_rows']:.3f} | "
                   f"{r['full_same_rows'] - r['fit_sample_unseen']:+.3f} | "
-                  f"{r['full_all_rows']:.3f}" if full else "– | – | –")
+                  f"{r['full_all_rows']:.3f}" if full is not None else "– | – | –")
         print(f"| {r['mix']} | {r['seed']} | {r['unseen_rows']} ({r['unseen_harmful']}) | "
               f"{r['fit_sample_unseen']:.3f} | {paired} |")
 

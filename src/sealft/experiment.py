@@ -833,8 +833,8 @@ def aggregate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         for column in PAIRED_COLUMNS:
             differences = ([] if method == PAIRED_WITH
                            else paired_differences(ok, reference, column))
-            summary[f"{column}_vs_all_mean"], summary[f"{column}_vs_all_ci95"] = \
-                mean_ci(differences)
+            paired = f"{column}_vs_{PAIRED_WITH}"
+            summary[f"{paired}_mean"], summary[f"{paired}_ci95"] = mean_ci(differences)
         out.append(summary)
     return out
 

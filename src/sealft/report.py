@@ -151,7 +151,9 @@ EXPERIMENT_COLUMNS = (("Refusal %", "safety_refusal_rate"),
                       ("Held-out harmful refusal %", "heldout_refusal_rate"),
                       ("Δ held-out refusal vs all, paired by seed",
                        "heldout_refusal_rate_vs_all"),
-                      ("Over-refusal %", "over_refusal_rate"), ("Task acc. %", "task_accuracy"),
+                      ("Over-refusal %", "over_refusal_rate"),
+                      ("Δ over-refusal vs all, paired by seed", "over_refusal_rate_vs_all"),
+                      ("Task acc. %", "task_accuracy"),
                       ("Held-out task loss ↓", "task_loss"))
 NOT_RATES = ("task_loss",)
 
