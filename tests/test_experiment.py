@@ -17,7 +17,7 @@ from conftest import SHARED_DATA, toy_finetune_rows, toy_safe_rows, write_jsonl
 from sealft import config as cfg
 from sealft import experiment as E
 from sealft.data import load_examples, sample_rows
-from sealft.errors import ConfigError
+from sealft.errors import ConfigError, SealftError
 from sealft.io import write_yaml
 
 
@@ -156,6 +156,39 @@ def test_results_table_csv_and_plot(tmp_path, fake):
     assert "| seal | 0.8 | 1/1 | 50.0 | 10.0 | 0.0 | 78.0 | 2 | 2 | 3 | 150 |" in markdown
     assert (out / "ratio_sweep.png").stat().st_size > 10_000
     assert (out / "tradeoff.png").stat().st_size > 10_000
+
+
+def test_report_renders_the_experiment_as_results_md_does(tmp_path, fake):
+    """One renderer: `sealft report` on the experiment dir, reading the CSVs back, shows the
+    same table as the results.md written from the rows in memory, and both plots."""
+    from sealft.cli import main
+
+    E.run_grid(_args(tmp_path, seeds="0,1"))
+    out = tmp_path / "exp"
+    assert main(["report", str(out), f"output={tmp_path / 'rep'}"]) == 0
+
+    def table(path: Path) -> list[str]:
+        return [line for line in path.read_text().splitlines() if line.startswith("|")]
+
+    assert len(table(out / "results.md")) == 2 + 6  # header, rule, 6 (method, ratio) groups
+    assert table(tmp_path / "rep" / "report.md") == table(out / "results.md")
+    for name in ("ratio_sweep_exp.png", "tradeoff_exp.png"):
+        assert (tmp_path / "rep" / name).stat().st_size > 10_000
+
+
+def test_overwrite_replaces_the_grid_but_not_a_foreign_file(tmp_path, fake):
+    """results.md and the plots are in the dir's manifest, so --overwrite may replace them;
+    a file sealft did not write stops it before anything is deleted."""
+    E.run_grid(_args(tmp_path))
+    out = tmp_path / "exp"
+    listed = set(json.loads((out / ".sealft-manifest.json").read_text())["outputs"])
+    assert {"results.md", "ratio_sweep.png", "tradeoff.png"} <= listed
+    E.run_grid(_args(tmp_path, overwrite=True))
+    assert fake.calls["select"] == 10  # every cell ran again
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(SealftError, match="notes.txt"):
+        E.run_grid(_args(tmp_path, overwrite=True))
+    assert (out / "notes.txt").read_text() == "mine" and (out / "results.md").is_file()
 
 
 def test_rerun_skips_finished_cells(tmp_path, fake):

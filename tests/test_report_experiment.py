@@ -35,9 +35,9 @@ def test_report_draws_the_experiment_tradeoff(tmp_path, capsys):
     assert main(["report", str(exp), f"output={tmp_path / 'rep'}"]) == 0
     markdown = (tmp_path / "rep" / "report.md").read_text()
     assert "## Experiment grid" in markdown
-    assert "| base | 1 | 1/1 | 56.0% | 57.0% |" in markdown  # one seed: no interval
-    assert "| all | 1 | 3/3 | 30.0% ± 4.7% | 80.0% ± 2.0% |" in markdown
-    assert "| seal | 0.8 | 2/3 | 54.0% ± 10.1% | 81.0% ± 3.0% |" in markdown
+    assert "| base | 1 | 1/1 | 56.0 | 57.0 |" in markdown  # one seed: no interval
+    assert "| all | 1 | 3/3 | 30.0 ± 4.7 | 80.0 ± 2.0 |" in markdown
+    assert "| seal | 0.8 | 2/3 | 54.0 ± 10.1 | 81.0 ± 3.0 |" in markdown
     plot = tmp_path / "rep" / "tradeoff_grid.png"
     assert plot.stat().st_size > 10_000 and "tradeoff_grid.png" in markdown
     assert "1 experiment" in capsys.readouterr().err
@@ -57,5 +57,5 @@ def test_long_form_grid_plots_refusal_against_the_held_out_task_loss(tmp_path):
         writer.writerows(rows)
     assert main(["report", str(folder), f"output={tmp_path / 'rep'}"]) == 0
     markdown = (tmp_path / "rep" / "report.md").read_text()
-    assert "| all | 1 | 3/3 | 30.0% ± 4.7% | 1.520 ± 0.041 |" in markdown
+    assert "| all | 1 | 3/3 | 30.0 ± 4.7 | 1.520 ± 0.041 |" in markdown
     assert (tmp_path / "rep" / "tradeoff_grid.png").stat().st_size > 10_000

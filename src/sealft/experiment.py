@@ -15,8 +15,9 @@ Layout of OUTPUT_DIR:
   results.csv                 one row per cell (failed cells too, with their error)
   results_summary.csv         one row per method and keep ratio: every numeric column's mean
                               over seeds and the half-width of its 95% confidence interval
-  results.md                  the same, as a table: mean ± 95% CI half-width
-  ratio_sweep.png             safety refusal and task accuracy against keep ratio
+  results.md                  the same, as a table: mean ± 95% CI half-width (rendered by
+                              `report`, as `sealft report OUTPUT_DIR` shows it)
+  ratio_sweep.png             refusal and task accuracy against keep ratio (two ratios or more)
   tradeoff.png                refusal against task accuracy per method, with 95% CI error bars
 
 Every cell's options, data paths and evaluation suites are checked before any compute: one bad
@@ -61,7 +62,6 @@ from sealft.evaluate.run import suite_context, task_rows
 from sealft.evaluate.suites import build_suites, expand_suite_names
 from sealft.finetune import FinetuneArgs, run_finetune
 from sealft.io import (
-    atomic_write,
     prepare_output_dir,
     read_jsonl,
     write_json,
@@ -151,7 +151,7 @@ class ExperimentArgs:
     weighted: bool = False
     """Weight the fine-tuning loss by the learned weights (not with +safeinstr methods)."""
     plot: bool = True
-    """Write ratio_sweep.png."""
+    """Draw ratio_sweep.png and tradeoff.png."""
     overwrite: bool = False
     """Delete the output dir's previous contents instead of resuming."""
 
@@ -748,8 +748,8 @@ def run_experiment(args: ExperimentArgs, runner: CellRunner = run_cell) -> int:
 
 
 def write_reports(out: Path, rows: list[dict[str, Any]], plot: bool = True) -> None:
-    """results.csv, results_summary.csv, results.md and the plots, through `report`'s
-    renderers (each file written atomically and listed in the dir's manifest)."""
+    """results.csv and results_summary.csv, then results.md and the plots through `report`,
+    the renderer `sealft report` uses for the same dir (each file written atomically)."""
     from sealft import report
 
     summary = aggregate(rows)
@@ -757,11 +757,7 @@ def write_reports(out: Path, rows: list[dict[str, Any]], plot: bool = True) -> N
     # mean and interval side by side, in result-column order (the first row has every key)
     report.write_rows_csv(out / "results_summary.csv", summary,
                           tuple(summary[0]) if summary else ())
-    with atomic_write(out / "results.md") as handle:
-        handle.write(results_markdown(rows, summary))
-    if plot and any(r["status"] == "ok" for r in rows):
-        plot_ratio_sweep(rows, out / "ratio_sweep.png")
-        report.plot_refusal_vs_task(summary, out / "tradeoff.png", method_colour)
+    report.write_experiment_page(report.ExperimentRun(out, summary, rows), plot=plot)
 
 
 def _values(rows: list[dict[str, Any]], key: str) -> list[float]:
@@ -864,76 +860,3 @@ def group_rows(rows: list[dict[str, Any]]) -> dict[tuple[str, float], list[dict[
     for row in rows:
         groups.setdefault((row["method"], float(row["keep_ratio"])), []).append(row)
     return dict(sorted(groups.items(), key=lambda kv: (order.get(kv[0][0], 99), kv[0])))
-
-
-def fmt_ci(summary: dict[str, Any], column: str, scale: float = 1.0, digits: int = 1) -> str:
-    """'mean ± half-width' (just the mean for one seed; '–' when missing)."""
-    mean, half = summary.get(f"{column}_mean"), summary.get(f"{column}_ci95")
-    if mean is None:
-        return "–"
-    text = f"{mean * scale:.{digits}f}"
-    return text if half is None else f"{text} ± {half * scale:.{digits}f}"
-
-
-# (header, column, scale, digits); rates in %, times in seconds.
-TABLE = (
-    ("Safety refusal % ↑", "safety_refusal_rate", 100, 1),
-    ("Held-out harmful refusal % ↑", "heldout_refusal_rate", 100, 1),
-    ("Δ held-out refusal vs all, paired (pts)", "heldout_refusal_rate_vs_all", 100, 1),
-    ("Harmfulness % ↓", "safety_harmfulness_rate", 100, 1),
-    ("Over-refusal % ↓", "over_refusal_rate", 100, 1),
-    ("Δ over-refusal vs all, paired (pts)", "over_refusal_rate_vs_all", 100, 1),
-    ("Task acc. % ↑", "task_accuracy", 100, 1),
-    ("Held-out task loss ↓", "task_loss", 1, 3),
-    ("Win rate vs all-data SFT % ↑", "win_rate", 100, 1),
-    ("Harmful rows trained", "harmful_trained", 1, 1),
-    ("Select s", "select_seconds", 1, 0),
-    ("Fine-tune s", "finetune_seconds", 1, 0),
-    ("Evaluate s", "evaluate_seconds", 1, 0),
-    ("Peak memory (MB)", "peak_memory_mb", 1, 0),
-)
-
-
-def results_markdown(rows: list[dict[str, Any]], summary: list[dict[str, Any]]) -> str:
-    from sealft.report import md_table
-
-    # Columns no cell filled (no held-out set, no judge for win rates) are left out.
-    columns = [c for c in TABLE if any(s.get(f"{c[1]}_mean") is not None for s in summary)]
-    header = ["Method", "Keep", "Seeds ok", *(c[0] for c in columns)]
-    cells = [[group["method"], f"{group['keep_ratio']:g}",
-              f"{group['seeds_ok']}/{group['seeds']}",
-              *(fmt_ci(group, column, scale, digits) for _, column, scale, digits in columns)]
-             for group in summary]
-    lines = ["# Experiment results", "",
-             "Mean over seeds ± half-width of the 95% confidence interval (Student t, n − 1 "
-             "degrees of freedom; no interval from one seed). Refusal on harmful prompts, "
-             "held-out harmful questions of the fine-tuning file's own kind, over-refusal on "
-             "benign prompts, SST-2 accuracy, win rate against all-data SFT (needs the "
-             "helpfulness suite and an LLM judge). Δ … vs all, paired: the method minus "
-             "all-data fine-tuning of the same seed (same sampled rows), averaged over seeds "
-             "with its own interval; the base model is compared with every seed. Peak "
-             "memory: GPU peak per cell; on CPU the process high-water mark so far.", "",
-             md_table(header, cells)]
-    failures = [r for r in rows if r["status"] != "ok"]
-    if failures:
-        lines += ["", "## Failed cells (rerun the experiment to retry them)", ""]
-        lines += [f"- `{Path(str(r['cell_dir'])).name}`: {r['error']}" for r in failures]
-    return "\n".join(lines) + "\n"
-
-
-def plot_ratio_sweep(rows: list[dict[str, Any]], path: Path) -> Path | None:
-    """Safety refusal and task accuracy against keep ratio, one line per method in table
-    order; all-data methods (ratio-independent) as dashed horizontal lines."""
-    from sealft.report import plot_sweep
-
-    ok = [r for group in group_rows(rows).values() for r in group if r["status"] == "ok"]
-    flat = tuple(m for m in dict.fromkeys(r["method"] for r in ok) if parse_method(m).ratio_free)
-    return plot_sweep(ok, "keep_ratio", {
-        "safety_refusal_rate": "Safety: refusal on harmful prompts (%)",
-        "task_accuracy": "Task: SST-2 accuracy (%)"}, "method", path, flat, colour=method_colour)
-
-
-def method_colour(method: str) -> str:
-    palette = ("#000000", "#444444", "#999999", "#1f77b4", "#9467bd", "#2ca02c", "#d62728",
-               "#ff7f0e", "#8c564b", "#e377c2")
-    return palette[METHOD_ORDER.index(method)] if method in METHOD_ORDER else "#17becf"

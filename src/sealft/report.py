@@ -6,8 +6,10 @@ Each argument is a run dir; a dir that is none of these but holds some is expand
   selection dir    scores.jsonl + config.yaml (from `sealft select`); ground-truth flags are
                    joined by id from the fine-tuning data named in its config
   other run dir    summary.json with wall_seconds / peak_memory_mb (e.g. fine-tuning)
-  experiment dir   results_summary.csv (from `sealft experiment`): its per-method table, mean
-                   ± 95% CI over seeds, and the refusal-vs-task-accuracy plot with error bars
+  experiment dir   results_summary.csv and results.csv (from `sealft experiment`): its
+                   per-method table, mean ± 95% CI over seeds, the refusal-vs-task plot with
+                   error bars and the keep-ratio sweep. The experiment's own results.md is
+                   rendered by the same functions.
 """
 
 from __future__ import annotations
@@ -128,13 +130,23 @@ def discover(paths: tuple[str, ...]) -> list[tuple[str, Path]]:
 class ExperimentRun:
     path: Path
     summary: list[dict[str, Any]]
-    """results_summary.csv rows: numbers as floats, empty fields as None."""
+    """results_summary.csv rows: COLUMN_mean / COLUMN_ci95 per method and keep ratio."""
+    cells: list[dict[str, Any]] = field(default_factory=list)
+    """results.csv rows: one per cell, failed cells too (status, error, cell_dir)."""
 
 
 def load_experiment(path: Path) -> ExperimentRun:
-    with open(path / "results_summary.csv", newline="", encoding="utf-8") as handle:
-        rows = [{k: _number(v) for k, v in row.items()} for row in csv.DictReader(handle)]
-    return ExperimentRun(path, rows)
+    """An experiment dir as `sealft experiment` wrote it: numbers as floats, empty fields as
+    None; results.csv is optional (the table needs only the summary)."""
+    tables = []
+    for name in ("results_summary.csv", "results.csv"):
+        if not (path / name).is_file():
+            tables.append([])
+            continue
+        with open(path / name, newline="", encoding="utf-8") as handle:
+            tables.append([{k: _number(v) for k, v in row.items()}
+                           for row in csv.DictReader(handle)])
+    return ExperimentRun(path, *tables)
 
 
 def _number(text: str) -> Any:
@@ -146,34 +158,87 @@ def _number(text: str) -> Any:
         return text
 
 
-# (header, column) of the experiment table; rates shown in %, the task loss as it is.
-EXPERIMENT_COLUMNS = (("Refusal %", "safety_refusal_rate"),
-                      ("Held-out harmful refusal %", "heldout_refusal_rate"),
-                      ("Δ held-out refusal vs all, paired by seed",
-                       "heldout_refusal_rate_vs_all"),
-                      ("Over-refusal %", "over_refusal_rate"),
-                      ("Δ over-refusal vs all, paired by seed", "over_refusal_rate_vs_all"),
-                      ("Task acc. %", "task_accuracy"),
-                      ("Held-out task loss ↓", "task_loss"))
-NOT_RATES = ("task_loss",)
+# The experiment table, one renderer for results.md and `sealft report`:
+# (header, column, scale, digits); rates in %, times in seconds.
+EXPERIMENT_COLUMNS = (
+    ("Safety refusal % ↑", "safety_refusal_rate", 100, 1),
+    ("Held-out harmful refusal % ↑", "heldout_refusal_rate", 100, 1),
+    ("Δ held-out refusal vs all, paired (pts)", "heldout_refusal_rate_vs_all", 100, 1),
+    ("Harmfulness % ↓", "safety_harmfulness_rate", 100, 1),
+    ("Over-refusal % ↓", "over_refusal_rate", 100, 1),
+    ("Δ over-refusal vs all, paired (pts)", "over_refusal_rate_vs_all", 100, 1),
+    ("Task acc. % ↑", "task_accuracy", 100, 1),
+    ("Held-out task loss ↓", "task_loss", 1, 3),
+    ("Win rate vs all-data SFT % ↑", "win_rate", 100, 1),
+    ("Harmful rows trained", "harmful_trained", 1, 1),
+    ("Select s", "select_seconds", 1, 0),
+    ("Fine-tune s", "finetune_seconds", 1, 0),
+    ("Evaluate s", "evaluate_seconds", 1, 0),
+    ("Peak memory (MB)", "peak_memory_mb", 1, 0),
+)
+EXPERIMENT_NOTE = (
+    "Mean over seeds ± half-width of the 95% confidence interval (Student t, n − 1 degrees of "
+    "freedom; no interval from one seed). Refusal on harmful prompts, held-out harmful "
+    "questions of the fine-tuning file's own kind, over-refusal on benign prompts, task "
+    "accuracy, win rate against all-data SFT (needs the helpfulness suite and an LLM judge). "
+    "Δ … vs all, paired: the method minus all-data fine-tuning of the same seed (same sampled "
+    "rows), averaged over seeds with its own interval; the base model is compared with every "
+    "seed. Peak memory: GPU peak per cell; on CPU the process high-water mark so far.")
+# Fixed per method, so that a method keeps its colour whichever others a grid runs.
+METHOD_COLOURS = {"base": "#000000", "all": "#444444", "random": "#999999", "dsir": "#1f77b4",
+                  "reference-loss": "#9467bd", "oracle": "#2ca02c", "seal": "#d62728",
+                  "safeinstr": "#ff7f0e", "seal+safeinstr": "#8c564b",
+                  "seal-penalty": "#e377c2"}
 
 
-def experiment_table(run: ExperimentRun) -> tuple[list[str], list[list[str]]]:
+def method_colour(method: str) -> str:
+    return METHOD_COLOURS.get(method, "#17becf")
+
+
+def fmt_ci(summary: dict[str, Any], column: str, scale: float = 1.0, digits: int = 1) -> str:
+    """'mean ± half-width' (just the mean for one seed; '–' when missing)."""
+    mean, half = summary.get(f"{column}_mean"), summary.get(f"{column}_ci95")
+    if mean is None:
+        return "–"
+    text = f"{mean * scale:.{digits}f}"
+    return text if half is None else f"{text} ± {half * scale:.{digits}f}"
+
+
+def experiment_table(summary: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
+    """Per method and keep ratio, mean ± interval of every column some cell measured."""
     columns = [c for c in EXPERIMENT_COLUMNS
-               if any(r.get(f"{c[1]}_mean") is not None for r in run.summary)]
-    header = ["Method", "Keep", "Seeds ok", *(name for name, _ in columns)]
-    rows = [[str(r["method"]), f"{r['keep_ratio']:g}", f"{r['seeds_ok']:g}/{r['seeds']:g}",
-             *(_with_ci(r.get(f"{key}_mean"), r.get(f"{key}_ci95"), key not in NOT_RATES)
-               for _, key in columns)]
-            for r in run.summary]
+               if any(s.get(f"{c[1]}_mean") is not None for s in summary)]
+    header = ["Method", "Keep", "Seeds ok", *(c[0] for c in columns)]
+    rows = [[str(s["method"]), f"{s['keep_ratio']:g}", f"{s['seeds_ok']:g}/{s['seeds']:g}",
+             *(fmt_ci(s, column, scale, digits) for _, column, scale, digits in columns)]
+            for s in summary]
     return header, rows
 
 
-def _with_ci(mean: float | None, half_width: float | None, rate: bool = True) -> str:
-    if mean is None:
-        return "–"
-    show = pct if rate else (lambda value: f"{value:.3f}")
-    return show(mean) if half_width is None else f"{show(mean)} ± {show(half_width)}"
+def experiment_section(run: ExperimentRun, out: Path, title: str, plot_suffix: str = "",
+                       plot: bool = True) -> Section:
+    """The table, the failed cells and (with `plot`) the trade-off and keep-ratio plots of one
+    experiment, the plots written to out/tradeoff{plot_suffix}.png and ratio_sweep….png."""
+    failed = [c for c in run.cells if c.get("status") not in (None, "ok")]
+    text = EXPERIMENT_NOTE
+    if failed:
+        text += "\n\nFailed cells (rerun the experiment to retry them): " + "; ".join(
+            f"`{Path(str(c['cell_dir'])).name}`: {c['error']}" for c in failed) + "."
+    images: list[Path | None] = []
+    if plot and any(c.get("status") == "ok" for c in run.cells):
+        images.append(plot_keep_ratio_sweep(run.cells, out / f"ratio_sweep{plot_suffix}.png"))
+    if plot:
+        images.append(plot_refusal_vs_task(run.summary, out / f"tradeoff{plot_suffix}.png",
+                                           method_colour))
+    return Section(title, text, experiment_table(run.summary), [p for p in images if p])
+
+
+def write_experiment_page(run: ExperimentRun, plot: bool = True) -> Path:
+    """results.md (and its plots) in the experiment dir itself."""
+    section = experiment_section(run, run.path, "Per method", plot=plot)
+    with atomic_write(run.path / "results.md") as handle:
+        handle.write(render_markdown("Experiment results", [section], run.path))
+    return run.path / "results.md"
 
 
 def _train_summary(adapter: str | None) -> dict[str, Any]:
@@ -637,6 +702,27 @@ def plot_sweep(rows: list[dict[str, Any]], x: str, panels: dict[str, str], group
     return _save(fig, path)
 
 
+def plot_keep_ratio_sweep(cells: list[dict[str, Any]], path: Path) -> Path | None:
+    """An experiment's measures against keep ratio, one line per method; a method measured at
+    keep ratio 1 only (all data, the oracle, the base model) is a dashed horizontal line.
+    None when the grid has a single keep ratio."""
+    ok = [c for c in cells if c.get("status") == "ok"]
+    ratios: dict[str, set[float]] = {}
+    for cell in ok:
+        ratios.setdefault(str(cell["method"]), set()).add(float(cell["keep_ratio"]))
+    flat = tuple(m for m, seen in ratios.items() if seen == {1.0})
+    if len({r for m, seen in ratios.items() if m not in flat for r in seen}) < 2:
+        return None  # one keep ratio: no sweep to draw (the trade-off plot shows the points)
+    panels = {key: title for key, title in (
+        ("safety_refusal_rate", "Refusal on harmful prompts (%)"),
+        ("heldout_refusal_rate", "Refusal on held-out harmful questions (%)"),
+        ("task_accuracy", "Task accuracy (%)"))
+        if any(c.get(key) not in (None, "") for c in ok)}
+    if not panels:
+        return None
+    return plot_sweep(ok, "keep_ratio", panels, "method", path, flat, colour=method_colour)
+
+
 def _group_means(rows: list[dict[str, Any]], x: str, keys: list[str],
                  group: str) -> dict[str, dict[float, dict[str, float]]]:
     """group -> x -> key -> mean of the rows' numeric values (missing / NaN left out)."""
@@ -676,11 +762,8 @@ def build_sections(evals: list[EvalRun], selections: list[SelectionRun],
                    experiments: list[ExperimentRun] | None = None) -> list[Section]:
     sections = []
     for run in experiments or []:
-        plot = plot_refusal_vs_task(run.summary, out / f"tradeoff_{_slug(run.path.name)}.png")
-        sections.append(Section(
-            f"Experiment {run.path.name}",
-            "Mean over seeds ± half-width of the 95% confidence interval (Student t).",
-            experiment_table(run), [plot] if plot else []))
+        sections.append(experiment_section(run, out, f"Experiment {run.path.name}",
+                                           f"_{_slug(run.path.name)}"))
     if evals:
         sections.append(Section("Methods × metrics", _judge_notes(evals), methods_table(evals)))
         scatter = plot_safety_vs_helpfulness(evals, out)
