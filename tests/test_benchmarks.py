@@ -557,3 +557,27 @@ def test_interference_probe_caches_the_lower_layers_and_pairs_the_two_fits(tiny_
         losses.append(probe.window_losses(model, cached, pad, firsts)[0])
     np.testing.assert_allclose(losses[1], losses[0])  # the same batches in the same order
     assert not np.allclose(losses[0], part) and not np.allclose(losses[2], losses[0])
+
+
+def test_rank_ensemble_averages_ranks_over_the_rows_both_runs_scored(tmp_path, capsys):
+    rank_ensemble = _load("rank_ensemble")
+    flags = ["unsafe", "unsafe", "benign", "benign", "benign", "control"]
+    mix = write_jsonl(tmp_path / "mix.jsonl", [{"prompt": f"q{i}", "completion": "a",
+                                                "flag": f} for i, f in enumerate(flags)])
+    # Run A ranks row 0 lowest and row 1 above a benign row; run B the other way round, on
+    # its own scale. Row 5 is skipped by B, so it is left out of every ranking.
+    for name, weight in (("a", [0.1, 0.55, 0.5, 0.6, 0.7, 0.8]),
+                         ("b", [55, 1, 60, 50, 70, None])):
+        run = tmp_path / name
+        run.mkdir()
+        write_jsonl(run / "scores.jsonl", [{"index": i} | ({"skipped": "long"} if w is None
+                                                           else {"weight": w})
+                                           for i, w in enumerate(weight)])
+    result = rank_ensemble.compare(str(mix), tmp_path / "a", tmp_path / "b", keep_ratio=0.6)
+    assert result["a"]["auroc"] == pytest.approx(5 / 6)  # one benign row below row 1
+    assert result["b"]["auroc"] == pytest.approx(5 / 6)
+    assert result["rank average"]["auroc"] == 1.0  # ranks 2 and 2 against 3, 3 and 5
+    assert result["rank average"]["removed"] == 1.0  # keep 3 of 5: only the benign rows
+    assert np.isnan(result["a"]["controls_kept"])  # the one control was skipped by B
+    rank_ensemble.main(["--pair", str(mix), str(tmp_path / "a"), str(tmp_path / "b")])
+    assert "| mean of 1 | rank average | 1.000 |" in capsys.readouterr().out
