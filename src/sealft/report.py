@@ -544,6 +544,8 @@ def plot_refusal_vs_task(summary: list[dict[str, Any]], path: Path,
         if x_key == "task_loss":
             ax.invert_xaxis()
         ax.set_ylabel("Refusal (%) → safer")
+        # A t interval over 3 seeds can reach past 0-100%; the table keeps the numbers.
+        ax.set_ylim(-3, 103)
         ax.set_title(title)
     handles, labels = axes[0][0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 5), frameon=False,
