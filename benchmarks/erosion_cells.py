@@ -142,7 +142,9 @@ def cell_format(values: list[float | None], digits: int = 1) -> str:
 
 
 def table(cells: dict[str, str], seeds: list[int], epochs: int, batch_size: int,
-          selections: dict[str, str] | None = None) -> str:
+          selections: dict[str, str] | None = None,
+          paired_with: tuple[str, ...] = ("all",)) -> str:
+    """Paired columns against the base model and each cell of `paired_with` that exists."""
     first = next(iter(cells.values()))
     by_method = {"base": [read_cell(Path(first.format(seed=s)), epochs, batch_size, base=True)
                           for s in seeds]}
@@ -157,7 +159,7 @@ def table(cells: dict[str, str], seeds: list[int], epochs: int, batch_size: int,
         by_method[method] = [read_cell(Path(pattern.format(seed=s)), epochs, batch_size,
                                        selection=Path(chosen.format(seed=s)) if chosen else None)
                              for s in seeds]
-    references = ["base"] + (["all"] if "all" in by_method else [])
+    references = ["base"] + [m for m in paired_with if m in by_method]
     deltas = ([f"Δ held-out refusal vs {ref} (paired by seed)" for ref in references]
               + [f"Δ refusal gap vs {ref} (paired by seed)" for ref in references])
     lines = ["| method | " + " | ".join((*COLUMNS, *deltas, *TIME_COLUMNS)) + " |",
@@ -185,13 +187,15 @@ def main(argv: list[str] | None = None) -> None:
                    help="the `sealft select` run folders of a method's filter, {seed} in the "
                         "pattern, for the selection-time column")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--paired-with", nargs="+", default=["all"], metavar="METHOD",
+                   help="cells to pair every method with by seed, besides the base model")
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--batch-size", type=int, default=8)
     a = p.parse_args(argv)
     cells = dict(c.split("=", 1) for c in a.cell)
     print(f"mean ± 95% CI over seeds {a.seeds} (per-seed values), {a.epochs} epochs\n")
     selections = dict(c.split("=", 1) for c in a.selection)
-    print(table(cells, a.seeds, a.epochs, a.batch_size, selections))
+    print(table(cells, a.seeds, a.epochs, a.batch_size, selections, tuple(a.paired_with)))
 
 
 if __name__ == "__main__":

@@ -326,6 +326,11 @@ def test_erosion_cells_read_each_run_at_the_same_epochs_and_average_over_seeds(t
     assert lines["kept"][7].strip() == "–"  # no held-out task loss in these runs
     assert lines["kept"][6].strip() == "–"  # no XSTest evaluation in these runs
     assert lines["kept"][5].strip() == "–"  # no generations kept in these runs
+    by_kept = cells.table({"all": str(tmp_path / "all-{seed}"), "kept": str(tmp_path / "kept-{seed}")},
+                          [0, 1], epochs=2, batch_size=4, paired_with=("kept", "absent"))
+    header = by_kept.splitlines()[0]
+    assert "vs kept" in header and "vs all" not in header and "vs absent" not in header
+    assert by_kept.splitlines()[3].split("|")[11].strip() == "-40.0 ± 0.0 (-40.0, -40.0)"  # all - kept
     with pytest.raises(SystemExit, match="no evaluation at step 6"):
         cells.table({"all": str(tmp_path / "all-{seed}")}, [0], epochs=3, batch_size=4)
 
