@@ -224,12 +224,9 @@ def experiment_section(run: ExperimentRun, out: Path, title: str, plot_suffix: s
     if failed:
         text += "\n\nFailed cells (rerun the experiment to retry them): " + "; ".join(
             f"`{Path(str(c['cell_dir'])).name}`: {c['error']}" for c in failed) + "."
-    images: list[Path | None] = []
-    if plot and any(c.get("status") == "ok" for c in run.cells):
-        images.append(plot_keep_ratio_sweep(run.cells, out / f"ratio_sweep{plot_suffix}.png"))
-    if plot:
-        images.append(plot_refusal_vs_task(run.summary, out / f"tradeoff{plot_suffix}.png",
-                                           method_colour))
+    images = [] if not plot else [
+        plot_keep_ratio_sweep(run.cells, out / f"ratio_sweep{plot_suffix}.png"),
+        plot_refusal_vs_task(run.summary, out / f"tradeoff{plot_suffix}.png", method_colour)]
     return Section(title, text, experiment_table(run.summary), [p for p in images if p])
 
 
