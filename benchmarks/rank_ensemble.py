@@ -20,15 +20,10 @@ from pathlib import Path
 import numpy as np
 from scipy.stats import rankdata
 from sklearn.metrics import roc_auc_score
+from unseen_rows import run_weights
 
 from sealft.data import read_rows
-from sealft.io import read_jsonl
 from sealft.selector import keep_count_for, keep_mask
-
-
-def weights(run: Path) -> dict[int, float]:
-    return {s["index"]: s["weight"] for s in read_jsonl(run / "scores.jsonl")
-            if "skipped" not in s}
 
 
 def rank_average(first: np.ndarray, second: np.ndarray) -> np.ndarray:
@@ -49,7 +44,7 @@ def quality(score: np.ndarray, flags: np.ndarray, keep_ratio: float) -> dict[str
 
 def compare(mix: str, first: Path, second: Path, keep_ratio: float = 0.8,
             label_field: str = "flag") -> dict[str, dict[str, float]]:
-    a, b = weights(first), weights(second)
+    a, b = run_weights(first), run_weights(second)
     rows = sorted(set(a) & set(b))
     data = read_rows(mix)
     flags = np.array([str(data[r].get(label_field)) for r in rows])

@@ -24,7 +24,8 @@ from sealft.io import read_jsonl
 from sealft.seal import fit_sample_rows
 
 
-def _weights(run: Path) -> dict[int, float]:
+def run_weights(run: Path) -> dict[int, float]:
+    """A selection run's weight per usable row, by input index (skipped rows left out)."""
     return {s["index"]: s["weight"] for s in read_jsonl(run / "scores.jsonl")
             if "skipped" not in s}
 
@@ -39,8 +40,8 @@ def compare(mix: str, fit_sample_run: Path, full_run: Path | None,
     """Without a full run, only the fit-sample run's AUROC on its unseen rows."""
     config = yaml.safe_load((fit_sample_run / "config.yaml").read_text(encoding="utf-8"))
     summary = json.loads((fit_sample_run / "summary.json").read_text(encoding="utf-8"))
-    sampled = _weights(fit_sample_run)
-    full = _weights(full_run) if full_run is not None else None
+    sampled = run_weights(fit_sample_run)
+    full = run_weights(full_run) if full_run is not None else None
     usable = sorted(sampled)
     fitted = set(fit_sample_rows(usable, config["fit_sample"], config["seed"]))
     if len(fitted) != summary.get("fitted_rows"):

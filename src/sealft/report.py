@@ -136,17 +136,18 @@ class ExperimentRun:
 
 
 def load_experiment(path: Path) -> ExperimentRun:
-    """An experiment dir as `sealft experiment` wrote it: numbers as floats, empty fields as
-    None; results.csv is optional (the table needs only the summary)."""
-    tables = []
-    for name in ("results_summary.csv", "results.csv"):
-        if not (path / name).is_file():
-            tables.append([])
-            continue
-        with open(path / name, newline="", encoding="utf-8") as handle:
-            tables.append([{k: _number(v) for k, v in row.items()}
-                           for row in csv.DictReader(handle)])
-    return ExperimentRun(path, *tables)
+    """An experiment dir as `sealft experiment` wrote it; results.csv is optional (the table
+    needs only the summary)."""
+    return ExperimentRun(path, _read_csv(path / "results_summary.csv"),
+                         _read_csv(path / "results.csv"))
+
+
+def _read_csv(path: Path) -> list[dict[str, Any]]:
+    """Rows with numbers as floats and empty fields as None; no file, no rows."""
+    if not path.is_file():
+        return []
+    with open(path, newline="", encoding="utf-8") as handle:
+        return [{k: _number(v) for k, v in row.items()} for row in csv.DictReader(handle)]
 
 
 def _number(text: str) -> Any:
