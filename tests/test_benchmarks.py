@@ -586,3 +586,74 @@ def test_rank_ensemble_averages_ranks_over_the_rows_both_runs_scored(tmp_path, c
     assert np.isnan(result["a"]["controls_kept"])  # the one control was skipped by B
     rank_ensemble.main(["--pair", str(mix), str(tmp_path / "a"), str(tmp_path / "b")])
     assert "| mean of 1 | rank average | 1.000 |" in capsys.readouterr().out
+
+
+def test_token_contrast_probe_is_the_per_token_loss_difference_of_the_two_fits(tiny_model,
+                                                                                tmp_path):
+    import argparse
+
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from sealft.data import normalise_rows
+    from sealft.models import load_model_and_tokenizer
+
+    probe = _load("token_contrast_probe")
+    model, tokenizer = load_model_and_tokenizer(tiny_model)
+    model.requires_grad_(False)
+    pad = tokenizer.pad_token_id or 0
+    prompts = [f"How do I hurt someone {i}?" for i in range(4)]
+    # Generation restores the tokenizer's padding side, and answers that refuse are left out.
+    side = tokenizer.padding_side
+    safe = list(normalise_rows([{"instruction": p, "output": "I cannot help with that."}
+                                for p in prompts], "safe", "alpaca"))
+    written = probe.prefilled_compliance(model, tokenizer, safe, 4, seed=0)
+    assert tokenizer.padding_side == side
+    assert all(m["messages"][1]["content"].startswith(probe.PREFILL) for m in written)
+    comply = list(normalise_rows([{"instruction": p, "output": "Sure, here is how: first ..."}
+                                  for p in prompts], "comply", "alpaca"))
+    rows = list(normalise_rows(_flagged_rows(6), "rows", "alpaca"))
+    upper = probe.UpperLayers(model, 1)
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=4, target_modules=["q_proj",
+                                                                               "v_proj"]))
+    initial = {k: v.clone() for k, v in model.state_dict().items() if "lora_" in k}
+    a = argparse.Namespace(lr=5e-2, epochs=2, batch_size=2, seed=0, pad=pad, max_length=64,
+                           window=8)
+    fits = {}
+    for name, data in (("comply", comply), ("refuse", safe)):
+        cached = upper.cache(probe.windowed(data, tokenizer, 64, 8), pad)
+        fits[name] = probe.fitted(model, initial, cached, a, tmp_path / f"{name}.safetensors")
+    # A rerun reads the saved fit instead of fitting again.
+    again = probe.fitted(model, initial, [], a, tmp_path / "comply.safetensors")
+    assert all(torch.equal(again[k], v) for k, v in fits["comply"].items())
+    out = probe.mix_rows(model, upper, tokenizer, fits, rows, a)
+
+    def answer_nll(state) -> list[list[float]]:
+        # By hand: every layer (nothing cached), one row at a time, no padding. The fits' keys
+        # number the trained layers from 0, so a fit is loaded while only those are in place.
+        if state is not None:
+            upper._use(upper.all[1:])
+            model.load_state_dict(state, strict=False)
+        upper._use(upper.all)
+        per_row = []
+        for ids, labels, _ in probe.windowed(rows, tokenizer, 64, 8):
+            if state is None:
+                with model.disable_adapter():
+                    logits = model(input_ids=ids[None], use_cache=False).logits[0]
+            else:
+                logits = model(input_ids=ids[None], use_cache=False).logits[0]
+            logp = torch.log_softmax(logits[:-1].float(), dim=-1)
+            at = (labels[1:] != -100).nonzero().squeeze(1)
+            per_row.append((-logp[at, labels[1:][at]]).tolist())
+        return per_row
+
+    with torch.no_grad():
+        base, refuse, comply_nll = (answer_nll(None), answer_nll(fits["refuse"]),
+                                    answer_nll(fits["comply"]))
+    for row, b, r, c in zip(out, base, refuse, comply_nll, strict=True):
+        np.testing.assert_allclose(row["contrast"], np.subtract(r, c), atol=2e-3)
+        np.testing.assert_allclose(row["base"], np.subtract(b, c), atol=2e-3)
+    assert [r["flag"] for r in out] == [r["meta"]["flag"] for r in rows]
+    assert not np.allclose(out[0]["contrast"], 0.0)  # the two fits differ
+    means = probe.window_mean([[1.0, 2.0, 3.0], [4.0]], 1, 3)
+    np.testing.assert_allclose(means, [2.5, 0.0])  # an answer that ends before the window: 0
