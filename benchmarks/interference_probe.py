@@ -239,8 +239,9 @@ def table(out: Path, keep: float = 0.8) -> str:
     return signal_table(mixes, names, [n.replace("|", "\\|") for n in names], keep)
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def add_fit_arguments(p: argparse.ArgumentParser) -> None:
+    """The arguments of a probe that fits LoRA on the upper layers (this one and
+    token_contrast_probe.py); a probe changes the defaults with `p.set_defaults`."""
     add_mix_arguments(p)
     p.add_argument("--safe-data", default="../shared/data/safe/safetyllamas_safety_only.json")
     p.add_argument("--safe-sample", type=int, default=400)
@@ -253,28 +254,46 @@ def main() -> None:
     p.add_argument("--window", type=int, default=16, help="answer tokens trained and scored")
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--safe-batch-size", type=int, default=8)
-    p.add_argument("--safe-weight", type=float, default=1.0)
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default="runs/interference_probe")
     p.add_argument("--table", action="store_true", help="print the saved rows' table and exit")
-    a = p.parse_args()
-    out = Path(a.out)
-    if a.table:
-        print(table(out))
-        return
+
+
+def frozen_proxy(a: argparse.Namespace):
+    """The frozen proxy and its tokenizer, `a.pad` set, the output folder made."""
     torch.set_num_threads(a.threads)
-    out.mkdir(parents=True, exist_ok=True)
+    Path(a.out).mkdir(parents=True, exist_ok=True)
     model, tokenizer = load_model_and_tokenizer(a.model)
     model.requires_grad_(False)
     a.pad = tokenizer.pad_token_id or 0
+    return model, tokenizer
+
+
+def with_upper_lora(model, a: argparse.Namespace):
+    """The cached frozen lower layers, the model with LoRA on the layers above, and the LoRA
+    weights it starts from (every fit is reset to them)."""
     upper = UpperLayers(model, a.first_layer)  # before LoRA: only the upper layers get it
     torch.manual_seed(a.seed)
     model = get_peft_model(model, LoraConfig(r=a.rank, lora_alpha=a.rank, lora_dropout=0.0,
                                              target_modules=a.modules.split(",")))
     initial = {k: v.clone() for k, v in model.state_dict().items() if "lora_" in k}
+    return upper, model, initial
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_fit_arguments(p)
+    p.add_argument("--safe-batch-size", type=int, default=8)
+    p.add_argument("--safe-weight", type=float, default=1.0)
+    a = p.parse_args()
+    out = Path(a.out)
+    if a.table:
+        print(table(out))
+        return
+    model, tokenizer = frozen_proxy(a)
+    upper, model, initial = with_upper_lora(model, a)
     safe_rows = sample_rows(load_examples(a.safe_data, "train", "auto", None, False),
                             a.safe_sample, a.seed)
     t0 = time.time()

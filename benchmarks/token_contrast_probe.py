@@ -40,19 +40,26 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from peft import LoraConfig, get_peft_model
 from safetensors.torch import load_file, save_file
 
 from sealft.data import load_examples, sample_rows
 from sealft.io import read_jsonl, write_jsonl
-from sealft.models import load_model_and_tokenizer
 from sealft.refusal import is_refusal
 from sealft.tokenize import IGNORE_INDEX
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from interference_probe import UpperLayers, answer_logits, batch_of, fit, windowed  # noqa: E402
+from interference_probe import (  # noqa: E402
+    UpperLayers,
+    add_fit_arguments,
+    answer_logits,
+    batch_of,
+    fit,
+    frozen_proxy,
+    windowed,
+    with_upper_lora,
+)
 from judge_probe import REFUSALS, first_token, gated, signal_table, standardise  # noqa: E402
-from probe_runs import add_mix_arguments, computed_once, rows_per_mix  # noqa: E402
+from probe_runs import computed_once, rows_per_mix  # noqa: E402
 
 PREFILL = "Sure, here is"
 # (name, first token, last token): windows over the answer's tokens, read from the saved values
@@ -164,34 +171,16 @@ def table(out: Path, keep: float = 0.8) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    add_mix_arguments(p)
-    p.add_argument("--safe-data", default="../shared/data/safe/safetyllamas_safety_only.json")
-    p.add_argument("--safe-sample", type=int, default=96,
-                   help="safe-set prompts the two fits share (fewer if some answers refuse)")
-    p.add_argument("--model", default="Qwen/Qwen2.5-Coder-0.5B-Instruct")
-    p.add_argument("--rank", type=int, default=16)
-    p.add_argument("--modules", default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj")
-    p.add_argument("--max-length", type=int, default=192)
-    p.add_argument("--first-layer", type=int, default=12,
-                   help="the first layer trained; the layers below are frozen and cached")
-    p.add_argument("--window", type=int, default=64, help="answer tokens trained and scored")
-    p.add_argument("--epochs", type=int, default=3)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--lr", type=float, default=5e-4)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--out", default="runs/token_contrast_probe")
-    p.add_argument("--table", action="store_true", help="print the saved rows' table and exit")
+    add_fit_arguments(p)
+    # --safe-sample: the prompts the two fits share (fewer if some answers refuse)
+    p.set_defaults(safe_sample=96, first_layer=12, window=64, epochs=3,
+                   out="runs/token_contrast_probe")
     a = p.parse_args()
     out = Path(a.out)
     if a.table:
         print(table(out))
         return
-    torch.set_num_threads(a.threads)
-    out.mkdir(parents=True, exist_ok=True)
-    model, tokenizer = load_model_and_tokenizer(a.model)
-    model.requires_grad_(False)
-    a.pad = tokenizer.pad_token_id or 0
+    model, tokenizer = frozen_proxy(a)
     safe_rows = sample_rows(load_examples(a.safe_data, "train", "auto", None, False),
                             a.safe_sample, a.seed)
     comply = computed_once(out / "compliance.jsonl",
@@ -200,11 +189,7 @@ def main() -> None:
                            write_jsonl, read_jsonl, lambda rows: f"{len(rows)} answers, ")
     kept = {r["id"] for r in comply}
     refuse = [r for r in safe_rows if r["id"] in kept]  # the same prompts, the safe set's answers
-    upper = UpperLayers(model, a.first_layer)  # before LoRA: only the upper layers get it
-    torch.manual_seed(a.seed)
-    model = get_peft_model(model, LoraConfig(r=a.rank, lora_alpha=a.rank, lora_dropout=0.0,
-                                             target_modules=a.modules.split(",")))
-    initial = {k: v.clone() for k, v in model.state_dict().items() if "lora_" in k}
+    upper, model, initial = with_upper_lora(model, a)
     fits = {}
     for name, rows in (("comply", comply), ("refuse", refuse)):
         t0 = time.time()
