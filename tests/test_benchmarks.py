@@ -657,3 +657,28 @@ def test_token_contrast_probe_is_the_per_token_loss_difference_of_the_two_fits(t
     assert not np.allclose(out[0]["contrast"], 0.0)  # the two fits differ
     means = probe.window_mean([[1.0, 2.0, 3.0], [4.0]], 1, 3)
     np.testing.assert_allclose(means, [2.5, 0.0])  # an answer that ends before the window: 0
+
+
+def test_gpt4_erosion_config_runs_on_the_file_its_header_builds(shared_data, tmp_path,
+                                                                monkeypatch):
+    """configs/experiment_gpt4.yaml (issue 12's regime G2) passes every up-front check of
+    `sealft experiment` on the file dev_mixes.py builds as its header says, with 40 held-out
+    harmful questions and 40 held-out GPT-4 answers outside every seed's sample."""
+    from sealft import config as cfg
+    from sealft import experiment as E
+
+    monkeypatch.chdir(REPO)  # the config's paths are relative to the repository root
+    options = cfg.load_yaml(REPO / "configs" / "experiment_gpt4.yaml")
+    built = tmp_path / "gpt4_erosion"
+    _load("dev_mixes").main(["--out", str(built), "--mixes", "gpt4-beavertails", "--rows", "594",
+                             "--harmful-share", "0.3333", "--controls", "0", "--seeds", "0"])
+    data = built / "gpt4-beavertails_s0.jsonl"
+    assert options["finetune_data"] == f"runs/{built.name}/{data.name}"
+    args = cfg.build(E.ExperimentArgs, options, {"output_dir": str(tmp_path / "exp"),
+                                                 "finetune_data": str(data)})
+    cells = E.grid(args)
+    assert len(cells) == 1 + 7 * 3
+    held = E.validate_grid(args, cells)
+    assert len(held["heldout_harmful"]) >= 40 and len(held["heldout_task"]) == 40
+    finetune = E.stage_args(args, cells[0], None).finetune
+    assert (finetune.lr, finetune.max_length, len(finetune.lora_target_modules)) == (3e-4, 256, 7)
