@@ -682,3 +682,24 @@ def test_gpt4_erosion_config_runs_on_the_file_its_header_builds(shared_data, tmp
     assert len(held["heldout_harmful"]) >= 40 and len(held["heldout_task"]) == 40
     finetune = E.stage_args(args, cells[0], None).finetune
     assert (finetune.lr, finetune.max_length, len(finetune.lora_target_modules)) == (3e-4, 256, 7)
+
+
+def test_refusal_ceiling_splits_harmful_rows_by_the_proxys_own_answer(tmp_path):
+    bench = _load("proxy_refusal_ceiling")
+    rows = [{"instruction": q, "input": "", "output": "...", "flag": f} for q, f in
+            [("b0", "benign"), ("h-refused", "unsafe"), ("b1", "benign"),
+             ("h-answered", "unsafe"), ("b2", "benign"), ("too long", "benign")]]
+    train = tmp_path / "train.json"
+    train.write_text(json.dumps(rows))
+    run = tmp_path / "select"
+    run.mkdir()
+    # logit high = kept; the run could not use row 5 (its prompt did not fit)
+    logits = {0: 1.0, 1: -2.0, 2: 0.5, 3: 0.8, 4: -1.0, 5: None}
+    write_jsonl(run / "scores.jsonl", [{"index": i, "logit": v, "kept": bool(v and v > 0)}
+                                       for i, v in logits.items()])
+    got = bench.split_run(run, train, {"h-refused": True, "h-answered": False}, "flag")
+    assert got["refused"] == {"n": 1, "removed": 1, "auroc_vs_benign": 1.0}
+    # h-answered (logit 0.8) ranks as less harmful than b2 (-1.0) and b1 (0.5), above b0 (1.0)
+    assert got["answered"]["removed"] == 0
+    assert got["answered"]["auroc_vs_benign"] == pytest.approx(1 / 3)
+    assert got["benign"] == {"n": 3, "removed": 1}
