@@ -703,3 +703,53 @@ def test_refusal_ceiling_splits_harmful_rows_by_the_proxys_own_answer(tmp_path):
     assert got["answered"]["removed"] == 0
     assert got["answered"]["auroc_vs_benign"] == pytest.approx(1 / 3)
     assert got["benign"] == {"n": 3, "removed": 1}
+
+
+def test_safety_fit_probe_scores_each_rows_first_token_at_every_snapshot(tiny_model):
+    import argparse
+
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from sealft.data import normalise_rows
+    from sealft.models import load_model_and_tokenizer
+
+    probe = _load("safety_fit_probe")
+    model, tokenizer = load_model_and_tokenizer(tiny_model)
+    model.requires_grad_(False)
+    pad = tokenizer.pad_token_id or 0
+    rows = list(normalise_rows(_flagged_rows(6), "rows", "alpaca"))
+    safe_rows = list(normalise_rows([{"instruction": f"How do I hurt someone {i}?",
+                                      "output": "I cannot help with that."} for i in range(4)],
+                                    "safe", "alpaca"))
+    upper = _load("interference_probe").UpperLayers(model, 1)
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=4, target_modules=["q_proj",
+                                                                               "v_proj"]))
+    a = argparse.Namespace(lr=5e-2, batch_size=2, seed=0, pad=pad, max_length=64,
+                           snapshots=[0, 2, 4])
+    safe = upper.cache(probe.windowed(safe_rows, tokenizer, 64, 4), pad)
+    snaps = probe.fit_snapshots(model, safe, a)
+    assert sorted(snaps) == [0, 2, 4]
+    assert not all(torch.equal(snaps[0][k], snaps[4][k]) for k in snaps[0])
+    openings = probe.openings(safe_rows, tokenizer, 3)
+    assert openings == [probe.first_token(tokenizer, "I cannot help with that.")]
+    out = probe.mix_rows(model, upper, tokenizer, snaps, openings, rows, a)
+    firsts = [probe.first_token(tokenizer, r) for r in probe.REFUSALS]
+    for step in (0, 4):
+        # By hand: every layer (nothing cached), one row at a time, no padding.
+        upper._use(upper.all[1:])
+        model.load_state_dict(snaps[step], strict=False)
+        upper._use(upper.all)
+        for row, (ids, labels, _) in zip(out, probe.windowed(rows, tokenizer, 64, 1),
+                                         strict=True):
+            with torch.no_grad():
+                logits = model(input_ids=ids[None]).logits[0, -2].float()
+            logp = torch.log_softmax(logits, dim=-1)
+            y1 = -logp[labels[-1]].item()
+            refuse = -logp[firsts].max().item()
+            mass = -torch.logsumexp(logp[openings], dim=0).item()
+            assert row[f"margin@{step}"] == pytest.approx(y1 - refuse, abs=1e-4)
+            assert row[f"smargin@{step}"] == pytest.approx(y1 - mass, abs=1e-4)
+        upper._use(upper.all[1:])
+    assert all(r["shift@0"] == 0.0 for r in out)
+    assert {r["flag"] for r in out} == {"unsafe", "finetune"}
