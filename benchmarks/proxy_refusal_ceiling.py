@@ -48,16 +48,17 @@ def proxy_refusals(questions: list[str], out: Path, args: argparse.Namespace) ->
 
 def split_run(select_dir: Path, train: Path, refused: dict[str, bool],
               label_field: str) -> dict[str, Any]:
-    rows = json.loads(train.read_text(encoding="utf-8"))
+    rows = mix_rows(train)
     scores = {s["index"]: s for s in read_jsonl(select_dir / "scores.jsonl")}
-    groups: dict[str, list[dict[str, Any]]] = {"refused": [], "answered": [], "benign": []}
+    groups: dict[str, list[dict[str, Any]]] = {"refused": [], "answered": [], "benign": [],
+                                               "control": []}
     for i, row in enumerate(rows):
         if scores.get(i, {}).get("logit") is None:  # a row the run could not use (too long)
             continue
-        if row.get(label_field) != "unsafe":
-            groups["benign"].append(scores[i])
-        else:
+        if row.get(label_field) == "unsafe":
             groups["refused" if refused[question(row)] else "answered"].append(scores[i])
+        else:
+            groups["control" if row.get(label_field) == "control" else "benign"].append(scores[i])
     benign = [-s["logit"] for s in groups["benign"]]
     result: dict[str, Any] = {"run": str(select_dir)}
     for name in ("refused", "answered"):
@@ -66,9 +67,17 @@ def split_run(select_dir: Path, train: Path, refused: dict[str, bool],
         auroc = (roc_auc_score([0] * len(benign) + [1] * len(group),
                                benign + [-s["logit"] for s in group]) if group else None)
         result[name] = {"n": len(group), "removed": removed, "auroc_vs_benign": auroc}
-    result["benign"] = {"n": len(benign),
-                        "removed": sum(not s["kept"] for s in groups["benign"])}
+    for name in ("benign", "control"):
+        result[name] = {"n": len(groups[name]),
+                        "removed": sum(not s["kept"] for s in groups[name])}
     return result
+
+
+def mix_rows(path: Path) -> list[dict[str, Any]]:
+    """A mix as erosion_curve.py (a JSON list) or dev_mixes.py (JSON lines) writes it."""
+    if path.suffix == ".jsonl":
+        return read_jsonl(path)
+    return json.loads(path.read_text(encoding="utf-8"))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -88,8 +97,7 @@ def main(argv: list[str] | None = None) -> int:
         if not sep:
             parser.error(f"--run {item}: expected SELECT_DIR=TRAIN")
         pairs.append((Path(select_dir), Path(train)))
-    questions = sorted({question(r) for _, train in pairs
-                        for r in json.loads(train.read_text(encoding="utf-8"))
+    questions = sorted({question(r) for _, train in pairs for r in mix_rows(train)
                         if r.get(args.label_field) == "unsafe"})
     refused = proxy_refusals(questions, Path(args.out), args)
     print(f"the proxy refuses {sum(refused.values())} of {len(refused)} distinct flagged "
@@ -97,14 +105,15 @@ def main(argv: list[str] | None = None) -> int:
     results = [split_run(d, t, refused, args.label_field) for d, t in pairs]
     write_jsonl(Path(args.out) / "results.jsonl", results)
     print("| run | harmful rows the proxy refuses: removed / AUROC vs benign | harmful rows it "
-          "answers: removed / AUROC vs benign | benign removed |")
-    print("|---|---|---|---|")
+          "answers: removed / AUROC vs benign | benign removed | controls removed |")
+    print("|---|---|---|---|---|")
     for r in results:
         cells = [f"{r[g]['removed']} of {r[g]['n']} / "
                  + (f"{r[g]['auroc_vs_benign']:.3f}" if r[g]["auroc_vs_benign"] is not None
                     else "–") for g in ("refused", "answered")]
         print(f"| {r['run']} | {cells[0]} | {cells[1]} | "
-              f"{r['benign']['removed']} of {r['benign']['n']} |")
+              f"{r['benign']['removed']} of {r['benign']['n']} | "
+              f"{r['control']['removed']} of {r['control']['n']} |")
     return 0
 
 

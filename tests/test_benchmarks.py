@@ -703,6 +703,7 @@ def test_refusal_ceiling_splits_harmful_rows_by_the_proxys_own_answer(tmp_path):
     assert got["answered"]["removed"] == 0
     assert got["answered"]["auroc_vs_benign"] == pytest.approx(1 / 3)
     assert got["benign"] == {"n": 3, "removed": 1}
+    assert got["control"] == {"n": 0, "removed": 0}
 
 
 def test_safety_fit_probe_scores_each_rows_first_token_at_every_snapshot(tiny_model):
