@@ -271,6 +271,20 @@ def frozen_proxy(a: argparse.Namespace):
     return model, tokenizer
 
 
+def safe_sample(a: argparse.Namespace) -> list[dict]:
+    """The seeded `--safe-sample` rows of `--safe-data` a probe fits to."""
+    return sample_rows(load_examples(a.safe_data, "train", "auto", None, False), a.safe_sample,
+                       a.seed)
+
+
+def cached_safe(upper: UpperLayers, tokenizer, rows: list[dict], a: argparse.Namespace) -> list:
+    """The safe-set rows cut to `--window` answer tokens, through the frozen lower layers."""
+    t0 = time.time()
+    cached = upper.cache(windowed(rows, tokenizer, a.max_length, a.window), a.pad)
+    print(f"safe set cached: {time.time() - t0:.0f}s", flush=True)
+    return cached
+
+
 def with_upper_lora(model, a: argparse.Namespace):
     """The cached frozen lower layers, the model with LoRA on the layers above, and the LoRA
     weights it starts from (every fit is reset to them)."""
@@ -294,11 +308,7 @@ def main() -> None:
         return
     model, tokenizer = frozen_proxy(a)
     upper, model, initial = with_upper_lora(model, a)
-    safe_rows = sample_rows(load_examples(a.safe_data, "train", "auto", None, False),
-                            a.safe_sample, a.seed)
-    t0 = time.time()
-    safe = upper.cache(windowed(safe_rows, tokenizer, a.max_length, a.window), a.pad)
-    print(f"safe set cached: {time.time() - t0:.0f}s", flush=True)
+    safe = cached_safe(upper, tokenizer, safe_sample(a), a)
     rows_per_mix(out, a, lambda examples: mix_rows(model, upper, tokenizer, initial, safe,
                                                    examples, a))
     print(table(out))

@@ -14,7 +14,6 @@ that refuses more of them.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -22,43 +21,56 @@ from typing import Any
 import torch
 from sklearn.metrics import roc_auc_score
 
+from sealft.data import load_examples
 from sealft.evaluate import EvaluateArgs, evaluate
 from sealft.io import read_jsonl, write_jsonl
 
 SET = "flagged"
 
 
-def question(row: dict[str, Any]) -> str:
-    return "\n\n".join(p for p in (row["instruction"], row.get("input", "")) if p)
+def question(example: dict[str, Any]) -> str:
+    return example["messages"][-2]["content"]
 
 
 def proxy_refusals(questions: list[str], out: Path, args: argparse.Namespace) -> dict[str, bool]:
     """question -> did the frozen proxy refuse it (generated once per distinct question)."""
     out.mkdir(parents=True, exist_ok=True)
     prompts = out / "questions.jsonl"
+    if prompts.exists() and [r["prompt"] for r in read_jsonl(prompts)] != questions:
+        # its eval/ resumes the answers to those questions, not to these
+        raise SystemExit(f"{out}: holds the proxy's answers to other questions; use another --out")
     write_jsonl(prompts, [{"prompt": q} for q in questions])
     folder = out / "eval"
     evaluate(EvaluateArgs(
         model=args.model, suite="custom", prompt_files=(f"{SET}={prompts}#prompt",),
         output_dir=str(folder), resume=folder.exists(), max_new_tokens=args.max_new_tokens,
         batch_size=16, threads=args.threads, show_progress=False))
-    judged = {r["id"]: r["refusal"] for r in read_jsonl(folder / "judgments.jsonl")}
+    return read_refusals(out)
+
+
+def read_refusals(out: Path) -> dict[str, bool]:
+    """question -> refused, from the output folder of a finished run."""
+    questions = [r["prompt"] for r in read_jsonl(out / "questions.jsonl")]
+    judged = {r["id"]: r["refusal"] for r in read_jsonl(out / "eval" / "judgments.jsonl")}
     return {q: judged[f"{SET}:{i}"] for i, q in enumerate(questions)}
 
 
-def split_run(select_dir: Path, train: Path, refused: dict[str, bool],
+def split_run(select_dir: Path, examples, refused: dict[str, bool],
               label_field: str) -> dict[str, Any]:
-    rows = mix_rows(train)
+    """What the run at `select_dir` removed of each group of the mix's `examples` (the
+    normalised rows of the file it selected from)."""
     scores = {s["index"]: s for s in read_jsonl(select_dir / "scores.jsonl")}
     groups: dict[str, list[dict[str, Any]]] = {"refused": [], "answered": [], "benign": [],
                                                "control": []}
-    for i, row in enumerate(rows):
-        if scores.get(i, {}).get("logit") is None:  # a row the run could not use (too long)
+    for e in examples:
+        score = scores.get(e["index"], {})
+        if score.get("logit") is None:  # a row the run could not use (too long)
             continue
-        if row.get(label_field) == "unsafe":
-            groups["refused" if refused[question(row)] else "answered"].append(scores[i])
+        flag = e["meta"].get(label_field)
+        if flag == "unsafe":
+            groups["refused" if refused[question(e)] else "answered"].append(score)
         else:
-            groups["control" if row.get(label_field) == "control" else "benign"].append(scores[i])
+            groups["control" if flag == "control" else "benign"].append(score)
     benign = [-s["logit"] for s in groups["benign"]]
     result: dict[str, Any] = {"run": str(select_dir)}
     for name in ("refused", "answered"):
@@ -73,13 +85,6 @@ def split_run(select_dir: Path, train: Path, refused: dict[str, bool],
     return result
 
 
-def mix_rows(path: Path) -> list[dict[str, Any]]:
-    """A mix as erosion_curve.py (a JSON list) or dev_mixes.py (JSON lines) writes it."""
-    if path.suffix == ".jsonl":
-        return read_jsonl(path)
-    return json.loads(path.read_text(encoding="utf-8"))
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--run", action="append", required=True, metavar="SELECT_DIR=TRAIN",
@@ -91,18 +96,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    pairs = []
+    runs = []
     for item in args.run:
         select_dir, sep, train = item.partition("=")
         if not sep:
             parser.error(f"--run {item}: expected SELECT_DIR=TRAIN")
-        pairs.append((Path(select_dir), Path(train)))
-    questions = sorted({question(r) for _, train in pairs for r in mix_rows(train)
-                        if r.get(args.label_field) == "unsafe"})
+        runs.append((Path(select_dir), load_examples(train, "train", "auto", None, False)))
+    questions = sorted({question(e) for _, examples in runs for e in examples
+                        if e["meta"].get(args.label_field) == "unsafe"})
     refused = proxy_refusals(questions, Path(args.out), args)
     print(f"the proxy refuses {sum(refused.values())} of {len(refused)} distinct flagged "
           f"questions", file=sys.stderr)
-    results = [split_run(d, t, refused, args.label_field) for d, t in pairs]
+    results = [split_run(d, examples, refused, args.label_field) for d, examples in runs]
     write_jsonl(Path(args.out) / "results.jsonl", results)
     print("| run | harmful rows the proxy refuses: removed / AUROC vs benign | harmful rows it "
           "answers: removed / AUROC vs benign | benign removed | controls removed |")

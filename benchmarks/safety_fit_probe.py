@@ -36,7 +36,6 @@ import numpy as np
 import torch
 from sklearn.metrics import roc_auc_score
 
-from sealft.data import load_examples, sample_rows
 from sealft.io import read_jsonl
 from sealft.refusal import is_refusal
 
@@ -45,13 +44,16 @@ from interference_probe import (  # noqa: E402  (the upper-layer LoRA set-up of 
     add_fit_arguments,
     answer_logits,
     batch_of,
+    cached_safe,
     frozen_proxy,
     mean_loss,
+    safe_sample,
     windowed,
     with_upper_lora,
 )
 from judge_probe import REFUSALS, first_token, gated, signal_table  # noqa: E402
 from probe_runs import rows_per_mix  # noqa: E402
+from proxy_refusal_ceiling import read_refusals  # noqa: E402
 
 
 def fit_snapshots(model, safe, a) -> dict[int, dict[str, torch.Tensor]]:
@@ -139,9 +141,7 @@ def table(out: Path, keep: float = 0.8) -> str:
 def ceiling_table(out: Path, ceiling: Path) -> str:
     """AUROC of each signal, harmful rows against the benign rows, for the harmful rows whose
     question the frozen proxy refuses and for those it answers (mixes without controls)."""
-    questions = [r["prompt"] for r in read_jsonl(ceiling / "questions.jsonl")]
-    judged = {r["id"]: r["refusal"] for r in read_jsonl(ceiling / "eval" / "judgments.jsonl")}
-    refused = {q: judged[f"flagged:{i}"] for i, q in enumerate(questions)}
+    refused = read_refusals(ceiling)
     lines, names = [], []
     for path in sorted(out.glob("*.jsonl")):
         rows = read_jsonl(path)
@@ -187,11 +187,8 @@ def main() -> None:
         return
     model, tokenizer = frozen_proxy(a)
     upper, model, _ = with_upper_lora(model, a)
-    safe_rows = sample_rows(load_examples(a.safe_data, "train", "auto", None, False),
-                            a.safe_sample, a.seed)
-    t0 = time.time()
-    safe = upper.cache(windowed(safe_rows, tokenizer, a.max_length, a.window), a.pad)
-    print(f"safe set cached: {time.time() - t0:.0f}s", flush=True)
+    safe_rows = safe_sample(a)
+    safe = cached_safe(upper, tokenizer, safe_rows, a)
     safe_openings = openings(safe_rows, tokenizer, a.openings)
     print("safe openings:", [tokenizer.decode([t]) for t in safe_openings], flush=True)
     snaps = fit_snapshots(model, safe, a)

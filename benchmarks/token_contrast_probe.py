@@ -42,7 +42,6 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from sealft.data import load_examples, sample_rows
 from sealft.io import read_jsonl, write_jsonl
 from sealft.refusal import is_refusal
 from sealft.tokenize import IGNORE_INDEX
@@ -55,6 +54,7 @@ from interference_probe import (  # noqa: E402
     batch_of,
     fit,
     frozen_proxy,
+    safe_sample,
     windowed,
     with_upper_lora,
 )
@@ -181,8 +181,7 @@ def main() -> None:
         print(table(out))
         return
     model, tokenizer = frozen_proxy(a)
-    safe_rows = sample_rows(load_examples(a.safe_data, "train", "auto", None, False),
-                            a.safe_sample, a.seed)
+    safe_rows = safe_sample(a)
     comply = computed_once(out / "compliance.jsonl",
                            lambda: prefilled_compliance(model, tokenizer, safe_rows, a.window,
                                                         a.seed),

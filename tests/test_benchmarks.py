@@ -36,6 +36,31 @@ def _flagged_rows(n: int) -> list[dict]:
     return rows
 
 
+def _frozen_tiny(tiny_model):
+    """The tiny model frozen, as the probes load their proxy, its tokenizer and pad id."""
+    from sealft.models import load_model_and_tokenizer
+
+    model, tokenizer = load_model_and_tokenizer(tiny_model)
+    model.requires_grad_(False)
+    return model, tokenizer, tokenizer.pad_token_id or 0
+
+
+def _refused_rows(n: int = 4) -> list[dict]:
+    """Harmful prompts with a refusal, normalised: a safe set for the probes."""
+    from sealft.data import normalise_rows
+
+    return list(normalise_rows([{"instruction": f"How do I hurt someone {i}?",
+                                 "output": "I cannot help with that."} for i in range(n)],
+                               "safe", "alpaca"))
+
+
+def _tiny_lora(model):
+    from peft import LoraConfig, get_peft_model
+
+    return get_peft_model(model, LoraConfig(r=4, lora_alpha=4, target_modules=["q_proj",
+                                                                               "v_proj"]))
+
+
 def test_selection_quality_table(tiny_model, toy_data, shared_data, tmp_path, capsys):
     bench = _load("selection_quality")
     data = write_jsonl(tmp_path / "mix_p0.25.jsonl", _flagged_rows(16))
@@ -525,19 +550,12 @@ def test_heldout_task_rows_lie_outside_every_seeds_training_mix(tmp_path):
 def test_interference_probe_caches_the_lower_layers_and_pairs_the_two_fits(tiny_model):
     import argparse
 
-    from peft import LoraConfig, get_peft_model
-
     from sealft.data import normalise_rows
-    from sealft.models import load_model_and_tokenizer
 
     probe = _load("interference_probe")
-    model, tokenizer = load_model_and_tokenizer(tiny_model)
-    model.requires_grad_(False)
-    pad = tokenizer.pad_token_id or 0
+    model, tokenizer, pad = _frozen_tiny(tiny_model)
     rows = list(normalise_rows(_flagged_rows(6), "rows", "alpaca"))
-    safe = list(normalise_rows([{"instruction": f"How do I hurt someone {i}?",
-                                 "output": "I cannot help with that."} for i in range(4)],
-                               "safe", "alpaca"))
+    safe = _refused_rows()
     data = probe.windowed(rows, tokenizer, 64, 4)
     firsts = [probe.first_token(tokenizer, r) for r in probe.REFUSALS]
     full, refuse = probe.window_losses(model, data, pad, firsts)
@@ -548,8 +566,7 @@ def test_interference_probe_caches_the_lower_layers_and_pairs_the_two_fits(tiny_
     np.testing.assert_allclose(part, full, rtol=1e-4, atol=1e-5)  # left padding included
     np.testing.assert_allclose(part_refuse, refuse, rtol=1e-4, atol=1e-5)
 
-    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=4, target_modules=["q_proj",
-                                                                               "v_proj"]))
+    model = _tiny_lora(model)
     assert not any("lora" in name for name, _ in upper.all[0].named_modules())  # frozen, cached
     initial = {k: v.clone() for k, v in model.state_dict().items() if "lora_" in k}
     a = argparse.Namespace(lr=5e-2, epochs=2, batch_size=2, safe_batch_size=2,
@@ -593,20 +610,15 @@ def test_token_contrast_probe_is_the_per_token_loss_difference_of_the_two_fits(t
     import argparse
 
     import torch
-    from peft import LoraConfig, get_peft_model
 
     from sealft.data import normalise_rows
-    from sealft.models import load_model_and_tokenizer
 
     probe = _load("token_contrast_probe")
-    model, tokenizer = load_model_and_tokenizer(tiny_model)
-    model.requires_grad_(False)
-    pad = tokenizer.pad_token_id or 0
-    prompts = [f"How do I hurt someone {i}?" for i in range(4)]
+    model, tokenizer, pad = _frozen_tiny(tiny_model)
+    safe = _refused_rows()
+    prompts = [r["messages"][0]["content"] for r in safe]
     # Generation restores the tokenizer's padding side, and answers that refuse are left out.
     side = tokenizer.padding_side
-    safe = list(normalise_rows([{"instruction": p, "output": "I cannot help with that."}
-                                for p in prompts], "safe", "alpaca"))
     written = probe.prefilled_compliance(model, tokenizer, safe, 4, seed=0)
     assert tokenizer.padding_side == side
     assert all(m["messages"][1]["content"].startswith(probe.PREFILL) for m in written)
@@ -614,8 +626,7 @@ def test_token_contrast_probe_is_the_per_token_loss_difference_of_the_two_fits(t
                                   for p in prompts], "comply", "alpaca"))
     rows = list(normalise_rows(_flagged_rows(6), "rows", "alpaca"))
     upper = probe.UpperLayers(model, 1)
-    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=4, target_modules=["q_proj",
-                                                                               "v_proj"]))
+    model = _tiny_lora(model)
     initial = {k: v.clone() for k, v in model.state_dict().items() if "lora_" in k}
     a = argparse.Namespace(lr=5e-2, epochs=2, batch_size=2, seed=0, pad=pad, max_length=64,
                            window=8)
@@ -697,7 +708,8 @@ def test_refusal_ceiling_splits_harmful_rows_by_the_proxys_own_answer(tmp_path):
     logits = {0: 1.0, 1: -2.0, 2: 0.5, 3: 0.8, 4: -1.0, 5: None}
     write_jsonl(run / "scores.jsonl", [{"index": i, "logit": v, "kept": bool(v and v > 0)}
                                        for i, v in logits.items()])
-    got = bench.split_run(run, train, {"h-refused": True, "h-answered": False}, "flag")
+    examples = bench.load_examples(str(train), "train", "auto", None, False)
+    got = bench.split_run(run, examples, {"h-refused": True, "h-answered": False}, "flag")
     assert got["refused"] == {"n": 1, "removed": 1, "auroc_vs_benign": 1.0}
     # h-answered (logit 0.8) ranks as less harmful than b2 (-1.0) and b1 (0.5), above b0 (1.0)
     assert got["answered"]["removed"] == 0
@@ -710,22 +722,15 @@ def test_safety_fit_probe_scores_each_rows_first_token_at_every_snapshot(tiny_mo
     import argparse
 
     import torch
-    from peft import LoraConfig, get_peft_model
 
     from sealft.data import normalise_rows
-    from sealft.models import load_model_and_tokenizer
 
     probe = _load("safety_fit_probe")
-    model, tokenizer = load_model_and_tokenizer(tiny_model)
-    model.requires_grad_(False)
-    pad = tokenizer.pad_token_id or 0
+    model, tokenizer, pad = _frozen_tiny(tiny_model)
     rows = list(normalise_rows(_flagged_rows(6), "rows", "alpaca"))
-    safe_rows = list(normalise_rows([{"instruction": f"How do I hurt someone {i}?",
-                                      "output": "I cannot help with that."} for i in range(4)],
-                                    "safe", "alpaca"))
+    safe_rows = _refused_rows()
     upper = _load("interference_probe").UpperLayers(model, 1)
-    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=4, target_modules=["q_proj",
-                                                                               "v_proj"]))
+    model = _tiny_lora(model)
     a = argparse.Namespace(lr=5e-2, batch_size=2, seed=0, pad=pad, max_length=64,
                            snapshots=[0, 2, 4])
     safe = upper.cache(probe.windowed(safe_rows, tokenizer, 64, 4), pad)
