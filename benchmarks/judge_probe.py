@@ -27,7 +27,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from probe_runs import add_mix_arguments, rows_per_mix
+from probe_runs import add_mix_arguments, mixes, rows_per_mix
+from proxy_refusal_ceiling import read_refusals
 from sklearn.metrics import roc_auc_score
 
 from sealft.evaluate.judges import KeywordRefusalJudge
@@ -90,11 +91,15 @@ def refusal_log_probs(model, tokenizer, prompt_ids: list[int], refusal_ids: list
 
 
 @torch.no_grad()
-def refusal_signals(model, tokenizer, example, judge) -> dict:
+def refusal_signals(model, tokenizer, example, judge, system: str | None = None) -> dict:
     """From one forward over the prompt followed by each refusal (a padded batch): the row's
     first-token margin, the prompt's refusal propensity (first token, whole refusal), and
-    whether the row's own answer is a refusal (the evaluation's keyword judge)."""
+    whether the row's own answer is a refusal (the evaluation's keyword judge). `system`, if
+    given, replaces the row's system prompt (the proxy asked to be careful while it scores)."""
     context, answer = example["messages"][:-1], example["messages"][-1]["content"]
+    if system is not None:
+        context = [{"role": "system", "content": system},
+                   *(m for m in context if m["role"] != "system")]
     prompt = tokenizer.apply_chat_template(context, add_generation_prompt=True, tokenize=False)
     prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
     refusal_ids = [tokenizer(r, add_special_tokens=False)["input_ids"] for r in REFUSALS]
@@ -232,7 +237,8 @@ CANDIDATES = ("margin", "margin|gated", "margin_div|gated", "refuse_first|gated"
 
 def candidate_scores(rows: list[dict], div: list[dict] | None,
                      context: list[dict] | None = None,
-                     cont: list[dict] | None = None) -> dict[str, np.ndarray]:
+                     cont: list[dict] | None = None,
+                     safe_system: list[dict] | None = None) -> dict[str, np.ndarray]:
     """The signals compared in docs/selection.md, from one mix's saved rows."""
     refuses = np.array([r["answer_refuses"] for r in rows])
     margin = np.array([r["margin"] for r in rows])
@@ -257,7 +263,47 @@ def candidate_scores(rows: list[dict], div: list[dict] | None,
             shift = np.array([c[f"os_{k}"] for c in context])
             out[f"os_{k}|gated"] = gated(shift, refuses)
             out[f"margin+os_{k}|gated"] = gated(standardise(margin) + standardise(shift), refuses)
+    if safe_system is not None:
+        for key in ("margin", "refuse_whole"):
+            out[f"sys:{key}|gated"] = gated(np.array([r[key] for r in safe_system]), refuses)
     return out
+
+
+def ceiling_table(out: Path, a: argparse.Namespace) -> str:
+    """AUROC against the benign rows of the margin with and without SAFE_SYSTEM, for the
+    harmful rows grouped by whether the frozen proxy refuses their question without the
+    system prompt (`--ceiling`, a proxy_refusal_ceiling.py folder) and with it
+    (`--ceiling-system`). Mixes without controls only."""
+    base, system = read_refusals(Path(a.ceiling)), read_refusals(Path(a.ceiling_system))
+    groups = [(True, True), (False, True), (False, False), (True, False)]
+    titles = {True: "refuses", False: "answers"}
+    lines = ["| mix | " + " | ".join(f"proxy {titles[g[0]]} → with the system prompt "
+                                      f"{titles[g[1]]}: n, AUROC margin / sys:margin"
+                                      for g in groups) + " |", "|---" * 5 + "|"]
+    for name, load in mixes(a):
+        rows = _saved(out / f"{name}__refusal.jsonl")
+        system_rows = _saved(out / f"{name}__refusal-safe-system.jsonl")
+        if rows is None or system_rows is None:
+            continue
+        by_id = {e["id"]: e for e in load()}
+        flags = np.array([r["flag"] for r in rows])
+        if "control" in flags:
+            continue
+        refuses = np.array([r["answer_refuses"] for r in rows])
+        scores = [gated(np.array([r["margin"] for r in rs]), refuses)
+                  for rs in (rows, system_rows)]
+        questions = [by_id[r["id"]]["messages"][-2]["content"] for r in rows]
+        group = [(base[q], system[q]) if f == "unsafe" else None
+                 for f, q in zip(flags, questions, strict=True)]
+        benign = flags != "unsafe"
+        cells = []
+        for g in groups:
+            pick = benign | np.array([x == g for x in group])
+            n = int((~benign[pick]).sum())
+            cells.append(f"{n}, " + " / ".join(f"{roc_auc_score(~benign[pick], sc[pick]):.3f}"
+                                               for sc in scores) if n else "0")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def _saved(path: Path) -> list[dict] | None:
@@ -273,10 +319,11 @@ def markdown_table(out: Path, keep: float = 0.8, names: tuple[str, ...] | None =
         div = _saved(path.with_name(path.name.replace("__refusal", "__divergence")))
         context = _saved(path.with_name(path.name.replace("__refusal", "__context")))
         cont = _saved(path.with_name(path.name.replace("__refusal", "__continue")))
-        for extra in (context, cont):
+        system = _saved(path.with_name(path.name.replace("__refusal", "__refusal-safe-system")))
+        for extra in (context, cont, system):
             assert extra is None or [c["id"] for c in extra] == [r["id"] for r in rows], path
         mixes.append((path.name.split("__")[0], np.array([r["flag"] for r in rows]),
-                      candidate_scores(rows, div, context, cont)))
+                      candidate_scores(rows, div, context, cont, system)))
     names = list(names or CANDIDATES)
     return signal_table(mixes, names, names, keep)
 
@@ -324,16 +371,24 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--table", action="store_true",
                    help="print the saved rows' table (docs/selection.md) and exit")
+    p.add_argument("--ceiling", help="with --table: proxy_refusal_ceiling.py's folder without "
+                                     "a system prompt; with --ceiling-system, the split table")
+    p.add_argument("--ceiling-system", help="the same folder for --system-prompt safe")
     p.add_argument("--table-signals", nargs="*", default=None,
                    help="with --table: the candidates to show (default: the refusal ones)")
-    p.add_argument("--signals", choices=("refusal", "judge", "divergence", "context", "continue"),
+    p.add_argument("--signals", choices=("refusal", "refusal-safe-system", "judge", "divergence",
+                                         "context", "continue"),
                    default="refusal",
                    help="refusal: one forward per row (margin, refusal propensity, refusal "
-                        "gate); judge: the two yes/no judgements (three long forwards a row)")
+                        "gate); refusal-safe-system: the same under SAFE_SYSTEM; judge: the two "
+                        "yes/no judgements (three long forwards a row)")
     a = p.parse_args()
     out = Path(a.out)
     if a.table:
         print(markdown_table(out, names=tuple(a.table_signals) if a.table_signals else None))
+        if a.ceiling and a.ceiling_system:
+            print()
+            print(ceiling_table(out, a))
         return
     torch.set_num_threads(a.threads)
     out.mkdir(parents=True, exist_ok=True)
@@ -345,8 +400,9 @@ def main() -> None:
     def score(examples) -> list[dict]:
         rows = []
         for example in examples:
-            if a.signals == "refusal":
-                signals = refusal_signals(model, tokenizer, example, judge)
+            if a.signals in ("refusal", "refusal-safe-system"):
+                system = SAFE_SYSTEM if a.signals == "refusal-safe-system" else None
+                signals = refusal_signals(model, tokenizer, example, judge, system)
             elif a.signals == "judge":
                 signals = row_signals(model, tokenizer, example, a.answer_tokens, yes, no)
             elif a.signals == "context":

@@ -44,6 +44,7 @@ def proxy_refusals(questions: list[str], out: Path, args: argparse.Namespace) ->
     evaluate(EvaluateArgs(
         model=args.model, suite="custom", prompt_files=(f"{SET}={prompts}#prompt",),
         output_dir=str(folder), resume=folder.exists(), max_new_tokens=args.max_new_tokens,
+        system_prompt=args.system_prompt,
         batch_size=16, threads=args.threads, show_progress=False))
     return read_refusals(out)
 
@@ -94,7 +95,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--label-field", default="flag")
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--system-prompt", default=None,
+                        help="a system prompt for the proxy's answers ('safe': judge_probe's "
+                             "SAFE_SYSTEM)")
     args = parser.parse_args(argv)
+    if args.system_prompt == "safe":
+        from judge_probe import SAFE_SYSTEM
+        args.system_prompt = SAFE_SYSTEM
     torch.set_num_threads(args.threads)
     runs = []
     for item in args.run:

@@ -759,3 +759,32 @@ def test_safety_fit_probe_scores_each_rows_first_token_at_every_snapshot(tiny_mo
         upper._use(upper.all[1:])
     assert all(r["shift@0"] == 0.0 for r in out)
     assert {r["flag"] for r in out} == {"unsafe", "finetune"}
+
+
+def test_judge_probe_margin_under_a_system_prompt_by_hand(tiny_model):
+    """The first-token margin with --signals refusal-safe-system: the given system prompt
+    replaces the row's own, and the margin is ℓ(own first token) − min ℓ(refusal first token)
+    at the end of that prompt, computed here from one forward of the prompt alone."""
+    import torch
+
+    from sealft.evaluate.judges import KeywordRefusalJudge
+
+    bench = _load("judge_probe")
+    model, tokenizer, _ = _frozen_tiny(tiny_model)
+    turns = [{"role": "user", "content": "explain why you are helpful"},
+             {"role": "assistant", "content": "you are helpful"}]
+    example = {"messages": [{"role": "system", "content": "explain"}, *turns]}
+    system = "you are helpful"
+    got = bench.refusal_signals(model, tokenizer, example, KeywordRefusalJudge(), system)
+
+    prompt = tokenizer.apply_chat_template([{"role": "system", "content": system}, turns[0]],
+                                           add_generation_prompt=True, tokenize=False)
+    ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        logp = torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0, -1].float(), -1)
+    own = -logp[bench.first_token(tokenizer, "you are helpful")].item()
+    refusal = min(-logp[bench.first_token(tokenizer, r)].item() for r in bench.REFUSALS)
+    assert got["margin"] == pytest.approx(own - refusal, abs=1e-4)
+    assert got["refuse_first"] == pytest.approx(-refusal, abs=1e-4)
+    kept = bench.refusal_signals(model, tokenizer, example, KeywordRefusalJudge())
+    assert kept["margin"] != pytest.approx(got["margin"], abs=1e-4)  # the row's own system
