@@ -422,3 +422,46 @@ def test_two_processes_score_like_one(tiny_model, tmp_path):
                                rtol=0)
     assert [r["kept"] for r in two] == [r["kept"] for r in one]
     assert json.loads((tmp_path / "two" / "summary.json").read_text())["processes"] == 2
+
+
+def test_nearness_is_the_nearest_lines_mean_cosine_to_the_k_nearest_safe_requests(tiny_model):
+    from sealft.data import normalise_rows
+    from sealft.embeddings import SentenceEncoder
+    from sealft.neighbours import SafeNeighbours
+
+    encoder = SentenceEncoder(tiny_model)  # any AutoModel, mean-pooled
+    safe = list(normalise_rows(toy_safe_rows(), "safe", "alpaca"))
+    near = SafeNeighbours.fit(safe, encoder, k=3)
+    rows = list(normalise_rows([
+        {"instruction": "explain why the sky is blue", "output": "ok"},
+        {"instruction": "Below is an instruction.\n\nhow do i hack a weapon", "output": "ok"}],
+        "data", "alpaca"))
+    got = near.score(rows)
+    requests = encoder.embed([s["messages"][-2]["content"] for s in safe])
+    for row, score in zip(rows, got, strict=True):
+        lines = [t for t in row["messages"][-2]["content"].split("\n") if t.strip()]
+        by_hand = max(float(torch.topk(encoder.embed([t])[0] @ requests.T, 3).values.mean())
+                      for t in lines)
+        assert float(score) == pytest.approx(by_hand, abs=1e-5)
+    assert len({round(float(s), 4) for s in got}) == 2
+
+
+def test_neighbour_weight_mixes_the_standardised_scores_and_rescores_alike(tiny_model,
+                                                                          tmp_path):
+    rows = toy_finetune_rows(16)
+    options = dict(keep_refusals=False, neighbour_encoder=tiny_model, neighbour_k=3)
+    _select(tiny_model, tmp_path, rows, name="signal", **options)
+    _select(tiny_model, tmp_path, rows, name="mixed", neighbour_weight=0.25, **options)
+    _select(tiny_model, tmp_path, rows, name="near", neighbour_weight=1.0, **options)
+    signal, mixed, near = (np.array([r["score"] for r in _scores(tmp_path / n / "scores.jsonl")])
+                           for n in ("signal", "mixed", "near"))
+    assert (tmp_path / "mixed" / "scorer" / "safe_requests.safetensors").is_file()
+    z = lambda x: (x - x.mean()) / x.std(ddof=1)  # noqa: E731  (sealft's spread: torch's std)
+    assert mixed == pytest.approx(0.75 * z(signal) + 0.25 * near, abs=1e-4)  # near is z(·)
+    assert near.mean() == pytest.approx(0.0, abs=1e-5) and not np.allclose(near, z(signal))
+    code = main(["score", "--selection", str(tmp_path / "mixed"), "--data",
+                 str(tmp_path / "mixed.jsonl"), "--output-dir", str(tmp_path / "again"),
+                 "--no-show-progress"])
+    assert code == 0
+    again = np.array([r["score"] for r in _scores(tmp_path / "again" / "scores.jsonl")])
+    assert again == pytest.approx(mixed, abs=1e-4)

@@ -13,12 +13,14 @@ import torch
 
 from sealft import bilevel
 from sealft.data import Example, ids_at
+from sealft.embeddings import SentenceEncoder
 from sealft.errors import ConfigError
 from sealft.models import (
     adapter_parameters,
     add_lora_adapters,
     load_model_and_tokenizer,
 )
+from sealft.neighbours import SafeNeighbours
 from sealft.refusal import is_refusal
 from sealft.runtime import (
     finish_logging,
@@ -41,6 +43,7 @@ from sealft.tokenize import (
 from sealft.train import LoopSettings, adapter_checkpoint, train_loop
 
 DIRECTION_FILE = "safe_direction.safetensors"
+NEIGHBOURS_FILE = "safe_requests.safetensors"
 """safe-gradient runs: ∇f(θ) of the fit's safe set, one tensor per θ parameter."""
 
 
@@ -142,6 +145,9 @@ def learn_selector(args, examples: list[Example], safe: list[Example], out: Path
         model.eval()
         scorer = Scorer(model, tokenizer, args)
         scoring_started = time.perf_counter()
+        if args.neighbour_weight:
+            scorer.neighbours = SafeNeighbours.fit(
+                safe, SentenceEncoder(args.neighbour_encoder), args.neighbour_k)
         if args.score_signal == "safe-gradient":
             safe_rows = len(safe_tok[0] if isinstance(safe_tok, tuple) else safe_tok)
             size = args.micro_batch_size
@@ -204,8 +210,14 @@ class Scorer:
     rows the run never saw (`sealft score`)."""
 
     def __init__(self, model, tokenizer, args, refusal_floor: float | None = None,
-                 direction: list[torch.Tensor] | None = None):
+                 direction: list[torch.Tensor] | None = None,
+                 neighbours: SafeNeighbours | None = None,
+                 standard: dict[str, list[float]] | None = None):
         self.model, self.tokenizer, self.args = model, tokenizer, args
+        # --neighbour-weight: the safe set's requests, and the mean and spread of the signal
+        # and of the nearness over the fitted rows (set by the fit's pass, reused as saved) so
+        # that rows scored later sit on the same scale.
+        self.neighbours, self.standard = neighbours, standard
         # The score given to rows whose answer is a refusal: set by the fit's pass (below its
         # lowest other row), reused as saved for rows scored later.
         self.refusal_floor = refusal_floor
@@ -320,7 +332,25 @@ class Scorer:
         bar.close()
         if world > 1:
             scores = accelerator.reduce(scores, reduction="sum")
-        return self.keep_refusals(scores.cpu(), usable)
+        return self.keep_refusals(self.add_nearness(scores.cpu(), usable), usable)
+
+    def add_nearness(self, scores: torch.Tensor, usable: list[Example]) -> torch.Tensor:
+        """(1 − w)·z(signal) + w·z(nearness to the safe set's requests), w = --neighbour-weight.
+        Standardised, because the two come in unrelated units; every process computes the
+        nearness of all rows (a small encoder), so none waits on another."""
+        weight = self.args.neighbour_weight
+        if not weight:
+            return scores
+        near = self.neighbours.score(usable).to(scores.dtype)
+        if self.standard is None:
+            self.standard = {"signal": [float(scores.mean()), float(_spread(scores))],
+                             "nearness": [float(near.mean()), float(_spread(near))]}
+
+        def z(values: torch.Tensor, key: str) -> torch.Tensor:
+            mean, spread = self.standard[key]
+            return (values - mean) / spread
+
+        return (1 - weight) * z(scores, "signal") + weight * z(near, "nearness")
 
     def keep_refusals(self, scores: torch.Tensor, usable: list[Example]) -> torch.Tensor:
         """Rows whose own answer refuses get the floor score. The signals read the prompt and
@@ -349,12 +379,15 @@ class Scorer:
             save_file({name: d.detach().cpu().contiguous() for name, d in
                        zip(_theta_names(self.model), self.direction, strict=True)}, str(tmp))
             tmp.replace(directory / DIRECTION_FILE)
+        if self.neighbours is not None:
+            self.neighbours.save(directory / NEIGHBOURS_FILE)
         args = self.args
         write_json(directory / SCORING_FILE, {
             "signal": args.score_signal, "tokens": args.score_tokens,
             "refusals": list(args.refusals), "mean": float(fitted.mean()),
             "spread": float(_spread(fitted)), "threshold": kept_threshold,
-            "keep_refusals": args.keep_refusals, "refusal_floor": self.refusal_floor})
+            "keep_refusals": args.keep_refusals, "refusal_floor": self.refusal_floor,
+            "neighbour_weight": args.neighbour_weight, "standard": self.standard})
 
 
 def load_scorer(run: Path, fitted, saved: dict, dtype: str | None = None,
@@ -371,7 +404,8 @@ def load_scorer(run: Path, fitted, saved: dict, dtype: str | None = None,
                                       adapter_name=bilevel.THETA).to(device)
     model.eval()
     # A run saved before refusal rows were kept scored them like any other row.
-    fitted = dataclasses.replace(fitted, keep_refusals=saved.get("keep_refusals", False))
+    fitted = dataclasses.replace(fitted, keep_refusals=saved.get("keep_refusals", False),
+                                 neighbour_weight=saved.get("neighbour_weight", 0.0))
     direction = None
     if fitted.score_signal == "safe-gradient":
         from safetensors.torch import load_file
@@ -382,7 +416,13 @@ def load_scorer(run: Path, fitted, saved: dict, dtype: str | None = None,
             raise ConfigError(f"--selection {run}: {SCORER_DIR}/{DIRECTION_FILE} does not "
                               f"match the saved adapter; rerun the selection")
         direction = [tensors[n] for n in names]
-    return Scorer(model, tokenizer, fitted, saved.get("refusal_floor"), direction)
+    neighbours = None
+    if fitted.neighbour_weight:
+        neighbours = SafeNeighbours.load(run / SCORER_DIR / NEIGHBOURS_FILE,
+                                         SentenceEncoder(fitted.neighbour_encoder),
+                                         fitted.neighbour_k)
+    return Scorer(model, tokenizer, fitted, saved.get("refusal_floor"), direction, neighbours,
+                  saved.get("standard"))
 
 
 def _theta_names(model) -> list[str]:

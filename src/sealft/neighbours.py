@@ -1,0 +1,67 @@
+"""How near each row's request lies to the safe set's harmful requests.
+
+The final pass reads the aligned proxy's own sense of what to refuse, and a small proxy answers
+many plainly harmful requests: the selector then cannot find those rows (docs/selection.md,
+"What the proxy itself refuses bounds the selector"). The safe set is itself a list of harmful
+requests, and a row whose request lies among them in a sentence encoder's space asks for the
+same kind of help, whether or not the proxy would refuse it. A request is scored line by line
+and counts by its nearest line, so that a prompt template wrapped around every row (Alpaca's
+"Below is an instruction that describes a task…") does not dilute the request inside it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from sealft.data import Example
+from sealft.embeddings import SentenceEncoder
+
+REQUESTS_KEY = "requests"
+
+
+def request_text(example: Example) -> str:
+    """What the row asks: its user turns before the answer."""
+    return "\n".join(m["content"] for m in example["messages"][:-1] if m["role"] == "user")
+
+
+class SafeNeighbours:
+    """The safe set's requests as unit vectors; `score` gives each row the mean cosine of its
+    nearest line to the `k` nearest of them."""
+
+    def __init__(self, requests: torch.Tensor, encoder: SentenceEncoder, k: int = 10):
+        self.requests, self.encoder = requests, encoder
+        self.k = min(k, len(requests))
+
+    @classmethod
+    def fit(cls, safe: list, encoder: SentenceEncoder, k: int = 10) -> SafeNeighbours:
+        """`safe`: the upper level's examples, or its (chosen, rejected) pairs."""
+        examples = [s[0] if isinstance(s, tuple) else s for s in safe]
+        return cls(encoder.embed([request_text(e) for e in examples]), encoder, k)
+
+    def score(self, examples: list[Example]) -> torch.Tensor:
+        lines = [[t for t in request_text(e).split("\n") if t.strip()] or [""]
+                 for e in examples]
+        flat = [t for group in lines for t in group]
+        if not flat:
+            return torch.zeros(0)
+        near = (self.encoder.embed(flat) @ self.requests.T).topk(self.k, dim=1).values.mean(1)
+        per_row, start = [], 0
+        for group in lines:
+            per_row.append(near[start:start + len(group)].max())
+            start += len(group)
+        return torch.stack(per_row)
+
+    def save(self, path: Path) -> None:
+        from safetensors.torch import save_file
+
+        tmp = path.with_name(path.name + ".tmp")
+        save_file({REQUESTS_KEY: self.requests.contiguous()}, str(tmp))
+        tmp.replace(path)
+
+    @classmethod
+    def load(cls, path: Path, encoder: SentenceEncoder, k: int = 10) -> SafeNeighbours:
+        from safetensors.torch import load_file
+
+        return cls(load_file(str(path))[REQUESTS_KEY], encoder, k)
