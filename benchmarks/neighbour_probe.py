@@ -30,6 +30,9 @@ safe-set request has cosine ≥ 0.8 (threshold fixed before the run), and how ma
 from __future__ import annotations
 
 import argparse
+import csv
+import json
+import random
 import sys
 from pathlib import Path
 
@@ -126,6 +129,59 @@ def table(out: Path, a: argparse.Namespace) -> str:
     return main + "\n\n" + "\n".join(head + copies)
 
 
+def prompt_sources(data: Path) -> dict[str, list[str]]:
+    """Harmful request sets of ../shared/data with no answers (the nearness reads only the
+    request), and XSTest's safe prompts that sound unsafe, by name."""
+    def lines(name: str) -> list[str]:
+        return [t.strip() for t in (data / name).read_text(encoding="utf-8").splitlines()
+                if t.strip()]
+
+    text = (data / "eval/xstest_prompts.csv").read_text(encoding="utf-8")
+    xstest = list(csv.DictReader(text.splitlines()))
+    sources = {
+        "AdvBench": lines("eval/advbench_harmful_behaviors.csv"),
+        "HarmBench": lines("eval/harmbench_prompts.txt"),
+        "XSTest unsafe": [r["prompt"] for r in xstest if r["label"] == "unsafe"]}
+    for path in sorted((data / "eval/donotanswer").glob("*.jsonl")):
+        sources[f"Do-Not-Answer {path.stem}"] = [r["prompt"] for r in read_jsonl(path)]
+    for path in sorted((data / "eval/safetyllamas").glob("*.json")):
+        name = path.stem.removeprefix("safetyllamas_")
+        sources[f"safety-tuned-llamas {name}"] = json.loads(path.read_text())["instructions"]
+    sources["XSTest safe (controls)"] = [r["prompt"] for r in xstest if r["label"] == "safe"]
+    return sources
+
+
+def sources_table(near: SafeNeighbours, data: Path, per_source: int = 300) -> str:
+    """AUROC of the nearness of each request set against 400 seeded benign instructions (200
+    Alpaca, 200 AlpacaEval) and against XSTest's safe prompts."""
+    def score(texts: list[str]) -> np.ndarray:
+        return near.score([{"messages": [{"role": "user", "content": t},
+                                         {"role": "assistant", "content": ""}]}
+                           for t in texts]).numpy()
+
+    rng = random.Random(0)
+    alpaca = [r["instruction"] + ("\n" + r["input"] if r.get("input") else "")
+              for r in json.loads((data / "benign/alpaca_en_demo.json").read_text())]
+    gpt4 = [r["instruction"] for r in
+            json.loads((data / "benign/alpaca_eval_gpt4_outputs.json").read_text())]
+    benign = score(rng.sample(alpaca, 200) + rng.sample(gpt4, 200))
+    sources = prompt_sources(data)
+    controls = score(sources["XSTest safe (controls)"])
+
+    def auroc(negatives: np.ndarray, positives: np.ndarray) -> float:
+        return roc_auc_score([0] * len(negatives) + [1] * len(positives),
+                             np.r_[negatives, positives])
+
+    lines = ["| request set | n | AUROC against benign instructions | against XSTest safe "
+             "prompts |", "|---|---|---|---|"]
+    for name, texts in sources.items():
+        scores = score(texts[:per_source])
+        lines.append(f"| {name} | {len(scores)} | {auroc(benign, scores):.3f} | "
+                     + ("–" if name.startswith("XSTest safe") else f"{auroc(controls, scores):.3f}")
+                     + " |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_mix_arguments(p)
@@ -135,6 +191,10 @@ def main() -> None:
     p.add_argument("--keep", type=float, default=0.8)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--table", action="store_true", help="print the saved rows' tables and exit")
+    p.add_argument("--sources", action="store_true",
+                   help="the nearness of request sets without answers (AdvBench, HarmBench, "
+                        "Do-Not-Answer, ...) against benign instructions, then exit")
+    p.add_argument("--data", default="../shared/data")
     a = p.parse_args()
     out = Path(a.out)
     if a.table:
@@ -144,6 +204,9 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     near = SafeNeighbours.fit(load_examples(a.safe_data, "safe", "auto", None, False),
                               SentenceEncoder(), k=10)
+    if a.sources:
+        print(sources_table(near, Path(a.data)))
+        return
     rows_per_mix(out, a, lambda examples: neighbour_rows(near, examples), suffix="__neighbours")
     print(table(out, a))
 

@@ -449,13 +449,17 @@ def test_nearness_is_the_nearest_lines_mean_cosine_to_the_k_nearest_safe_request
 def test_neighbour_weight_mixes_the_standardised_scores_and_rescores_alike(tiny_model,
                                                                           tmp_path):
     rows = toy_finetune_rows(16)
-    options = dict(keep_refusals=False, neighbour_encoder=tiny_model, neighbour_k=3)
+    options = dict(keep_refusals=False, neighbour_encoder=tiny_model, neighbour_k=3,
+                   safe_sample=4)
     _select(tiny_model, tmp_path, rows, name="signal", **options)
     _select(tiny_model, tmp_path, rows, name="mixed", neighbour_weight=0.25, **options)
     _select(tiny_model, tmp_path, rows, name="near", neighbour_weight=1.0, **options)
     signal, mixed, near = (np.array([r["score"] for r in _scores(tmp_path / n / "scores.jsonl")])
                            for n in ("signal", "mixed", "near"))
-    assert (tmp_path / "mixed" / "scorer" / "safe_requests.safetensors").is_file()
+    from safetensors.torch import load_file
+
+    saved = load_file(str(tmp_path / "mixed" / "scorer" / "safe_requests.safetensors"))
+    assert len(saved["requests"]) == len(toy_safe_rows())  # every request, not the 4 sampled
     z = lambda x: (x - x.mean()) / x.std(ddof=1)  # noqa: E731  (sealft's spread: torch's std)
     assert mixed == pytest.approx(0.75 * z(signal) + 0.25 * near, abs=1e-4)  # near is z(·)
     assert near.mean() == pytest.approx(0.0, abs=1e-5) and not np.allclose(near, z(signal))

@@ -91,8 +91,11 @@ def bilevel_parts(model, rows: int, args, sync=None) -> bilevel.BilevelParts:
     )
 
 
-def learn_selector(args, examples: list[Example], safe: list[Example], out: Path):
-    """Returns (logits, weights, skipped, summary extras), one score per input row."""
+def learn_selector(args, examples: list[Example], safe: list[Example], out: Path,
+                   every_safe: list | None = None):
+    """Returns (logits, weights, skipped, summary extras), one score per input row.
+    `every_safe`: the upper-level data before --safe-sample, whose requests the nearness
+    reads (default: `safe`)."""
     torch.manual_seed(args.seed)
     accelerator = make_accelerator(out)
     require_data_parallel(accelerator)
@@ -146,8 +149,10 @@ def learn_selector(args, examples: list[Example], safe: list[Example], out: Path
         scorer = Scorer(model, tokenizer, args)
         scoring_started = time.perf_counter()
         if args.neighbour_weight:
+            # All of the safe set's requests, whatever --safe-sample: --safe-sample bounds the
+            # bilevel fit's cost, and the encoder reads thousands of requests in seconds.
             scorer.neighbours = SafeNeighbours.fit(
-                safe, SentenceEncoder(args.neighbour_encoder), args.neighbour_k)
+                every_safe or safe, SentenceEncoder(args.neighbour_encoder), args.neighbour_k)
         if args.score_signal == "safe-gradient":
             safe_rows = len(safe_tok[0] if isinstance(safe_tok, tuple) else safe_tok)
             size = args.micro_batch_size

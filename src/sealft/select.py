@@ -36,19 +36,24 @@ __all__ = ["METHODS", "SelectArgs", "auroc", "label_report", "load_inputs", "run
 
 def load_inputs(args: SelectArgs) -> tuple[list[Example], list]:
     """Fine-tuning examples, and the upper-level data: examples, or (chosen, rejected) pairs
-    when the safe data has both fields."""
+    when the safe data has both fields (a seeded sample of --safe-sample of them)."""
+    return load_finetune(args), sample_rows(load_safe(args), args.safe_sample, args.seed)
+
+
+def load_finetune(args: SelectArgs) -> list[Example]:
     examples = load_examples(args.finetune_data, args.split, args.format, args.limit,
                              args.drop_duplicates)
-    examples = sample_rows(examples, args.sample, args.seed)
-    safe: list = []
-    if args.safe_data:
-        rows = read_rows(args.safe_data, args.split)  # read once, then pick the objective
-        if is_preference_data(rows):
-            safe = pairs_from_rows(rows, args.safe_data)
-        else:
-            safe = normalise(rows, args.safe_data, args.safe_format, drop_duplicates=True)
-        safe = sample_rows(safe, args.safe_sample, args.seed)
-    return examples, safe
+    return sample_rows(examples, args.sample, args.seed)
+
+
+def load_safe(args: SelectArgs) -> list:
+    """Every row of the upper-level data (none without --safe-data)."""
+    if not args.safe_data:
+        return []
+    rows = read_rows(args.safe_data, args.split)  # read once, then pick the objective
+    if is_preference_data(rows):
+        return pairs_from_rows(rows, args.safe_data)
+    return normalise(rows, args.safe_data, args.safe_format, drop_duplicates=True)
 
 
 def run_select(args: SelectArgs) -> dict:
@@ -59,13 +64,14 @@ def run_select(args: SelectArgs) -> dict:
     if is_main:
         cfg.start_run(args, "select")
     process_state().wait_for_everyone()
-    examples, safe = load_inputs(args)
+    examples, every_safe = load_finetune(args), load_safe(args)
+    safe = sample_rows(every_safe, args.safe_sample, args.seed)
     cfg.check_resume_data(out, {"finetune_data": examples, "safe_data": safe}, args.resume)
     keep_count_for(len(examples), args.keep_ratio, args.keep_count)  # fail before any training
     if args.method == "seal":
         from sealft.seal import learn_selector
 
-        logits, weights, skipped, extra = learn_selector(args, examples, safe, out)
+        logits, weights, skipped, extra = learn_selector(args, examples, safe, out, every_safe)
     else:
         from sealft.baselines import score_baseline
 

@@ -66,9 +66,10 @@ class SelectArgs(cfg.RunOptions):
     its prompt."""
     neighbour_weight: float = 0.0
     """final-pass: weight in [0, 1] of the rows' nearness to the safe set's requests (mean
-    cosine of a request's nearest line to its --neighbour-k nearest safe requests, sentence
-    embeddings; sealft.neighbours) against --score-signal, each standardised over the fitted
-    rows: 0 = the signal alone. Finds harmful requests the proxy itself would answer."""
+    cosine of a request's nearest line to its --neighbour-k nearest requests of all of
+    --safe-data, whatever --safe-sample; sentence embeddings; sealft.neighbours) against
+    --score-signal, each standardised over the fitted rows: 0 = the signal alone. Finds
+    harmful requests the proxy itself would answer; docs/selection.md has the measurements."""
     neighbour_k: int = 10
     """Safe-set requests that count as a row's neighbours (--neighbour-weight)."""
     neighbour_encoder: str = "sentence-transformers/all-MiniLM-L6-v2"
