@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from probe_runs import add_mix_arguments, mixes, rows_per_mix
-from proxy_refusal_ceiling import read_refusals
+from proxy_refusal_ceiling import group_auroc, read_refusals
 from sklearn.metrics import roc_auc_score
 
 from sealft.evaluate.judges import KeywordRefusalJudge
@@ -298,10 +298,9 @@ def ceiling_table(out: Path, a: argparse.Namespace) -> str:
         benign = flags != "unsafe"
         cells = []
         for g in groups:
-            pick = benign | np.array([x == g for x in group])
-            n = int((~benign[pick]).sum())
-            cells.append(f"{n}, " + " / ".join(f"{roc_auc_score(~benign[pick], sc[pick]):.3f}"
-                                               for sc in scores) if n else "0")
+            parts = [group_auroc(benign, group, g, sc) for sc in scores]
+            cells.append(f"{parts[0][0]}, " + " / ".join(f"{auroc:.3f}" for _, auroc in parts)
+                         if parts[0][0] else "0")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -50,9 +50,11 @@ from sealft.refusal import is_refusal
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from judge_probe import gated, signal_table  # noqa: E402
 from probe_runs import add_mix_arguments, mixes, rows_per_mix  # noqa: E402
+from proxy_refusal_ceiling import group_auroc, read_refusals  # noqa: E402
 
 SAFE = "../shared/data/safe/safetyllamas_safety_only.json"
 KS = (1, 10, 50)
+CEILING_SIGNALS = ("margin|gated", "seg_knn_10|gated", "w=0.5|gated")
 WEIGHTS = (0.25, 0.5, 0.75)  # 0.5 the primary (equal weight), fixed before the margins came in
 NEAR_COPY = 0.8
 
@@ -108,9 +110,23 @@ def near_copy_line(name: str, rows: list[dict], scores: dict[str, np.ndarray]) -
             f"{roc_auc_score(harmful, scores['knn_10|gated']):.3f} | {auroc:.3f} |")
 
 
+def ceiling_line(name: str, rows: list[dict], scores: dict[str, np.ndarray],
+                 questions: dict[str, str], refused: dict[str, bool]) -> str:
+    """AUROC against the benign rows of margin, nearness and their w = 0.5 mix, for the
+    harmful rows whose question the frozen proxy refuses and for those it answers."""
+    benign = np.array([r["flag"] != "unsafe" for r in rows])
+    group = [None if b else refused[questions[r["id"]]] for b, r in zip(benign, rows, strict=True)]
+    cells = []
+    for value in (True, False):
+        parts = [group_auroc(benign, group, value, scores[s]) for s in CEILING_SIGNALS]
+        cells.append(f"{parts[0][0]}: " + " / ".join(f"{auroc:.3f}" for _, auroc in parts))
+    return f"| {name} | " + " | ".join(cells) + " |"
+
+
 def table(out: Path, a: argparse.Namespace) -> str:
-    mixes_scored, copies = [], []
-    for name, _ in mixes(a):
+    mixes_scored, copies, ceiling = [], [], []
+    refused = read_refusals(Path(a.ceiling)) if a.ceiling else None
+    for name, load in mixes(a):
         path = out / f"{name}__neighbours.jsonl"
         if not path.exists():
             continue
@@ -120,13 +136,22 @@ def table(out: Path, a: argparse.Namespace) -> str:
         scores = scores_of(rows, margins)
         mixes_scored.append((name, np.array([r["flag"] for r in rows]), scores))
         copies.append(near_copy_line(name, rows, scores))
+        if refused is not None and margins is not None and "control" not in mixes_scored[-1][1]:
+            questions = {e["id"]: e["messages"][-2]["content"] for e in load()}
+            ceiling.append(ceiling_line(name, rows, scores, questions, refused))
     names = ([f"knn_{k}|gated" for k in KS] + ["seg_knn_10|gated", "margin|gated",
                                                  "rank mean margin, knn_10|gated"]
              + [f"w={w}|gated" for w in WEIGHTS])
     main = signal_table(mixes_scored, names, [n.replace("|", "\\|") for n in names], a.keep)
     head = ["| mix | harmful rows with a near-copy in the safe set (cosine ≥ 0.8) | "
             "AUROC knn_10 | AUROC knn_10 without them |", "|---|---|---|---|"]
-    return main + "\n\n" + "\n".join(head + copies)
+    text = main + "\n\n" + "\n".join(head + copies)
+    if ceiling:
+        what = " / ".join(s.removesuffix("|gated") for s in CEILING_SIGNALS)
+        text += "\n\n" + "\n".join([
+            f"| mix | harmful rows the proxy refuses: n: AUROC {what} | harmful rows it "
+            f"answers: n: AUROC {what} |", "|---|---|---|", *ceiling])
+    return text
 
 
 def prompt_sources(data: Path) -> dict[str, list[str]]:
@@ -188,6 +213,8 @@ def main() -> None:
     p.add_argument("--out", default="runs/neighbour_probe")
     p.add_argument("--safe-data", default=SAFE)
     p.add_argument("--margins", help="with --table: a judge_probe.py --signals refusal folder")
+    p.add_argument("--ceiling", help="with --table and --margins: a proxy_refusal_ceiling.py "
+                                     "folder, to split the harmful rows by the proxy's answer")
     p.add_argument("--keep", type=float, default=0.8)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--table", action="store_true", help="print the saved rows' tables and exit")

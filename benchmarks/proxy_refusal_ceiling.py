@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from sklearn.metrics import roc_auc_score
 
@@ -54,6 +55,16 @@ def read_refusals(out: Path) -> dict[str, bool]:
     questions = [r["prompt"] for r in read_jsonl(out / "questions.jsonl")]
     judged = {r["id"]: r["refusal"] for r in read_jsonl(out / "eval" / "judgments.jsonl")}
     return {q: judged[f"{SET}:{i}"] for i, q in enumerate(questions)}
+
+
+def group_auroc(benign: np.ndarray, group: list, value: Any,
+                score: np.ndarray) -> tuple[int, float | None]:
+    """How many harmful rows have `group` equal to `value` (benign rows: None), and the AUROC
+    of `score` for those rows against the benign ones (None when there are none)."""
+    harmful = np.array([g is not None and g == value for g in group])
+    n = int(harmful.sum())
+    pick = benign | harmful
+    return n, (roc_auc_score(harmful[pick], score[pick]) if n else None)
 
 
 def split_run(select_dir: Path, examples, refused: dict[str, bool],

@@ -34,7 +34,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from sklearn.metrics import roc_auc_score
 
 from sealft.io import read_jsonl
 from sealft.refusal import is_refusal
@@ -53,7 +52,7 @@ from interference_probe import (  # noqa: E402  (the upper-layer LoRA set-up of 
 )
 from judge_probe import REFUSALS, first_token, gated, signal_table  # noqa: E402
 from probe_runs import rows_per_mix  # noqa: E402
-from proxy_refusal_ceiling import read_refusals  # noqa: E402
+from proxy_refusal_ceiling import group_auroc, read_refusals  # noqa: E402
 
 
 def fit_snapshots(model, safe, a) -> dict[int, dict[str, torch.Tensor]]:
@@ -156,10 +155,8 @@ def ceiling_table(out: Path, ceiling: Path) -> str:
         benign = flags != "unsafe"
         cells = []
         for name in names:
-            parts = []
-            for want in (True, False):
-                pick = benign | (group == want)  # noqa: E712 (an object array)
-                parts.append(roc_auc_score(~benign[pick], scores[name][pick]))
+            parts = [group_auroc(benign, list(group), want, scores[name])[1]
+                     for want in (True, False)]
             cells.append(f"{parts[0]:.3f} / {parts[1]:.3f}")
         lines.append(f"| {path.stem} | " + " | ".join(cells) + " |")
     header = ["| mix | " + " | ".join(n.replace("|", "\\|") for n in names) + " |",
