@@ -138,7 +138,8 @@ def table(out: Path, a: argparse.Namespace) -> str:
         copies.append(near_copy_line(name, rows, scores))
         if refused is not None and margins is not None and "control" not in mixes_scored[-1][1]:
             questions = {e["id"]: e["messages"][-2]["content"] for e in load()}
-            ceiling.append(ceiling_line(name, rows, scores, questions, refused))
+            if all(questions[r["id"]] in refused for r in rows if r["flag"] == "unsafe"):
+                ceiling.append(ceiling_line(name, rows, scores, questions, refused))
     names = ([f"knn_{k}|gated" for k in KS] + ["seg_knn_10|gated", "margin|gated",
                                                  "rank mean margin, knn_10|gated"]
              + [f"w={w}|gated" for w in WEIGHTS])
