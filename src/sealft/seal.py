@@ -43,8 +43,9 @@ from sealft.tokenize import (
 from sealft.train import LoopSettings, adapter_checkpoint, train_loop
 
 DIRECTION_FILE = "safe_direction.safetensors"
-NEIGHBOURS_FILE = "safe_requests.safetensors"
 """safe-gradient runs: ∇f(θ) of the fit's safe set, one tensor per θ parameter."""
+NEIGHBOURS_FILE = "safe_requests.safetensors"
+"""--neighbour-weight runs: the safe set's requests, embedded (sealft.neighbours)."""
 
 
 def fit_subset(tokenized: Tokenized, sample: int | None, seed: int) -> Tokenized:
