@@ -103,6 +103,11 @@ CASES = [
     # --- options ----------------------------------------------------------------------------
     ("keep ratio zero", {}, select("keep_ratio=0"), "--keep-ratio: must be in (0, 1]"),
     ("keep ratio above one", {}, select("--keep-ratio", "1.2"), "--keep-ratio: must be in"),
+    ("neighbour weight above one", {}, select("--neighbour-weight", "1.5"),
+     "--neighbour-weight: must be in [0, 1]"),
+    ("neighbour weight with visits scoring", {},
+     select("--neighbour-weight", "0.5", "--scoring", "visits"),
+     "--neighbour-weight: adds to the final pass"),
     ("keep count larger than the data", {}, select("--keep-count", "1000"), "--keep-count 1000"),
     ("unknown method", {}, select("--method", "magic"), "--method: use one of"),
     ("unknown algorithm", {}, select("--algorithm", "alg3"), "--algorithm: use"),
