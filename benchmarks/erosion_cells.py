@@ -75,8 +75,13 @@ def _trained_rows(folder: Path) -> list[dict]:
 
 
 def read_step(folder: Path, epochs: int, batch_size: int) -> int:
-    """The fine-tuning step at which a run has seen its rows `epochs` times."""
-    return epochs * math.ceil(len(_trained_rows(folder)) / batch_size)
+    """The fine-tuning step at which a run has seen its rows `epochs` times: the rows it could
+    use (its fine-tuning summary's count; rows whose prompt exceeds max_length never train)."""
+    summary = folder / "finetune" / "summary.json"
+    usable = (json.loads(summary.read_text(encoding="utf-8")).get("usable")
+              if summary.exists() else None)
+    rows = len(_trained_rows(folder)) if usable is None else usable
+    return epochs * math.ceil(rows / batch_size)
 
 
 def _overrefusal(evaluation: Path) -> float | None:

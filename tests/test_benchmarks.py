@@ -788,3 +788,14 @@ def test_judge_probe_margin_under_a_system_prompt_by_hand(tiny_model):
     assert got["refuse_first"] == pytest.approx(-refusal, abs=1e-4)
     kept = bench.refusal_signals(model, tokenizer, example, KeywordRefusalJudge())
     assert kept["margin"] != pytest.approx(got["margin"], abs=1e-4)  # the row's own system
+
+
+def test_erosion_cells_read_the_step_from_the_rows_that_trained(tmp_path):
+    """Rows whose prompt exceeds max_length never train: 10 rows with 2 skipped take 2 steps
+    of 4 an epoch, not 3."""
+    bench = _load("erosion_cells")
+    (tmp_path / "train_kept.json").write_text(json.dumps([{"i": i} for i in range(10)]))
+    assert bench.read_step(tmp_path, 2, 4) == 6  # no fine-tuning summary yet: every row
+    (tmp_path / "finetune").mkdir()
+    (tmp_path / "finetune" / "summary.json").write_text(json.dumps({"rows": 10, "usable": 8}))
+    assert bench.read_step(tmp_path, 2, 4) == 4
