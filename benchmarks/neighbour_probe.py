@@ -38,19 +38,19 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from scipy.stats import rankdata
 from sklearn.metrics import roc_auc_score
 
 from sealft.data import load_examples
 from sealft.embeddings import SentenceEncoder
 from sealft.io import read_jsonl
-from sealft.neighbours import SafeNeighbours, request_text
+from sealft.neighbours import SafeNeighbours, mix, request_text
 from sealft.refusal import is_refusal
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from judge_probe import gated, signal_table  # noqa: E402
 from probe_runs import add_mix_arguments, mixes, rows_per_mix  # noqa: E402
 from proxy_refusal_ceiling import group_auroc, read_refusals  # noqa: E402
+from rank_ensemble import rank_average  # noqa: E402
 
 SAFE = "../shared/data/safe/safetyllamas_safety_only.json"
 KS = (1, 10, 50)
@@ -72,17 +72,6 @@ def neighbour_rows(near: SafeNeighbours, examples) -> list[dict]:
     return rows
 
 
-def rank_mean(*scores: np.ndarray) -> np.ndarray:
-    return np.mean([rankdata(s) for s in scores], axis=0)
-
-
-def weighted(margin: np.ndarray, near: np.ndarray, weight: float) -> np.ndarray:
-    """The product's --neighbour-weight: (1 − w)·z(margin) + w·z(nearness) over the mix."""
-    def z(x: np.ndarray) -> np.ndarray:
-        return (x - x.mean()) / x.std(ddof=1)
-    return (1 - weight) * z(margin) + weight * z(near)
-
-
 def scores_of(rows: list[dict], margins: list[dict] | None) -> dict[str, np.ndarray]:
     refuses = np.array([r["answer_refuses"] for r in rows])
     out = {f"{name}|gated": gated(np.array([r[name] for r in rows]), refuses)
@@ -93,9 +82,10 @@ def scores_of(rows: list[dict], margins: list[dict] | None) -> dict[str, np.ndar
         out["margin|gated"] = gated(margin, refuses)
         seg = np.array([r["seg_knn_10"] for r in rows])
         out["rank mean margin, knn_10|gated"] = gated(
-            rank_mean(margin, np.array([r["knn_10"] for r in rows])), refuses)
-        for weight in WEIGHTS:
-            out[f"w={weight}|gated"] = gated(weighted(margin, seg, weight), refuses)
+            rank_average(margin, np.array([r["knn_10"] for r in rows])), refuses)
+        for weight in WEIGHTS:  # the product's --neighbour-weight, standardised over the mix
+            mixed, _ = mix(torch.tensor(margin), torch.tensor(seg), weight)
+            out[f"w={weight}|gated"] = gated(mixed.numpy(), refuses)
     return out
 
 

@@ -19,6 +19,8 @@ from sealft.data import Example
 from sealft.embeddings import SentenceEncoder
 
 REQUESTS_KEY = "requests"
+Standard = dict[str, list[float]]
+"""Mean and spread of the signal and of the nearness: {"signal": [m, s], "nearness": [m, s]}."""
 
 
 def request_text(example: Example) -> str:
@@ -65,3 +67,20 @@ class SafeNeighbours:
         from safetensors.torch import load_file
 
         return cls(load_file(str(path))[REQUESTS_KEY], encoder, k)
+
+
+def mix(signal: torch.Tensor, nearness: torch.Tensor, weight: float,
+        standard: Standard | None = None) -> tuple[torch.Tensor, Standard]:
+    """(1 − w)·z(signal) + w·z(nearness), and the standard it used: `standard` (the fitted
+    rows', for rows scored later) or, by default, the inputs' own. Standardised, because the
+    two come in unrelated units."""
+    if standard is None:
+        standard = {name: [float(x.mean()),
+                           float(x.std().clamp(min=1e-8)) if len(x) > 1 else 1.0]
+                    for name, x in (("signal", signal), ("nearness", nearness))}
+
+    def z(values: torch.Tensor, key: str) -> torch.Tensor:
+        mean, spread = standard[key]
+        return (values - mean) / spread
+
+    return (1 - weight) * z(signal, "signal") + weight * z(nearness, "nearness"), standard

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sealft import bilevel
+from sealft import bilevel, neighbours
 from sealft.data import Example, ids_at
 from sealft.embeddings import SentenceEncoder
 from sealft.errors import ConfigError
@@ -218,7 +218,7 @@ class Scorer:
     def __init__(self, model, tokenizer, args, refusal_floor: float | None = None,
                  direction: list[torch.Tensor] | None = None,
                  neighbours: SafeNeighbours | None = None,
-                 standard: dict[str, list[float]] | None = None):
+                 standard: neighbours.Standard | None = None):
         self.model, self.tokenizer, self.args = model, tokenizer, args
         # --neighbour-weight: the safe set's requests, and the mean and spread of the signal
         # and of the nearness over the fitted rows (set by the fit's pass, reused as saved) so
@@ -341,22 +341,15 @@ class Scorer:
         return self.keep_refusals(self.add_nearness(scores.cpu(), usable), usable)
 
     def add_nearness(self, scores: torch.Tensor, usable: list[Example]) -> torch.Tensor:
-        """(1 − w)·z(signal) + w·z(nearness to the safe set's requests), w = --neighbour-weight.
-        Standardised, because the two come in unrelated units; every process computes the
-        nearness of all rows (a small encoder), so none waits on another."""
+        """The signal mixed with the rows' nearness to the safe set's requests
+        (`neighbours.mix`, w = --neighbour-weight); every process computes the nearness of all
+        rows (a small encoder), so none waits on another."""
         weight = self.args.neighbour_weight
         if not weight:
             return scores
         near = self.neighbours.score(usable).to(scores.dtype)
-        if self.standard is None:
-            self.standard = {"signal": [float(scores.mean()), float(_spread(scores))],
-                             "nearness": [float(near.mean()), float(_spread(near))]}
-
-        def z(values: torch.Tensor, key: str) -> torch.Tensor:
-            mean, spread = self.standard[key]
-            return (values - mean) / spread
-
-        return (1 - weight) * z(scores, "signal") + weight * z(near, "nearness")
+        mixed, self.standard = neighbours.mix(scores, near, weight, self.standard)
+        return mixed
 
     def keep_refusals(self, scores: torch.Tensor, usable: list[Example]) -> torch.Tensor:
         """Rows whose own answer refuses get the floor score. The signals read the prompt and
