@@ -17,6 +17,11 @@ SST-2's Alpaca wrapper around every request put the harmful rows *below* the ben
 the request split into its non-empty lines, each line scored by knn_10, the row by its
 highest line, so that a wrapper shared by every row no longer dilutes the request inside it.
 
+`ans_seg` / `ans_mean` (sixteenth session, pre-registered before they were computed): the
+answer read the same way, its highest line and its mean over lines, and `req+ans`, the equal
+standardised mix of `seg_knn_10` and `ans_seg`: would a benign answer to a prompt that only
+sounds dangerous stay far from the harm the safe set asks for? (It did not: docs/selection.md.)
+
 A harmful row whose request is a near-copy of a safe-set request is found by lookup, not by
 similarity of meaning; `--table` also reports AUROC without the harmful rows whose nearest
 safe-set request has cosine ≥ 0.8 (threshold fixed before the run), and how many there are.
@@ -57,25 +62,61 @@ KS = (1, 10, 50)
 CEILING_SIGNALS = ("margin|gated", "seg_knn_10|gated", "w=0.5|gated")
 WEIGHTS = (0.25, 0.5, 0.75)  # 0.5 the primary (equal weight), fixed before the margins came in
 NEAR_COPY = 0.8
+ANSWER = ["ans_seg", "ans_mean"]  # the answer's nearness, pre-registered 2026-12-02 11:16 UTC
 
 
-def neighbour_rows(near: SafeNeighbours, examples) -> list[dict]:
+def neighbour_rows(near: SafeNeighbours, examples,
+                   safe_answers: torch.Tensor | None = None) -> list[dict]:
     texts = [request_text(e) for e in examples]
     nearest = (near.encoder.embed(texts) @ near.requests.T).topk(max(KS), dim=1).values
     by_line = near.score(examples)  # the product's nearness (line by line, k = 10)
+    answer_max, answer_mean = answer_nearness(near, examples)
     rows = []
-    for e, whole, seg in zip(examples, nearest, by_line, strict=True):
+    for e, whole, seg, a_max, a_mean in zip(examples, nearest, by_line, answer_max, answer_mean,
+                                            strict=True):
         rows.append({"id": e["id"], "flag": e["meta"].get("flag"),
                      "answer_refuses": is_refusal(e["messages"][-1]["content"]),
                      **{f"knn_{k}": float(whole[:k].mean()) for k in KS},
-                     "seg_knn_10": float(seg)})
+                     "seg_knn_10": float(seg), "ans_seg": a_max, "ans_mean": a_mean})
+    if safe_answers is not None:
+        answers = near.encoder.embed([e["messages"][-1]["content"] for e in examples])
+        like_safe = (answers @ safe_answers.T).topk(near.k, dim=1).values.mean(1)
+        for row, value in zip(rows, like_safe, strict=True):
+            row["ans_safe"] = float(value)
     return rows
+
+
+def answer_nearness(near: SafeNeighbours, examples) -> tuple[list[float], list[float]]:
+    """The answer read as the request is: each non-empty line's knn_10 to the safe set's
+    requests; per row the highest line and the mean over lines. A benign answer to a prompt
+    that only sounds dangerous should not talk about the harm the safe set asks for."""
+    lines = [[t for t in e["messages"][-1]["content"].split("\n") if t.strip()] or [""]
+             for e in examples]
+    flat = [t for group in lines for t in group]
+    near_line = (near.encoder.embed(flat) @ near.requests.T).topk(near.k, dim=1).values.mean(1)
+    highest, mean, start = [], [], 0
+    for group in lines:
+        part = near_line[start:start + len(group)]
+        highest.append(float(part.max()))
+        mean.append(float(part.mean()))
+        start += len(group)
+    return highest, mean
 
 
 def scores_of(rows: list[dict], margins: list[dict] | None) -> dict[str, np.ndarray]:
     refuses = np.array([r["answer_refuses"] for r in rows])
     out = {f"{name}|gated": gated(np.array([r[name] for r in rows]), refuses)
-           for name in [f"knn_{k}" for k in KS] + ["seg_knn_10"]}
+           for name in [f"knn_{k}" for k in KS] + ["seg_knn_10"] + ANSWER
+           if name in rows[0]}
+    if "ans_seg" in rows[0]:
+        both, _ = mix(torch.tensor([r["seg_knn_10"] for r in rows]),
+                      torch.tensor([r["ans_seg"] for r in rows]), 0.5)
+        out["req+ans|gated"] = gated(both.numpy(), refuses)
+    if "ans_safe" in rows[0]:
+        unlike_safe, _ = mix(torch.tensor([r["seg_knn_10"] for r in rows]),
+                             -torch.tensor([r["ans_safe"] for r in rows]), 0.5)
+        out["req-ans_safe|gated"] = gated(unlike_safe.numpy(), refuses)
+        out["-ans_safe|gated"] = gated(-np.array([r["ans_safe"] for r in rows]), refuses)
     if margins is not None:
         by_id = {m["id"]: m["margin"] for m in margins}
         margin = np.array([by_id[r["id"]] for r in rows])
@@ -130,9 +171,12 @@ def table(out: Path, a: argparse.Namespace) -> str:
             questions = {e["id"]: e["messages"][-2]["content"] for e in load()}
             if all(questions[r["id"]] in refused for r in rows if r["flag"] == "unsafe"):
                 ceiling.append(ceiling_line(name, rows, scores, questions, refused))
-    names = ([f"knn_{k}|gated" for k in KS] + ["seg_knn_10|gated", "margin|gated",
-                                                 "rank mean margin, knn_10|gated"]
-             + [f"w={w}|gated" for w in WEIGHTS])
+    names = [n for n in ([f"knn_{k}|gated" for k in KS]
+                         + ["seg_knn_10|gated", "ans_seg|gated", "ans_mean|gated",
+                            "req+ans|gated", "-ans_safe|gated", "req-ans_safe|gated",
+                            "margin|gated", "rank mean margin, knn_10|gated"]
+                         + [f"w={w}|gated" for w in WEIGHTS])
+             if n in mixes_scored[0][2]]
     main = signal_table(mixes_scored, names, [n.replace("|", "\\|") for n in names], a.keep)
     head = ["| mix | harmful rows with a near-copy in the safe set (cosine ≥ 0.8) | "
             "AUROC knn_10 | AUROC knn_10 without them |", "|---|---|---|---|"]
@@ -220,12 +264,14 @@ def main() -> None:
         return
     torch.set_num_threads(a.threads)
     out.mkdir(parents=True, exist_ok=True)
-    near = SafeNeighbours.fit(load_examples(a.safe_data, "safe", "auto", None, False),
-                              SentenceEncoder(), k=10)
+    safe = load_examples(a.safe_data, "safe", "auto", None, False)
+    near = SafeNeighbours.fit(safe, SentenceEncoder(), k=10)
     if a.sources:
         print(sources_table(near, Path(a.data)))
         return
-    rows_per_mix(out, a, lambda examples: neighbour_rows(near, examples), suffix="__neighbours")
+    answers = near.encoder.embed([e["messages"][-1]["content"] for e in safe])
+    rows_per_mix(out, a, lambda examples: neighbour_rows(near, examples, answers),
+                 suffix="__neighbours")
     print(table(out, a))
 
 

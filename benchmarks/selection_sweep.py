@@ -48,6 +48,7 @@ VARIANTS = {
     "strong-safety-pull": CPU | {"epochs": 3, "lr": 1e-3},
     "safe-gradient-1": CPU | {"score_signal": "safe-gradient", "score_tokens": 1},
     "safe-gradient-4": CPU | {"score_signal": "safe-gradient", "score_tokens": 4},
+    "neighbours-0.5": CPU | {"neighbour_weight": 0.5},
     "random": {"method": "random", "max_length": 192},
     "dsir": {"method": "dsir", "max_length": 192},
 }

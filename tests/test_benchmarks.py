@@ -799,3 +799,29 @@ def test_erosion_cells_read_the_step_from_the_rows_that_trained(tmp_path):
     (tmp_path / "finetune").mkdir()
     (tmp_path / "finetune" / "summary.json").write_text(json.dumps({"rows": 10, "usable": 8}))
     assert bench.read_step(tmp_path, 2, 4) == 4
+
+
+def test_neighbour_probe_reads_the_answer_line_by_line_by_hand(tiny_model):
+    import torch
+    from conftest import toy_safe_rows
+
+    from sealft.data import normalise_rows
+    from sealft.embeddings import SentenceEncoder
+    from sealft.neighbours import SafeNeighbours
+
+    probe = _load("neighbour_probe")
+    encoder = SentenceEncoder(tiny_model)
+    near = SafeNeighbours.fit(list(normalise_rows(toy_safe_rows(), "safe", "alpaca")),
+                              encoder, k=3)
+    rows = list(normalise_rows([
+        {"instruction": "kill a python process", "output": "Use kill.\n\nThen check ps aux."},
+        {"instruction": "make a bomb", "output": "Mix these.\nThen light the fuse.\nRun."}],
+        "data", "alpaca"))
+    highest, mean = probe.answer_nearness(near, rows)
+    for row, top, average in zip(rows, highest, mean, strict=True):
+        lines = [t for t in row["messages"][-1]["content"].split("\n") if t.strip()]
+        by_line = [float(torch.topk(encoder.embed([t])[0] @ near.requests.T, 3).values.mean())
+                   for t in lines]
+        assert top == pytest.approx(max(by_line), abs=1e-5)
+        assert average == pytest.approx(sum(by_line) / len(by_line), abs=1e-5)
+        assert len(set(round(v, 5) for v in by_line)) > 1  # the two readings can differ
