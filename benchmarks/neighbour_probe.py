@@ -20,7 +20,10 @@ highest line, so that a wrapper shared by every row no longer dilutes the reques
 `ans_seg` / `ans_mean` (sixteenth session, pre-registered before they were computed): the
 answer read the same way, its highest line and its mean over lines, and `req+ans`, the equal
 standardised mix of `seg_knn_10` and `ans_seg`: would a benign answer to a prompt that only
-sounds dangerous stay far from the harm the safe set asks for? (It did not: docs/selection.md.)
+sounds dangerous stay far from the harm the safe set asks for? `ans_safe`: the mean cosine of
+the whole answer to its 10 nearest safe-set *answers*, and `req-ans_safe`, the request's
+nearness minus it (standardised, equal weight): does a row that asks like the safe set but
+answers unlike it comply? (Neither held: docs/selection.md.)
 
 A harmful row whose request is a near-copy of a safe-set request is found by lookup, not by
 similarity of meaning; `--table` also reports AUROC without the harmful rows whose nearest
@@ -87,20 +90,11 @@ def neighbour_rows(near: SafeNeighbours, examples,
 
 
 def answer_nearness(near: SafeNeighbours, examples) -> tuple[list[float], list[float]]:
-    """The answer read as the request is: each non-empty line's knn_10 to the safe set's
-    requests; per row the highest line and the mean over lines. A benign answer to a prompt
-    that only sounds dangerous should not talk about the harm the safe set asks for."""
-    lines = [[t for t in e["messages"][-1]["content"].split("\n") if t.strip()] or [""]
-             for e in examples]
-    flat = [t for group in lines for t in group]
-    near_line = (near.encoder.embed(flat) @ near.requests.T).topk(near.k, dim=1).values.mean(1)
-    highest, mean, start = [], [], 0
-    for group in lines:
-        part = near_line[start:start + len(group)]
-        highest.append(float(part.max()))
-        mean.append(float(part.mean()))
-        start += len(group)
-    return highest, mean
+    """The answer read as the product reads the request (`SafeNeighbours.by_line`); per row
+    the highest line and the mean over lines. A benign answer to a prompt that only sounds
+    dangerous should not talk about the harm the safe set asks for."""
+    by_line = near.by_line([e["messages"][-1]["content"] for e in examples])
+    return [float(v.max()) for v in by_line], [float(v.mean()) for v in by_line]
 
 
 def scores_of(rows: list[dict], margins: list[dict] | None) -> dict[str, np.ndarray]:

@@ -43,17 +43,18 @@ class SafeNeighbours:
         return cls(encoder.embed([request_text(e) for e in examples]), encoder, k)
 
     def score(self, examples: list[Example]) -> torch.Tensor:
-        lines = [[t for t in request_text(e).split("\n") if t.strip()] or [""]
-                 for e in examples]
+        by_line = self.by_line([request_text(e) for e in examples])
+        return torch.stack([near.max() for near in by_line]) if by_line else torch.zeros(0)
+
+    def by_line(self, texts: list[str]) -> list[torch.Tensor]:
+        """Each text's non-empty lines, each scored by its mean cosine to the `k` nearest
+        safe-set requests (one tensor per text, one value per line)."""
+        lines = [[t for t in text.split("\n") if t.strip()] or [""] for text in texts]
         flat = [t for group in lines for t in group]
         if not flat:
-            return torch.zeros(0)
+            return []
         near = (self.encoder.embed(flat) @ self.requests.T).topk(self.k, dim=1).values.mean(1)
-        per_row, start = [], 0
-        for group in lines:
-            per_row.append(near[start:start + len(group)].max())
-            start += len(group)
-        return torch.stack(per_row)
+        return list(near.split([len(group) for group in lines]))
 
     def save(self, path: Path) -> None:
         from safetensors.torch import save_file
