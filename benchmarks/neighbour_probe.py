@@ -99,23 +99,21 @@ def answer_nearness(near: SafeNeighbours, examples) -> tuple[list[float], list[f
 
 def scores_of(rows: list[dict], margins: list[dict] | None) -> dict[str, np.ndarray]:
     refuses = np.array([r["answer_refuses"] for r in rows])
+    seg = np.array([r["seg_knn_10"] for r in rows])
     out = {f"{name}|gated": gated(np.array([r[name] for r in rows]), refuses)
            for name in [f"knn_{k}" for k in KS] + ["seg_knn_10"] + ANSWER
            if name in rows[0]}
     if "ans_seg" in rows[0]:
-        both, _ = mix(torch.tensor([r["seg_knn_10"] for r in rows]),
-                      torch.tensor([r["ans_seg"] for r in rows]), 0.5)
+        both, _ = mix(torch.tensor(seg), torch.tensor([r["ans_seg"] for r in rows]), 0.5)
         out["req+ans|gated"] = gated(both.numpy(), refuses)
     if "ans_safe" in rows[0]:
-        unlike_safe, _ = mix(torch.tensor([r["seg_knn_10"] for r in rows]),
-                             -torch.tensor([r["ans_safe"] for r in rows]), 0.5)
+        unlike_safe, _ = mix(torch.tensor(seg), -torch.tensor([r["ans_safe"] for r in rows]), 0.5)
         out["req-ans_safe|gated"] = gated(unlike_safe.numpy(), refuses)
         out["-ans_safe|gated"] = gated(-np.array([r["ans_safe"] for r in rows]), refuses)
     if margins is not None:
         by_id = {m["id"]: m["margin"] for m in margins}
         margin = np.array([by_id[r["id"]] for r in rows])
         out["margin|gated"] = gated(margin, refuses)
-        seg = np.array([r["seg_knn_10"] for r in rows])
         out["rank mean margin, knn_10|gated"] = gated(
             rank_average(margin, np.array([r["knn_10"] for r in rows])), refuses)
         for weight in WEIGHTS:  # the product's --neighbour-weight, standardised over the mix

@@ -17,6 +17,7 @@ import torch
 
 from sealft.data import Example
 from sealft.embeddings import SentenceEncoder
+from sealft.selector import spread
 
 REQUESTS_KEY = "requests"
 Standard = dict[str, list[float]]
@@ -76,12 +77,11 @@ def mix(signal: torch.Tensor, nearness: torch.Tensor, weight: float,
     rows', for rows scored later) or, by default, the inputs' own. Standardised, because the
     two come in unrelated units."""
     if standard is None:
-        standard = {name: [float(x.mean()),
-                           float(x.std().clamp(min=1e-8)) if len(x) > 1 else 1.0]
+        standard = {name: [float(x.mean()), float(spread(x))]
                     for name, x in (("signal", signal), ("nearness", nearness))}
 
     def z(values: torch.Tensor, key: str) -> torch.Tensor:
-        mean, spread = standard[key]
-        return (values - mean) / spread
+        mean, scale = standard[key]
+        return (values - mean) / scale
 
     return (1 - weight) * z(signal, "signal") + weight * z(nearness, "nearness"), standard

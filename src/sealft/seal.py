@@ -31,7 +31,7 @@ from sealft.runtime import (
     require_data_parallel,
 )
 from sealft.selection_run import SCORER_DIR, SCORING_FILE
-from sealft.selector import Selector, keep_count_for
+from sealft.selector import Selector, keep_count_for, spread
 from sealft.tokenize import (
     IGNORE_INDEX,
     Tokenized,
@@ -165,7 +165,7 @@ def learn_selector(args, examples: list[Example], safe: list[Example], out: Path
         if fit is not tokenized:  # a selector over every row, not only the fitted ones
             selector = Selector(len(tokenized), args.weighting)
         with torch.no_grad():
-            selector.logits.copy_(-(harm - harm.mean()) / _spread(harm))
+            selector.logits.copy_(-(harm - harm.mean()) / spread(harm))
         if accelerator.is_main_process:
             count = keep_count_for(len(harm), args.keep_ratio, args.keep_count)
             scorer.save(out / SCORER_DIR, harm, float(harm.sort().values[count - 1]))
@@ -184,12 +184,6 @@ def learn_selector(args, examples: list[Example], safe: list[Example], out: Path
              "processes": accelerator.num_processes, "fitted_rows": len(fit),
              "harm_scores": harm_per_row}
     return logits, weights, tokenized.skipped, extra
-
-
-def _spread(scores: torch.Tensor) -> torch.Tensor:
-    # Standardised logits keep the weights N·softmax(ω) on a scale that does not depend on the
-    # signal's units.
-    return scores.std().clamp(min=1e-8) if len(scores) > 1 else torch.ones(())
 
 
 def _answered(examples: list[Example], text: str) -> list[Example]:
@@ -361,7 +355,7 @@ class Scorer:
                                dtype=torch.bool)
         if self.refusal_floor is None:
             rest = scores[~refuses]
-            self.refusal_floor = float(rest.min() - _spread(rest)) if len(rest) else 0.0
+            self.refusal_floor = float(rest.min() - spread(rest)) if len(rest) else 0.0
         return torch.where(refuses, torch.tensor(self.refusal_floor), scores)
 
     def save(self, directory: Path, fitted: torch.Tensor, kept_threshold: float) -> None:
@@ -384,7 +378,7 @@ class Scorer:
         write_json(directory / SCORING_FILE, {
             "signal": args.score_signal, "tokens": args.score_tokens,
             "refusals": list(args.refusals), "mean": float(fitted.mean()),
-            "spread": float(_spread(fitted)), "threshold": kept_threshold,
+            "spread": float(spread(fitted)), "threshold": kept_threshold,
             "keep_refusals": args.keep_refusals, "refusal_floor": self.refusal_floor,
             "neighbour_weight": args.neighbour_weight, "standard": self.standard})
 

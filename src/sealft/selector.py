@@ -19,6 +19,13 @@ from sealft.io import atomic_save
 from sealft.selection_run import PARAMETRIZATIONS
 
 
+def spread(scores: torch.Tensor) -> torch.Tensor:
+    """The scale that standardises a score: its standard deviation, floored, 1 for one row.
+    Standardised logits keep the weights N·softmax(ω) on a scale that does not depend on the
+    signal's units."""
+    return scores.std().clamp(min=1e-8) if len(scores) > 1 else torch.ones(())
+
+
 class Selector(torch.nn.Module):
     """Learnable logits ω; weights σ(ω) = N·softmax(ω) (mean weight 1) or 2·sigmoid(ω).
 
