@@ -825,3 +825,57 @@ def test_neighbour_probe_reads_the_answer_line_by_line_by_hand(tiny_model):
         assert top == pytest.approx(max(by_line), abs=1e-5)
         assert average == pytest.approx(sum(by_line) / len(by_line), abs=1e-5)
         assert len(set(round(v, 5) for v in by_line)) > 1  # the two readings can differ
+
+
+def test_label_audit_recovers_the_margin_and_counts_disputed_rows(tmp_path):
+    """The default's ranking is recovered exactly from a --neighbour-weight run (its saved
+    standard), and a disputed row leaves the AUROC but still takes its place in the drop."""
+    import torch
+
+    from sealft.neighbours import mix
+
+    audit = _load("label_audit")
+    rng = np.random.default_rng(0)
+    margin, near = rng.normal(size=12), rng.uniform(0.2, 0.7, size=12)
+    refuses = np.zeros(12, dtype=bool)
+    refuses[[3, 7]] = True
+    mixed, standard = mix(torch.tensor(margin), torch.tensor(near), 0.5)
+    floor = float(mixed[~torch.tensor(refuses)].min()) - 1.0
+    mixed = np.where(refuses, floor, mixed.numpy())
+    run = tmp_path / "run"
+    (run / "scorer").mkdir(parents=True)
+    (run / "scorer" / "scoring.json").write_text(json.dumps(
+        {"neighbour_weight": 0.5, "standard": standard, "refusal_floor": floor}))
+    write_jsonl(run / "scores.jsonl", [{"index": i, "id": f"r{i}", "score": float(s)}
+                                       for i, s in enumerate(mixed)])
+    _, got_mixed, got_margin = audit.default_and_mixed(run, {f"r{i}": float(x)
+                                                             for i, x in enumerate(near)})
+    assert np.allclose(got_mixed, mixed)
+    mean, scale = standard["signal"]
+    assert np.allclose(got_margin[~refuses], (margin[~refuses] - mean) / scale, atol=1e-5)
+    assert (got_margin[refuses] < got_margin[~refuses].min()).all()
+
+    labels = np.array(["unsafe", "unsafe", "benign", "control", "benign"])
+    score = np.array([5.0, 1.0, 4.0, 3.0, 0.0])  # keep 0.6 drops rows 0 and 2
+    everything = np.ones(5, dtype=bool)
+    assert audit.ranked(labels, score, 0.6, everything) == (pytest.approx(4 / 6), 0.5, 1.0)
+    # Row 1 disputed (an "unsafe" answer the reader calls harmless): out of the AUROC and of
+    # the harmful rows counted, so the one harmful row left ranks first and is removed.
+    agreed = np.array([True, False, True, True, True])
+    assert audit.ranked(labels, score, 0.6, agreed) == (1.0, 1.0, 1.0)
+
+
+def test_reply_direction_is_the_direction_that_orders_the_pairs():
+    """Pairs whose rejected reply is the chosen one moved along u: the fitted direction is u
+    (up to scale) and orders held-out pairs; with no such direction it orders them at chance."""
+    probe = _load("reply_direction_probe")
+    rng = np.random.default_rng(0)
+    u = rng.normal(size=16)
+    u /= np.linalg.norm(u)
+    chosen = rng.normal(size=(400, 16))
+    rejected = chosen + 0.5 * u + 0.1 * rng.normal(size=(400, 16))
+    w = probe.fit_direction(chosen, rejected)
+    assert w @ u / np.linalg.norm(w) > 0.95
+    assert probe.held_out_accuracy(chosen, rejected) > 0.95
+    unrelated = rng.normal(size=(400, 16))
+    assert 0.35 < probe.held_out_accuracy(chosen, unrelated) < 0.65

@@ -1,0 +1,207 @@
+"""Research script (not the product): how far are the dev mixes' labels from what their rows
+say, and how does the selector rank on the rows whose label a second reader agrees with?
+
+The targets of the selection issue (AUROC >= 0.95, >= 90% of harmful rows removed, >= 95% of
+controls kept) are measured against `flag`. A BeaverTails row is `unsafe` as a question-answer
+pair, yet some of its answers refuse, insult the asker or answer harmlessly; an XSTest control
+is labelled by humans, but as a completion, not as training data. This script makes a blind
+reading of every distinct harmful and control row of the dev mixes (plus a seeded sample of
+benign rows as a check on the reader), and scores the product's rankings on both labellings.
+
+    python benchmarks/label_audit.py build --mixes runs/dev_mixes/*.jsonl --out runs/label_audit
+    # a reader labels runs/label_audit/blind.jsonl -> labels.jsonl, seeing request and answer only
+    python benchmarks/label_audit.py table --out runs/label_audit --run \
+        runs/dev_mixes/alpaca-xstest_s0.jsonl=runs/sweep_neighbours/neighbours-0.5-alpaca-xstest_s0-s0
+
+The `--run` folders are `sealft select` runs with `--neighbour-weight 0.5`; the default's
+ranking (the refusal margin alone) is recovered from them exactly, because the run saves the
+mean and spread of both parts of the mix (`scorer/scoring.json`) and the nearness of every row
+is recomputed here with the same encoder (`benchmarks/neighbour_probe.py`'s rows, `--near`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import random
+import sys
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+from sklearn.metrics import roc_auc_score
+
+from sealft.io import read_jsonl, write_jsonl
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from judge_probe import HARMFUL  # noqa: E402
+
+AGREED = {"unsafe": "H", "control": "N", "benign": "N"}
+
+
+def row_key(row: dict) -> str:
+    text = "\x00".join((row["instruction"], row.get("input") or "", row["output"]))
+    return hashlib.sha1(text.encode("utf-8")).hexdigest()[:12]
+
+
+def build(mixes: list[str], out: Path, benign: int, seed: int) -> None:
+    """blind.jsonl (n, request, answer; shuffled, no flag) and truth.json (n -> key, flag)."""
+    flagged: dict[str, dict] = {}
+    plain: list[tuple[str, dict]] = []  # every benign row of every mix, as drawn for the audit
+    for path in sorted(mixes):
+        for row in read_jsonl(path):
+            if row["flag"] == "benign":
+                plain.append((row_key(row), row))
+            else:
+                flagged.setdefault(row_key(row), row)
+    rng = random.Random(seed)
+    items = list(flagged.items()) + rng.sample(sorted(plain, key=lambda item: item[0]), benign)
+    rng.shuffle(items)
+    out.mkdir(parents=True, exist_ok=True)
+    blind, truth = [], {}
+    for n, (key, row) in enumerate(items):
+        request = row["instruction"] + (f"\n{row['input']}" if row.get("input") else "")
+        blind.append({"n": n, "request": request[:800], "answer": row["output"][:900]})
+        truth[n] = {"key": key, "flag": row["flag"], "source": row.get("source")}
+    write_jsonl(out / "blind.jsonl", blind)
+    (out / "truth.json").write_text(json.dumps(truth))
+    print(f"{len(items)} rows: {dict(Counter(t['flag'] for t in truth.values()))}")
+
+
+def audit(out: Path, reader: str = "labels.jsonl") -> dict[str, str]:
+    """key -> the reader's label (H, N or A)."""
+    truth = json.loads((out / "truth.json").read_text())
+    labels = {int(r["n"]): r["label"] for r in read_jsonl(out / reader)}
+    missing = set(map(int, truth)) - set(labels)
+    if missing:
+        raise SystemExit(f"{out}/{reader}: no label for rows {sorted(missing)[:10]}")
+    return {t["key"]: labels[int(n)] for n, t in truth.items()}
+
+
+def agreement_table(out: Path, reader: str) -> str:
+    truth = json.loads((out / "truth.json").read_text())
+    labels = {int(r["n"]): r["label"] for r in read_jsonl(out / reader)}
+    counts = Counter((t["flag"], labels[int(n)]) for n, t in truth.items())
+    lines = ["| flag | rows | reader H | reader N | reader A | reader confirms the flag |",
+             "|---|---|---|---|---|---|"]
+    for flag in ("unsafe", "control", "benign"):
+        row = [counts[(flag, x)] for x in "HNA"]
+        total = sum(row)
+        lines.append(f"| {flag} | {total} | {row[0]} | {row[1]} | {row[2]} | "
+                     f"{counts[(flag, AGREED[flag])] / total:.2f} |")
+    return "\n".join(lines)
+
+
+def default_and_mixed(run: Path, near: dict[str, float]) -> tuple[list[dict], np.ndarray, np.ndarray]:
+    """The run's rows (scores.jsonl, input order) with the mixed score it ranked by and the
+    default's score (the margin alone, standardised as in the mix: the same ranking), recovered
+    from the saved standard."""
+    scoring = json.loads((run / "scorer" / "scoring.json").read_text())
+    weight, (n_mean, n_spread) = scoring["neighbour_weight"], scoring["standard"]["nearness"]
+    rows = [r for r in read_jsonl(run / "scores.jsonl") if "skipped" not in r]
+    mixed = np.array([r["score"] for r in rows], dtype=float)
+    z_near = (np.array([near[r["id"]] for r in rows]) - n_mean) / n_spread
+    margin = (mixed - weight * z_near) / (1 - weight)
+    floor = scoring["refusal_floor"]
+    gated_rows = np.isclose(mixed, floor)
+    margin[gated_rows] = margin[~gated_rows].min() - 1.0  # refusals rank last in both
+    return rows, mixed, margin
+
+
+def ranked(labels: np.ndarray, score: np.ndarray, keep: float, counted: np.ndarray) -> tuple:
+    """AUROC over the `counted` rows; harmful removed and controls kept at `keep` of all rows
+    (the selection drops its share of the whole file, disputed rows included)."""
+    harmful, control = np.isin(labels, HARMFUL), labels == "control"
+    dropped = np.zeros(len(labels), dtype=bool)
+    dropped[np.argsort(-score, kind="stable")[: len(labels) - int(round(keep * len(labels)))]] = True
+    auroc = roc_auc_score(harmful[counted], score[counted])
+    return auroc, dropped[harmful & counted].mean(), (~dropped[control & counted]).mean()
+
+
+PARTS = ("flag", "agreed", "A as H")
+
+
+def disputed_rows(flags: np.ndarray, read: list[str | None], ambiguous_harmful: bool) -> np.ndarray:
+    """Rows whose flag the reader does not confirm: a harmful row read as not harmful (or, unless
+    `ambiguous_harmful`, as ambiguous), a control read as harmful or ambiguous."""
+    harmful_reads = ("H", "A") if ambiguous_harmful else ("H",)
+    return np.array([(f == "unsafe" and x not in harmful_reads) or (f == "control" and x != "N")
+                     for f, x in zip(flags, read, strict=True)])
+
+
+def readers_table(out: Path, readers: list[str]) -> str:
+    """How often two readers give a row the same label, and Cohen's kappa, by flag."""
+    from sklearn.metrics import cohen_kappa_score
+
+    truth = json.loads((out / "truth.json").read_text())
+    first, second = (audit(out, r) for r in readers)
+    lines = ["| flag | rows | same label | Cohen's kappa |", "|---|---|---|---|"]
+    for flag in ("unsafe", "control", "benign"):
+        keys = [t["key"] for t in truth.values() if t["flag"] == flag]
+        a, b = [first[k] for k in keys], [second[k] for k in keys]
+        same = np.mean([x == y for x, y in zip(a, b, strict=True)])
+        # kappa is undefined where both readers give every row one label
+        kappa = f"{cohen_kappa_score(a, b):.2f}" if len(set(a) | set(b)) > 1 else "–"
+        lines.append(f"| {flag} | {len(keys)} | {same:.2f} | {kappa} |")
+    return "\n".join(lines)
+
+
+def table(out: Path, runs: list[str], near_dir: Path, keep: float,
+          reader: str = "labels.jsonl") -> str:
+    """AUROC / harmful removed / controls kept of the default and of --neighbour-weight 0.5,
+    against the flags, on the rows the reader agrees with, and counting ambiguous reads as
+    harmful."""
+    labels = audit(out, reader)
+    lines = ["| mix | harmful rows read N / A | " + " | ".join(
+        f"{label}, {part}" for label in ("default", "w = 0.5") for part in PARTS) + " |",
+        "|---" * (2 + 2 * len(PARTS)) + "|"]
+    sums: dict[tuple[str, str], list] = {}
+    for spec in runs:
+        mix_path, run_dir = spec.split("=", 1)
+        mix, name = read_jsonl(mix_path), Path(mix_path).stem
+        near = {r["id"]: r["seg_knn_10"] for r in read_jsonl(near_dir / f"{name}__neighbours.jsonl")}
+        rows, mixed, margin = default_and_mixed(Path(run_dir), near)
+        flags = np.array([mix[r["index"]]["flag"] for r in rows])
+        read = [labels.get(row_key(mix[r["index"]])) for r in rows]
+        counted = {"flag": np.ones(len(flags), dtype=bool),
+                   "agreed": ~disputed_rows(flags, read, False),
+                   "A as H": ~disputed_rows(flags, read, True)}
+        cells = []
+        for label, score in (("default", margin), ("w = 0.5", mixed)):
+            for part in PARTS:
+                m = ranked(flags, score, keep, counted[part])
+                sums.setdefault((label, part), []).append(m)
+                cells.append("{:.3f} / {:.2f} / {:.2f}".format(*m))
+        reads = Counter(x for f, x in zip(flags, read, strict=True) if f == "unsafe")
+        lines.append(f"| {name} | {reads['N']} / {reads['A']} of {int((flags == 'unsafe').sum())}"
+                     " | " + " | ".join(cells) + " |")
+    lines.append(f"| **mean** (n={len(runs)}) | | " + " | ".join(
+        "{:.3f} / {:.2f} / {:.2f}".format(*np.mean(sums[key], axis=0)) for key in sums) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("step", choices=["build", "table"])
+    p.add_argument("--out", type=Path, default=Path("runs/label_audit"))
+    p.add_argument("--mixes", nargs="*", default=[])
+    p.add_argument("--benign", type=int, default=40, help="benign rows read as a check")
+    p.add_argument("--seed", type=int, default=7)
+    p.add_argument("--run", nargs="*", default=[], help="MIX.jsonl=SELECT_RUN_DIR")
+    p.add_argument("--near", type=Path, default=Path("runs/neighbour_probe"))
+    p.add_argument("--keep", type=float, default=0.8)
+    p.add_argument("--readers", nargs="+", default=["labels.jsonl"],
+                   help="label files in --out; the first scores the runs, a second is compared")
+    a = p.parse_args()
+    if a.step == "build":
+        build(a.mixes, a.out, a.benign, a.seed)
+        return
+    print(agreement_table(a.out, a.readers[0]), "\n")
+    if len(a.readers) > 1:
+        print(readers_table(a.out, a.readers[:2]), "\n")
+    print(table(a.out, a.run, a.near, a.keep, a.readers[0]))
+
+
+if __name__ == "__main__":
+    main()
