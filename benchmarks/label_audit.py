@@ -9,14 +9,16 @@ reading of every distinct harmful and control row of the dev mixes (plus a seede
 benign rows as a check on the reader), and scores the product's rankings on both labellings.
 
     python benchmarks/label_audit.py build --mixes runs/dev_mixes/*.jsonl --out runs/label_audit
-    # a reader labels runs/label_audit/blind.jsonl -> labels.jsonl, seeing request and answer only
-    python benchmarks/label_audit.py table --out runs/label_audit --run \
+    # readers label runs/label_audit/blind.jsonl -> labels.jsonl, labels2.jsonl, seeing request
+    # and answer only; export keys their labels by row hash into label_audit_reads.jsonl
+    python benchmarks/label_audit.py export
+    python benchmarks/label_audit.py table --run \
         runs/dev_mixes/alpaca-xstest_s0.jsonl=runs/sweep_neighbours/neighbours-0.5-alpaca-xstest_s0-s0
 
 The `--run` folders are `sealft select` runs with `--neighbour-weight 0.5`; the default's
 ranking (the refusal margin alone) is recovered from them exactly, because the run saves the
-mean and spread of both parts of the mix (`scorer/scoring.json`) and the nearness of every row
-is recomputed here with the same encoder (`benchmarks/neighbour_probe.py`'s rows, `--near`).
+mean and spread of both parts of the mix (`scorer/scoring.json`), and every row's nearness is
+read from `benchmarks/neighbour_probe.py`'s rows (`--near`, the same encoder and safe set).
 """
 
 from __future__ import annotations
@@ -38,6 +40,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from judge_probe import HARMFUL  # noqa: E402
 
 AGREED = {"unsafe": "H", "control": "N", "benign": "N"}
+# The two readers' labels of this study, by row hash (no text of the data).
+READS = Path(__file__).resolve().parent / "label_audit_reads.jsonl"
 
 
 def row_key(row: dict) -> str:
@@ -69,20 +73,29 @@ def build(mixes: list[str], out: Path, benign: int, seed: int) -> None:
     print(f"{len(items)} rows: {dict(Counter(t['flag'] for t in truth.values()))}")
 
 
-def audit(out: Path, reader: str = "labels.jsonl") -> dict[str, str]:
-    """key -> the reader's label (H, N or A)."""
+def export(out: Path, readers: list[str], to: Path) -> None:
+    """The readers' labels keyed by row hash, with the row's flag and source: the file the
+    tables read (benchmarks/label_audit_reads.jsonl holds the session's two readers), so that
+    the tables reproduce without the blind file's numbering."""
     truth = json.loads((out / "truth.json").read_text())
-    labels = {int(r["n"]): r["label"] for r in read_jsonl(out / reader)}
-    missing = set(map(int, truth)) - set(labels)
-    if missing:
-        raise SystemExit(f"{out}/{reader}: no label for rows {sorted(missing)[:10]}")
-    return {t["key"]: labels[int(n)] for n, t in truth.items()}
+    labels = []
+    for reader in readers:
+        got = {int(r["n"]): r["label"] for r in read_jsonl(out / reader)}
+        missing = set(map(int, truth)) - set(got)
+        if missing:
+            raise SystemExit(f"{out}/{reader}: no label for rows {sorted(missing)[:10]}")
+        labels.append(got)
+    write_jsonl(to, [{**t, **{f"reader_{i + 1}": got[int(n)] for i, got in enumerate(labels)}}
+                     for n, t in sorted(truth.items(), key=lambda item: item[1]["key"])])
 
 
-def agreement_table(out: Path, reader: str) -> str:
-    truth = json.loads((out / "truth.json").read_text())
-    labels = {int(r["n"]): r["label"] for r in read_jsonl(out / reader)}
-    counts = Counter((t["flag"], labels[int(n)]) for n, t in truth.items())
+def audit(reads: list[dict], reader: int = 1) -> dict[str, str]:
+    """key -> reader `reader`'s label (H, N or A)."""
+    return {r["key"]: r[f"reader_{reader}"] for r in reads}
+
+
+def agreement_table(reads: list[dict], reader: int) -> str:
+    counts = Counter((r["flag"], r[f"reader_{reader}"]) for r in reads)
     lines = ["| flag | rows | reader H | reader N | reader A | reader confirms the flag |",
              "|---|---|---|---|---|---|"]
     for flag in ("unsafe", "control", "benign"):
@@ -130,29 +143,27 @@ def disputed_rows(flags: np.ndarray, read: list[str | None], ambiguous_harmful: 
                      for f, x in zip(flags, read, strict=True)])
 
 
-def readers_table(out: Path, readers: list[str]) -> str:
-    """How often two readers give a row the same label, and Cohen's kappa, by flag."""
+def readers_table(reads: list[dict]) -> str:
+    """How often the two readers give a row the same label, and Cohen's kappa, by flag."""
     from sklearn.metrics import cohen_kappa_score
 
-    truth = json.loads((out / "truth.json").read_text())
-    first, second = (audit(out, r) for r in readers)
     lines = ["| flag | rows | same label | Cohen's kappa |", "|---|---|---|---|"]
     for flag in ("unsafe", "control", "benign"):
-        keys = [t["key"] for t in truth.values() if t["flag"] == flag]
-        a, b = [first[k] for k in keys], [second[k] for k in keys]
+        a = [r["reader_1"] for r in reads if r["flag"] == flag]
+        b = [r["reader_2"] for r in reads if r["flag"] == flag]
         same = np.mean([x == y for x, y in zip(a, b, strict=True)])
         # kappa is undefined where both readers give every row one label
         kappa = f"{cohen_kappa_score(a, b):.2f}" if len(set(a) | set(b)) > 1 else "–"
-        lines.append(f"| {flag} | {len(keys)} | {same:.2f} | {kappa} |")
+        lines.append(f"| {flag} | {len(a)} | {same:.2f} | {kappa} |")
     return "\n".join(lines)
 
 
-def table(out: Path, runs: list[str], near_dir: Path, keep: float,
-          reader: str = "labels.jsonl") -> str:
+def table(reads: list[dict], runs: list[str], near_dir: Path, keep: float,
+          reader: int = 1) -> str:
     """AUROC / harmful removed / controls kept of the default and of --neighbour-weight 0.5,
     against the flags, on the rows the reader agrees with, and counting ambiguous reads as
     harmful."""
-    labels = audit(out, reader)
+    labels = audit(reads, reader)
     lines = ["| mix | harmful rows read N / A | " + " | ".join(
         f"{label}, {part}" for label in ("default", "w = 0.5") for part in PARTS) + " |",
         "|---" * (2 + 2 * len(PARTS)) + "|"]
@@ -173,8 +184,9 @@ def table(out: Path, runs: list[str], near_dir: Path, keep: float,
                 m = ranked(flags, score, keep, counted[part])
                 sums.setdefault((label, part), []).append(m)
                 cells.append("{:.3f} / {:.2f} / {:.2f}".format(*m))
-        reads = Counter(x for f, x in zip(flags, read, strict=True) if f == "unsafe")
-        lines.append(f"| {name} | {reads['N']} / {reads['A']} of {int((flags == 'unsafe').sum())}"
+        of_harmful = Counter(x for f, x in zip(flags, read, strict=True) if f == "unsafe")
+        lines.append(f"| {name} | {of_harmful['N']} / {of_harmful['A']} of "
+                     f"{int((flags == 'unsafe').sum())}"
                      " | " + " | ".join(cells) + " |")
     lines.append(f"| **mean** (n={len(runs)}) | | " + " | ".join(
         "{:.3f} / {:.2f} / {:.2f}".format(*np.mean(sums[key], axis=0)) for key in sums) + " |")
@@ -183,24 +195,31 @@ def table(out: Path, runs: list[str], near_dir: Path, keep: float,
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("step", choices=["build", "table"])
-    p.add_argument("--out", type=Path, default=Path("runs/label_audit"))
+    p.add_argument("step", choices=["build", "export", "table"])
+    p.add_argument("--out", type=Path, default=Path("runs/label_audit"),
+                   help="build: where blind.jsonl and truth.json go; export: where they and "
+                        "the readers' files are")
     p.add_argument("--mixes", nargs="*", default=[])
     p.add_argument("--benign", type=int, default=40, help="benign rows read as a check")
     p.add_argument("--seed", type=int, default=7)
+    p.add_argument("--readers", nargs="*", default=["labels.jsonl", "labels2.jsonl"],
+                   help="export: the readers' files in --out, in order")
+    p.add_argument("--reads", type=Path, default=READS, help="export writes it, table reads it")
+    p.add_argument("--reader", type=int, default=1, help="table: whose labels score the runs")
     p.add_argument("--run", nargs="*", default=[], help="MIX.jsonl=SELECT_RUN_DIR")
     p.add_argument("--near", type=Path, default=Path("runs/neighbour_probe"))
     p.add_argument("--keep", type=float, default=0.8)
-    p.add_argument("--readers", nargs="+", default=["labels.jsonl"],
-                   help="label files in --out; the first scores the runs, a second is compared")
     a = p.parse_args()
     if a.step == "build":
         build(a.mixes, a.out, a.benign, a.seed)
-        return
-    print(agreement_table(a.out, a.readers[0]), "\n")
-    if len(a.readers) > 1:
-        print(readers_table(a.out, a.readers[:2]), "\n")
-    print(table(a.out, a.run, a.near, a.keep, a.readers[0]))
+    elif a.step == "export":
+        export(a.out, a.readers, a.reads)
+    else:
+        reads = read_jsonl(a.reads)
+        print(agreement_table(reads, a.reader), "\n")
+        if "reader_2" in reads[0]:
+            print(readers_table(reads), "\n")
+        print(table(reads, a.run, a.near, a.keep, a.reader))
 
 
 if __name__ == "__main__":

@@ -36,7 +36,7 @@ from sealft.refusal import is_refusal
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from judge_probe import gated  # noqa: E402
-from label_audit import audit, default_and_mixed, disputed_rows, ranked, row_key  # noqa: E402
+from label_audit import READS, audit, default_and_mixed, disputed_rows, ranked, row_key  # noqa: E402
 
 
 def fit_direction(chosen: np.ndarray, rejected: np.ndarray, c: float = 1.0) -> np.ndarray:
@@ -98,8 +98,8 @@ def main() -> None:
     p.add_argument("--hh", default="../shared/data/safe/hh_rlhf_harmless_base_test.jsonl.gz")
     p.add_argument("--run", nargs="*", default=[], help="MIX.jsonl=SELECT_RUN_DIR (w = 0.5)")
     p.add_argument("--near", type=Path, default=Path("runs/neighbour_probe"))
-    p.add_argument("--audit", type=Path, default=Path("runs/label_audit"),
-                   help="label_audit.py's folder: also score the rows the reader agrees with")
+    p.add_argument("--reads", type=Path, default=READS,
+                   help="label_audit.py's readers: also score the rows reader 1 confirms")
     p.add_argument("--out", type=Path, default=Path("runs/reply_direction"))
     a = p.parse_args()
     encoder = SentenceEncoder()
@@ -109,7 +109,7 @@ def main() -> None:
           f"{held_out_accuracy(chosen, rejected):.3f}")
     w = fit_direction(chosen, rejected)
     np.save(a.out / "direction.npy", w)
-    labels = audit(a.audit) if (a.audit / "labels.jsonl").exists() else None
+    labels = audit(read_jsonl(a.reads)) if a.reads.exists() else None
     results = [mix_scores(m, r, a.near, w, encoder, labels)
                for m, r in (spec.split("=", 1) for spec in a.run)]
     print(table(results, agreed_only=False))

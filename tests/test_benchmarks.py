@@ -879,3 +879,18 @@ def test_reply_direction_is_the_direction_that_orders_the_pairs():
     assert probe.held_out_accuracy(chosen, rejected) > 0.95
     unrelated = rng.normal(size=(400, 16))
     assert 0.35 < probe.held_out_accuracy(chosen, unrelated) < 0.65
+
+
+def test_controls_bound_is_the_hypergeometric_draw_of_the_rows_left_to_drop():
+    """10 rows, keep 0.6: 4 dropped, 2 of them harmful, so 2 drawn at random from the 7 rows
+    that are neither harmful nor refusals, 2 of which are open controls (a third control is a
+    refusal, kept by the gate). Dropping none of the 3 controls: C(5,2) / C(7,2) = 10/21."""
+    bound = _load("controls_bound").bound
+    flags = ["unsafe", "unsafe", "control", "control", "control"] + ["benign"] * 5
+    refuses = [False, False, False, False, True] + [False] * 5
+    b = bound(flags, refuses, keep=0.6, target=0.95)
+    assert (b["dropped"], b["pool"], b["gated_controls"]) == (4, 7, 1)
+    assert b["p_target"] == pytest.approx(10 / 21)  # 5% of 3 controls allows none dropped
+    assert b["expected_kept"] == pytest.approx(1 - 2 * 2 / 7 / 3)
+    # With every control gated, the draw cannot reach one.
+    assert bound(flags, [False, False, True, True, True] + [False] * 5, 0.6, 0.95)["p_target"] == 1
