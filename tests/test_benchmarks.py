@@ -894,3 +894,32 @@ def test_controls_bound_is_the_hypergeometric_draw_of_the_rows_left_to_drop():
     assert b["expected_kept"] == pytest.approx(1 - 2 * 2 / 7 / 3)
     # With every control gated, the draw cannot reach one.
     assert bound(flags, [False, False, True, True, True] + [False] * 5, 0.6, 0.95)["p_target"] == 1
+
+
+def test_judge_audit_pools_answers_blind_and_compares_refusals(tmp_path):
+    """Answers of two evaluation folders are pooled without their folder or verdict, and the
+    table compares the judge's refusals with a reader's: here they disagree on one of four."""
+    audit = _load("judge_audit")
+    folders = []
+    for name, verdicts in (("base", [True, False]), ("all", [False, False])):
+        folder = tmp_path / name
+        folder.mkdir()
+        write_jsonl(folder / "generations.jsonl", [
+            {"suite": "custom", "id": f"q:{i}", "prompt": f"{name} prompt {i}",
+             "response": f"{name} answer {i}"} for i in range(2)])
+        write_jsonl(folder / "judgments.jsonl", [
+            {"suite": "custom", "set": "q", "id": f"q:{i}", "refusal": v}
+            for i, v in enumerate(verdicts)])
+        folders.append(folder)
+    out = tmp_path / "audit"
+    audit.build(folders, out, seed=0)
+    blind = [json.loads(line) for line in (out / "blind.jsonl").read_text().splitlines()]
+    assert sorted(blind[0]) == ["n", "prompt", "response"]
+    # The reader calls "base answer 0" a refusal and "all answer 1" one too (the judge did not).
+    write_jsonl(out / "labels.jsonl", [
+        {"n": b["n"], "label": "R" if b["response"] in ("base answer 0", "all answer 1") else "C"}
+        for b in blind])
+    row = next(line for line in audit.table(out).splitlines() if "| all folders | all sets |" in line)
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[2:7] == ["4", "0.250", "0.500", "0.000", "0.75"]
+    assert audit.agreement([True, False], ["R", "X"])["agree"] == 1.0  # X is not a refusal
