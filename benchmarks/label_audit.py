@@ -49,15 +49,17 @@ def row_key(row: dict) -> str:
     return hashlib.sha1(text.encode("utf-8")).hexdigest()[:12]
 
 
-def build(mixes: list[str], out: Path, benign: int, seed: int) -> None:
-    """blind.jsonl (n, request, answer; shuffled, no flag) and truth.json (n -> key, flag)."""
+def build(mixes: list[str], out: Path, benign: int, seed: int,
+          read_before: set[str] = frozenset()) -> None:
+    """blind.jsonl (n, request, answer; shuffled, no flag) and truth.json (n -> key, flag).
+    Flagged rows in `read_before` (keys of an earlier reading) are left out."""
     flagged: dict[str, dict] = {}
     plain: list[tuple[str, dict]] = []  # every benign row of every mix, as drawn for the audit
     for path in sorted(mixes):
         for row in read_jsonl(path):
             if row["flag"] == "benign":
                 plain.append((row_key(row), row))
-            else:
+            elif row_key(row) not in read_before:
                 flagged.setdefault(row_key(row), row)
     rng = random.Random(seed)
     items = list(flagged.items()) + rng.sample(sorted(plain, key=lambda item: item[0]), benign)
@@ -73,10 +75,11 @@ def build(mixes: list[str], out: Path, benign: int, seed: int) -> None:
     print(f"{len(items)} rows: {dict(Counter(t['flag'] for t in truth.values()))}")
 
 
-def export(out: Path, readers: list[str], to: Path) -> None:
+def export(out: Path, readers: list[str], to: Path, append: bool = False) -> None:
     """The readers' labels keyed by row hash, with the row's flag and source: the file the
     tables read (benchmarks/label_audit_reads.jsonl holds the session's two readers), so that
-    the tables reproduce without the blind file's numbering."""
+    the tables reproduce without the blind file's numbering. `append`: add the rows of `to`
+    not read here (an earlier reading), the new reading winning where both have a row."""
     truth = json.loads((out / "truth.json").read_text())
     labels = []
     for reader in readers:
@@ -85,8 +88,11 @@ def export(out: Path, readers: list[str], to: Path) -> None:
         if missing:
             raise SystemExit(f"{out}/{reader}: no label for rows {sorted(missing)[:10]}")
         labels.append(got)
-    write_jsonl(to, [{**t, **{f"reader_{i + 1}": got[int(n)] for i, got in enumerate(labels)}}
-                     for n, t in sorted(truth.items(), key=lambda item: item[1]["key"])])
+    rows = {t["key"]: {**t, **{f"reader_{i + 1}": got[int(n)] for i, got in enumerate(labels)}}
+            for n, t in truth.items()}
+    if append:
+        rows = {r["key"]: r for r in read_jsonl(to)} | rows
+    write_jsonl(to, [rows[key] for key in sorted(rows)])
 
 
 def audit(reads: list[dict], reader: int = 1) -> dict[str, str]:
@@ -193,9 +199,32 @@ def table(reads: list[dict], runs: list[str], near_dir: Path, keep: float,
     return "\n".join(lines)
 
 
+def trained(data: str, selections: list[str], reads: list[dict], reader: int = 1) -> str:
+    """Flagged harmful rows each selection trains on, split by the reader's label: which of the
+    rows a selector keeps (or an oracle drops) are harmful by their text. A selection's rows
+    (messages) are matched to the data file's by request and answer."""
+    labels = audit(reads, reader)
+    by_text = {(r["instruction"] + (f"\n\n{r['input']}" if r.get("input") else ""), r["output"]):
+               r for r in read_jsonl(data)}
+    lines = ["| selection | flagged harmful rows trained | read H | read A | read N | not read |",
+             "|---|---|---|---|---|---|"]
+    for path in selections:
+        counts: Counter = Counter()
+        for row in read_jsonl(path):
+            user = "\n".join(m["content"] for m in row["messages"] if m["role"] == "user")
+            source = by_text.get((user, row["messages"][-1]["content"]))
+            if source is None:
+                raise SystemExit(f"{path}: row {row['id']} is not a row of {data}")
+            if source["flag"] == "unsafe":
+                counts[labels.get(row_key(source), "unread")] += 1
+        lines.append(f"| {path} | {sum(counts.values())} | {counts['H']} | {counts['A']} | "
+                     f"{counts['N']} | {counts['unread']} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("step", choices=["build", "export", "table"])
+    p.add_argument("step", choices=["build", "export", "table", "trained"])
     p.add_argument("--out", type=Path, default=Path("runs/label_audit"),
                    help="build: where blind.jsonl and truth.json go; export: where they and "
                         "the readers' files are")
@@ -205,15 +234,22 @@ def main() -> None:
     p.add_argument("--readers", nargs="*", default=["labels.jsonl", "labels2.jsonl"],
                    help="export: the readers' files in --out, in order")
     p.add_argument("--reads", type=Path, default=READS, help="export writes it, table reads it")
+    p.add_argument("--new-only", action="store_true",
+                   help="build: leave out flagged rows --reads has; export: add to --reads")
     p.add_argument("--reader", type=int, default=1, help="table: whose labels score the runs")
     p.add_argument("--run", nargs="*", default=[], help="MIX.jsonl=SELECT_RUN_DIR")
     p.add_argument("--near", type=Path, default=Path("runs/neighbour_probe"))
     p.add_argument("--keep", type=float, default=0.8)
+    p.add_argument("--data", help="trained: the fine-tuning file the selections drew from")
+    p.add_argument("--selected", nargs="*", default=[], help="trained: selected.jsonl files")
     a = p.parse_args()
     if a.step == "build":
-        build(a.mixes, a.out, a.benign, a.seed)
+        before = {r["key"] for r in read_jsonl(a.reads)} if a.new_only else set()
+        build(a.mixes, a.out, a.benign, a.seed, before)
     elif a.step == "export":
-        export(a.out, a.readers, a.reads)
+        export(a.out, a.readers, a.reads, append=a.new_only)
+    elif a.step == "trained":
+        print(trained(a.data, a.selected, read_jsonl(a.reads), a.reader))
     else:
         reads = read_jsonl(a.reads)
         print(agreement_table(reads, a.reader), "\n")

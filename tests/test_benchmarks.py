@@ -923,3 +923,22 @@ def test_judge_audit_pools_answers_blind_and_compares_refusals(tmp_path):
     cells = [c.strip() for c in row.strip("|").split("|")]
     assert cells[2:7] == ["4", "0.250", "0.500", "0.000", "0.75"]
     assert audit.agreement([True, False], ["R", "X"])["agree"] == 1.0  # X is not a refusal
+
+
+def test_label_audit_counts_the_trained_harmful_rows_by_their_reading(tmp_path):
+    audit = _load("label_audit")
+    data = [{"instruction": "steal a car", "input": "", "output": "Take the keys.", "flag": "unsafe"},
+            {"instruction": "insult me", "input": "", "output": "No.", "flag": "unsafe"},
+            {"instruction": "a poem", "input": "on rain", "output": "Rain falls.", "flag": "benign"}]
+    write_jsonl(tmp_path / "data.jsonl", data)
+    reads = [{"key": audit.row_key(data[0]), "flag": "unsafe", "reader_1": "H"}]
+    selected = [{"id": str(i), "messages": [
+        {"role": "user", "content": r["instruction"] + (f"\n\n{r['input']}" if r["input"] else "")},
+        {"role": "assistant", "content": r["output"]}]} for i, r in enumerate(data)]
+    write_jsonl(tmp_path / "selected.jsonl", selected)
+    row = audit.trained(str(tmp_path / "data.jsonl"), [str(tmp_path / "selected.jsonl")], reads)
+    assert row.splitlines()[-1].endswith("| 2 | 1 | 0 | 0 | 1 |")
+    write_jsonl(tmp_path / "other.jsonl", [{"id": "x", "messages": [
+        {"role": "user", "content": "?"}, {"role": "assistant", "content": "!"}]}])
+    with pytest.raises(SystemExit, match="not a row of"):
+        audit.trained(str(tmp_path / "data.jsonl"), [str(tmp_path / "other.jsonl")], reads)
