@@ -52,7 +52,8 @@ def row_key(row: dict) -> str:
 def build(mixes: list[str], out: Path, benign: int, seed: int,
           read_before: set[str] = frozenset()) -> None:
     """blind.jsonl (n, request, answer; shuffled, no flag) and truth.json (n -> key, flag).
-    Flagged rows in `read_before` (keys of an earlier reading) are left out."""
+    Flagged rows in `read_before` (keys of the rows of an earlier reading's mixes) are left
+    out."""
     flagged: dict[str, dict] = {}
     plain: list[tuple[str, dict]] = []  # every benign row of every mix, as drawn for the audit
     for path in sorted(mixes):
@@ -234,8 +235,10 @@ def main() -> None:
     p.add_argument("--readers", nargs="*", default=["labels.jsonl", "labels2.jsonl"],
                    help="export: the readers' files in --out, in order")
     p.add_argument("--reads", type=Path, default=READS, help="export writes it, table reads it")
-    p.add_argument("--new-only", action="store_true",
-                   help="build: leave out flagged rows --reads has; export: add to --reads")
+    p.add_argument("--skip-mixes", nargs="*", default=[],
+                   help="build: leave out flagged rows of these mixes (an earlier reading's)")
+    p.add_argument("--append", action="store_true",
+                   help="export: add to --reads instead of replacing it")
     p.add_argument("--reader", type=int, default=1, help="table: whose labels score the runs")
     p.add_argument("--run", nargs="*", default=[], help="MIX.jsonl=SELECT_RUN_DIR")
     p.add_argument("--near", type=Path, default=Path("runs/neighbour_probe"))
@@ -244,10 +247,10 @@ def main() -> None:
     p.add_argument("--selected", nargs="*", default=[], help="trained: selected.jsonl files")
     a = p.parse_args()
     if a.step == "build":
-        before = {r["key"] for r in read_jsonl(a.reads)} if a.new_only else set()
+        before = {row_key(r) for path in a.skip_mixes for r in read_jsonl(path)}
         build(a.mixes, a.out, a.benign, a.seed, before)
     elif a.step == "export":
-        export(a.out, a.readers, a.reads, append=a.new_only)
+        export(a.out, a.readers, a.reads, append=a.append)
     elif a.step == "trained":
         print(trained(a.data, a.selected, read_jsonl(a.reads), a.reader))
     else:
