@@ -68,7 +68,7 @@ def held_out_accuracy(chosen: np.ndarray, rejected: np.ndarray, seed: int = 0) -
 
 def mix_scores(mix_path: str, run_dir: str, near_dir: Path, w: np.ndarray,
                encoder: SentenceEncoder, labels: dict[str, str] | None) -> tuple:
-    """(flags, agreed-row mask or None, signals by name) for one dev mix."""
+    """(mix name, flags, mask of the rows reader 1 confirms or None, signals by name)."""
     mix_rows, name = read_jsonl(mix_path), Path(mix_path).stem
     near_rows = read_jsonl(near_dir / f"{name}__neighbours.jsonl")
     near_by_id = {r["id"]: r["seg_knn_10"] for r in near_rows}
