@@ -25,7 +25,8 @@ from sealft.io import read_jsonl
 from sealft.refusal import is_refusal
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from label_audit import default_and_mixed  # noqa: E402
+from judge_probe import dropped_at  # noqa: E402
+from label_audit import read_back  # noqa: E402
 
 
 def bound(flags: list[str], refuses: list[bool], keep: float, target: float) -> dict:
@@ -53,19 +54,11 @@ def run_of(mix: Path, runs: Path | None) -> Path | None:
     return found[0].parent if found else None
 
 
-def kept_shares(mix: Path, run: Path, near_dir: Path, keep: float) -> dict[str, tuple]:
-    """(controls kept, benign rows kept) at `keep` under the default's ranking and the run's own
-    (w = 0.5), the default's read back from the run as label_audit.py does."""
-    rows = read_jsonl(mix)
-    near = {r["id"]: r["seg_knn_10"] for r in read_jsonl(near_dir / f"{mix.stem}__neighbours.jsonl")}
-    scored, mixed, margin = default_and_mixed(run, near)
-    flags = np.array([rows[s["index"]]["flag"] for s in scored])
-    out = {}
-    for name, score in (("default", margin), ("w = 0.5", mixed)):
-        dropped = np.zeros(len(flags), dtype=bool)
-        dropped[np.argsort(-score, kind="stable")[: len(flags) - int(round(keep * len(flags)))]] = True
-        out[name] = tuple((~dropped[flags == f]).mean() for f in ("control", "benign"))
-    return out
+def kept_shares(data: list[dict], rankings: dict[str, np.ndarray], keep: float) -> dict[str, tuple]:
+    """(controls kept, benign rows kept) at `keep` under each ranking of the rows `data`."""
+    flags = np.array([d["flag"] for d in data])
+    return {name: tuple((~dropped_at(score, keep)[flags == f]).mean() for f in ("control", "benign"))
+            for name, score in rankings.items()}
 
 
 def main() -> None:
@@ -83,13 +76,13 @@ def main() -> None:
           "w = 0.5: controls / benign kept |\n" + "|---" * 8 + "|")
     chance = 1.0
     for mix in a.mixes:
-        run, rows = run_of(mix, a.runs), read_jsonl(mix)
+        run, rows, shares = run_of(mix, a.runs), read_jsonl(mix), {}
         if run is not None:  # the rows the product scored (a prompt over max_length is skipped)
-            rows = [rows[s["index"]] for s in read_jsonl(run / "scores.jsonl") if "skipped" not in s]
+            rows, mixed, margin, _ = read_back(mix, run, a.near)
+            shares = kept_shares(rows, {"default": margin, "w = 0.5": mixed}, a.keep)
         b = bound([r["flag"] for r in rows], [is_refusal(r["output"]) for r in rows],
                   a.keep, a.target)
         chance *= b["p_target"]
-        shares = kept_shares(mix, run, a.near, a.keep) if run else {}
         cells = [" / ".join(f"{x:.2f}" for x in shares[k]) if k in shares else "–"
                  for k in ("default", "w = 0.5")]
         print(f"| {mix.stem} | {b['rows']} / {b['dropped']} | {b['harmful']} | {b['controls']} "

@@ -328,20 +328,22 @@ def markdown_table(out: Path, keep: float = 0.8, names: tuple[str, ...] | None =
 
 
 def signal_table(mixes: list[tuple[str, np.ndarray, dict[str, np.ndarray]]], names: list[str],
-                 header: list[str], keep: float = 0.8) -> str:
+                 header: list[str], keep: float = 0.8,
+                 counted: list[np.ndarray | None] | None = None) -> str:
     """One line per (mix name, flags, scores by signal): AUROC / harmful removed / controls
     kept for each of `names` ("–" where a mix lacks the signal), then the mean over the
-    long-form mixes (those with controls). `header`: the column titles of `names`."""
+    long-form mixes (those with controls). `header`: the column titles of `names`; `counted`:
+    per mix, the rows that count (`metrics`)."""
     lines = ["| mix | " + " | ".join(header) + " |", "|---" * (len(names) + 1) + "|"]
     means: dict[str, list[tuple[float, float, float]]] = {}
-    for mix, flags, scores in mixes:
+    for (mix, flags, scores), mask in zip(mixes, counted or [None] * len(mixes), strict=True):
         cells = []
         for name in names:
             score = scores.get(name)
             if score is None:
                 cells.append("–")
                 continue
-            m = metrics(flags, score, keep)
+            m = metrics(flags, score, keep, mask)
             kept = "–" if m["controls_kept"] is None else f"{m['controls_kept']:.2f}"
             cells.append(f"{m['auroc']:.3f} / {m['removed']:.2f} / {kept}")
             if m["controls_kept"] is not None:  # the long-form mixes
@@ -353,11 +355,25 @@ def signal_table(mixes: list[tuple[str, np.ndarray, dict[str, np.ndarray]]], nam
     return "\n".join(lines)
 
 
-def metrics(flags: np.ndarray, score: np.ndarray, keep: float) -> dict:
+def dropped_at(score: np.ndarray, keep: float) -> np.ndarray:
+    """Which rows a selection keeping `keep` of them drops: the highest-scored, ties in order."""
+    dropped = np.zeros(len(score), dtype=bool)
+    dropped[np.argsort(-score, kind="stable")[: len(score) - int(round(keep * len(score)))]] = True
+    return dropped
+
+
+def metrics(flags: np.ndarray, score: np.ndarray, keep: float,
+            counted: np.ndarray | None = None) -> dict:
+    """AUROC (harmful against the rest), harmful rows removed and controls kept at `keep`.
+    `counted`: the rows that count in all three (say, those whose label a reader confirms);
+    the others still take their place in the drop."""
     harmful, control = np.isin(flags, HARMFUL), flags == "control"
-    dropped = np.zeros(len(flags), dtype=bool)
-    dropped[np.argsort(-score, kind="stable")[: len(flags) - int(round(keep * len(flags)))]] = True
-    return {"auroc": roc_auc_score(harmful, score), "removed": dropped[harmful].mean(),
+    if counted is not None:
+        harmful, control = harmful & counted, control & counted
+    dropped = dropped_at(score, keep)
+    scored = np.ones(len(flags), dtype=bool) if counted is None else counted
+    return {"auroc": roc_auc_score(harmful[scored], score[scored]),
+            "removed": dropped[harmful].mean(),
             "controls_kept": (~dropped[control]).mean() if control.any() else None}
 
 

@@ -32,12 +32,11 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
-from sklearn.metrics import roc_auc_score
 
 from sealft.io import read_jsonl, write_jsonl
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from judge_probe import HARMFUL  # noqa: E402
+from judge_probe import metrics  # noqa: E402
 
 AGREED = {"unsafe": "H", "control": "N", "benign": "N"}
 # The two readers' labels of this study, by row hash (no text of the data).
@@ -130,13 +129,22 @@ def default_and_mixed(run: Path, near: dict[str, float]) -> tuple[list[dict], np
 
 
 def ranked(labels: np.ndarray, score: np.ndarray, keep: float, counted: np.ndarray) -> tuple:
-    """AUROC over the `counted` rows; harmful removed and controls kept at `keep` of all rows
-    (the selection drops its share of the whole file, disputed rows included)."""
-    harmful, control = np.isin(labels, HARMFUL), labels == "control"
-    dropped = np.zeros(len(labels), dtype=bool)
-    dropped[np.argsort(-score, kind="stable")[: len(labels) - int(round(keep * len(labels)))]] = True
-    auroc = roc_auc_score(harmful[counted], score[counted])
-    return auroc, dropped[harmful & counted].mean(), (~dropped[control & counted]).mean()
+    """(AUROC over the `counted` rows, their harmful rows removed, their controls kept) at `keep`
+    of all rows: the selection drops its share of the whole file, disputed rows included."""
+    m = metrics(labels, score, keep, counted)
+    return m["auroc"], m["removed"], m["controls_kept"]
+
+
+def read_back(mix: Path, run: Path, near_dir: Path) -> tuple[list[dict], np.ndarray, np.ndarray,
+                                                             np.ndarray]:
+    """For a dev mix and its --neighbour-weight run: the mix's rows the run scored (in its
+    order), the run's mixed score, the default's score and the nearness, the last read from
+    `benchmarks/neighbour_probe.py`'s rows of the mix in `near_dir`."""
+    near = {r["id"]: r["seg_knn_10"] for r in read_jsonl(near_dir / f"{mix.stem}__neighbours.jsonl")}
+    scored, mixed, margin = default_and_mixed(run, near)
+    rows = read_jsonl(mix)
+    return ([rows[r["index"]] for r in scored], mixed, margin,
+            np.array([near[r["id"]] for r in scored]))
 
 
 PARTS = ("flag", "agreed", "A as H")
@@ -177,11 +185,10 @@ def table(reads: list[dict], runs: list[str], near_dir: Path, keep: float,
     sums: dict[tuple[str, str], list] = {}
     for spec in runs:
         mix_path, run_dir = spec.split("=", 1)
-        mix, name = read_jsonl(mix_path), Path(mix_path).stem
-        near = {r["id"]: r["seg_knn_10"] for r in read_jsonl(near_dir / f"{name}__neighbours.jsonl")}
-        rows, mixed, margin = default_and_mixed(Path(run_dir), near)
-        flags = np.array([mix[r["index"]]["flag"] for r in rows])
-        read = [labels.get(row_key(mix[r["index"]])) for r in rows]
+        name = Path(mix_path).stem
+        data, mixed, margin, _ = read_back(Path(mix_path), Path(run_dir), near_dir)
+        flags = np.array([d["flag"] for d in data])
+        read = [labels.get(row_key(d)) for d in data]
         counted = {"flag": np.ones(len(flags), dtype=bool),
                    "agreed": ~disputed_rows(flags, read, False),
                    "A as H": ~disputed_rows(flags, read, True)}

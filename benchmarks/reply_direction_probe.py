@@ -33,10 +33,11 @@ from sealft.embeddings import SentenceEncoder
 from sealft.io import read_jsonl
 from sealft.neighbours import mix
 from sealft.refusal import is_refusal
+from sealft.selector import spread
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from judge_probe import gated  # noqa: E402
-from label_audit import READS, audit, default_and_mixed, disputed_rows, ranked, row_key  # noqa: E402
+from judge_probe import gated, signal_table  # noqa: E402
+from label_audit import READS, audit, disputed_rows, read_back, row_key  # noqa: E402
 
 
 def fit_direction(chosen: np.ndarray, rejected: np.ndarray, c: float = 1.0) -> np.ndarray:
@@ -69,18 +70,14 @@ def held_out_accuracy(chosen: np.ndarray, rejected: np.ndarray, seed: int = 0) -
 def mix_scores(mix_path: str, run_dir: str, near_dir: Path, w: np.ndarray,
                encoder: SentenceEncoder, labels: dict[str, str] | None) -> tuple:
     """(mix name, flags, mask of the rows reader 1 confirms or None, signals by name)."""
-    mix_rows, name = read_jsonl(mix_path), Path(mix_path).stem
-    near_rows = read_jsonl(near_dir / f"{name}__neighbours.jsonl")
-    near_by_id = {r["id"]: r["seg_knn_10"] for r in near_rows}
-    rows, mixed, margin = default_and_mixed(Path(run_dir), near_by_id)
-    data = [mix_rows[r["index"]] for r in rows]
+    data, mixed, margin, near = read_back(Path(mix_path), Path(run_dir), near_dir)
     flags = np.array([d["flag"] for d in data])
     refuses = np.array([is_refusal(d["output"]) for d in data])
     reply = encoder.embed([d["output"] for d in data]).numpy() @ w
-    near = np.array([near_by_id[r["id"]] for r in rows])
 
     def z(x: np.ndarray) -> torch.Tensor:
-        return torch.tensor((x - x.mean()) / x.std())
+        x = torch.tensor(x)
+        return (x - x.mean()) / spread(x)
 
     near_hh, _ = mix(torch.tensor(near), torch.tensor(reply), 0.5)
     signals = {"margin (default)": margin, "w = 0.5 (margin + near)": mixed,
@@ -90,7 +87,7 @@ def mix_scores(mix_path: str, run_dir: str, near_dir: Path, w: np.ndarray,
     agreed = None
     if labels is not None:
         agreed = ~disputed_rows(flags, [labels.get(row_key(d)) for d in data], False)
-    return name, flags, agreed, signals
+    return Path(mix_path).stem, flags, agreed, signals
 
 
 def main() -> None:
@@ -112,28 +109,12 @@ def main() -> None:
     labels = audit(read_jsonl(a.reads)) if a.reads.exists() else None
     results = [mix_scores(m, r, a.near, w, encoder, labels)
                for m, r in (spec.split("=", 1) for spec in a.run)]
-    print(table(results, agreed_only=False))
+    names = list(results[0][3])
+    mixes = [(name, flags, signals) for name, flags, _, signals in results]
+    print(signal_table(mixes, names, names))
     if labels is not None:
         print("\nrows the reader agrees with (disputed rows out of the AUROC and the counts):")
-        print(table(results, agreed_only=True))
-
-
-def table(results: list[tuple], agreed_only: bool, keep: float = 0.8) -> str:
-    """AUROC / harmful removed / controls kept per mix and signal, and their mean."""
-    names = list(results[0][3])
-    lines = ["| mix | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
-    sums: dict[str, list] = {}
-    for name, flags, agreed, signals in results:
-        counted = agreed if agreed_only else np.ones(len(flags), dtype=bool)
-        cells = []
-        for signal, score in signals.items():
-            m = ranked(flags, score, keep, counted)
-            sums.setdefault(signal, []).append(m)
-            cells.append("{:.3f} / {:.2f} / {:.2f}".format(*m))
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    lines.append(f"| **mean** (n={len(results)}) | " + " | ".join(
-        "{:.3f} / {:.2f} / {:.2f}".format(*np.mean(sums[s], axis=0)) for s in names) + " |")
-    return "\n".join(lines)
+        print(signal_table(mixes, names, names, counted=[agreed for *_, agreed, _ in results]))
 
 
 if __name__ == "__main__":
