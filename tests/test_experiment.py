@@ -63,7 +63,8 @@ class FakeStages:
         self.calls["evaluate"] += 1
         out = Path(args.output_dir)
         out.mkdir(parents=True, exist_ok=True)
-        ratio = float(Path(args.adapter).parent.parent.name.split("-keep")[1].split("-")[0])
+        ratio = (float(Path(args.adapter).parent.parent.name.split("-keep")[1].split("-")[0])
+                 if args.adapter else 1.0)  # the base model
         summary = {"safety_refusal_rate": 0.9 - 0.5 * ratio, "over_refusal_rate": 0.1,
                    "task_accuracy": 0.7 + 0.1 * ratio, "win_rate": None, "wall_seconds": 3.0}
         (out / "summary.json").write_text(json.dumps(summary))
@@ -206,6 +207,61 @@ def test_rerun_skips_finished_cells(tmp_path, fake):
     # Growing the grid runs only the new cells.
     E.run_grid(_args(tmp_path, keep_ratios="0.5,0.8,0.9"))
     assert fake.calls["select"] == 7
+
+
+def test_a_grid_split_across_dirs_merges(tmp_path, fake):
+    """Part A runs seed 1 first and stops; B, the same config with merge_dirs=[A], runs only
+    what A did not finish (seed 0; the base model is A's) and averages both seeds."""
+    part = {"methods": "base,all,random", "keep_ratios": "0.8"}
+
+    def stop_at_seed_0(args, cell, stages):
+        if cell.seed == 0:
+            raise KeyboardInterrupt  # the machine was handed back
+        return E.run_cell(args, cell, stages)
+
+    with pytest.raises(KeyboardInterrupt):
+        E.run_grid(_args(tmp_path, seeds="1,0", output_dir=str(tmp_path / "a"), **part),
+                   stop_at_seed_0)
+    assert fake.calls["evaluate"] == 3  # base, all and random of seed 1
+    rows = E.run_grid(_args(tmp_path, seeds="0,1", merge_dirs=str(tmp_path / "a"), **part))
+    assert fake.calls["evaluate"] == 5  # only seed 0's all and random ran here
+    merged = {E.cell_name(r["method"], r["keep_ratio"], r["seed"]) for r in rows
+              if r.get("merged_from") == str(tmp_path / "a")}
+    assert merged == {"base-keep1-seed1", "all-keep1-seed1", "random-keep0.8-seed1"}
+    with open(tmp_path / "exp" / "results_summary.csv", newline="") as handle:
+        summary = {r["method"]: r for r in csv.DictReader(handle)}
+    assert summary["random"]["seeds"] == "2" and summary["random"]["safety_refusal_rate_ci95"]
+    # a part of another grid is refused before anything runs: other settings, other data
+    with pytest.raises(ConfigError, match="a ran other settings .*select"):
+        E.run_grid(_args(tmp_path, seeds="0,1", output_dir=str(tmp_path / "c"),
+                         merge_dirs=str(tmp_path / "a"), select={"epochs": 2}, **part))
+    other = _args(tmp_path, seeds="0,1", output_dir=str(tmp_path / "d"),
+                  merge_dirs=str(tmp_path / "a"), **part)
+    write_jsonl(tmp_path / "ft.jsonl", toy_finetune_rows(9))
+    with pytest.raises(ConfigError, match="a ran on other data .*finetune_data"):
+        E.run_grid(other)
+    assert not (tmp_path / "c").exists() and not (tmp_path / "d").exists()
+    older = tmp_path / "older"  # a part written before inputs.json was
+    older.mkdir()
+    for name in ("config.yaml", "results.csv"):
+        (older / name).write_bytes((tmp_path / "a" / name).read_bytes())
+    with pytest.raises(ConfigError, match="merge-dirs: .*older lacks inputs.json: give"):
+        _args(tmp_path, merge_dirs=str(older))
+
+
+def test_rerun_over_changed_data_is_refused(tmp_path, fake):
+    """Finished cells are skipped without reading the data again, so inputs.json is what
+    notices that the file changed under them."""
+    E.run_grid(_args(tmp_path, methods="random", keep_ratios="0.8"))
+    digests = json.loads((tmp_path / "exp" / "inputs.json").read_text())
+    assert digests["finetune_data"].startswith("sha256:") and digests["safe_data"]
+    args = _args(tmp_path, methods="random", keep_ratios="0.8")
+    rows = toy_finetune_rows(8)
+    rows[0]["output"] += " (edited)"
+    write_jsonl(tmp_path / "ft.jsonl", rows)
+    with pytest.raises(ConfigError, match="finetune_data changed since the finished cells"):
+        E.run_grid(args)
+    assert json.loads((tmp_path / "exp" / "inputs.json").read_text()) == digests
 
 
 def test_interrupted_cell_resumes_stage_by_stage(tmp_path, fake):

@@ -8,6 +8,8 @@ Layout of OUTPUT_DIR:
                               that no seed's sample contains (every cell is evaluated on them)
   heldout_task.jsonl          with heldout_task > 0: unflagged rows outside every sample, whose
                               answers' loss every cell reports (suite task-loss)
+  inputs.json                 what the results depend on besides config.yaml: the SHA-256 of
+                              each data file and a fingerprint of the held-out rows
   cells/<method>-keep<r>-seed<s>/
       select/ finetune/ eval/  the three stage dirs (each with its own summary.json)
       done.json               the cell's result row; its presence marks the cell finished
@@ -27,6 +29,13 @@ recorded and the grid moves on; the command then exits 1, listing the failed cel
 Reruns skip finished cells and continue unfinished ones stage by stage (a finished selection is
 not redone, SEAL resumes from its checkpoint, evaluation reuses its generation cache). A failing
 cell is recorded and the grid moves on; the next rerun retries it.
+
+A grid can be split across machines: run the same config (all seeds listed, so that every part
+holds out the same rows) in several dirs, with the seeds in another order to start elsewhere,
+and stop each part when you like; then `merge_dirs` names the parts in one more run of the
+config. Their finished cells count as finished (they are not rerun) wherever their settings
+and inputs.json agree with this run's; the rest of the grid runs, and the tables cover it all.
+A part needs only config.yaml, inputs.json and results.csv, small enough to keep with the code.
 
 All-data methods (`all`, `safeinstr`) and the `oracle` (every unflagged row) do not depend on
 the keep ratio: they run once per seed at keep ratio 1 and show as horizontal lines in the plot.
@@ -62,6 +71,7 @@ from sealft.evaluate.run import suite_context, task_rows
 from sealft.evaluate.suites import build_suites, expand_suite_names
 from sealft.finetune import FinetuneArgs, run_finetune
 from sealft.io import (
+    file_sha256,
     prepare_output_dir,
     read_jsonl,
     write_json,
@@ -87,7 +97,10 @@ HELDOUT_SET = "heldout_harmful"
 HELDOUT_TASK = "heldout_task"
 SELECTOR_NAMES = SELECT_METHODS  # keys of method_select: what `sealft select --method` takes
 # Grid fields: a rerun may change them (to extend the grid); everything else must match.
-GRID_FIELDS = ("methods", "keep_ratios", "seeds", "overwrite", "plot")
+GRID_FIELDS = ("methods", "keep_ratios", "seeds", "overwrite", "plot", "merge_dirs")
+INPUTS_FILE = "inputs.json"
+COUNT_COLUMNS = ("seed", "rows", "kept", "harmful_trained", "safety_added")  # ints in CSV
+MERGE_FILES = ("config.yaml", INPUTS_FILE, "results.csv")
 METRIC_COLUMNS = ("safety_refusal_rate", "over_refusal_rate", "task_accuracy", "win_rate")
 RESULT_COLUMNS = (
     "method", "keep_ratio", "seed", "status", *METRIC_COLUMNS, "safety_harmfulness_rate",
@@ -154,9 +167,18 @@ class ExperimentArgs:
     """Draw ratio_sweep.png and tradeoff.png."""
     overwrite: bool = False
     """Delete the output dir's previous contents instead of resuming."""
+    merge_dirs: tuple[str, ...] = ()
+    """Dirs of this same grid run elsewhere (other seeds on another machine, say), each with
+    config.yaml, inputs.json and results.csv: their finished cells are taken as finished here,
+    not rerun. Their settings other than the grid, and their data digests, must match."""
 
     def __post_init__(self) -> None:
         cfg.require(bool(self.output_dir), "output_dir", "required")
+        for folder in self.merge_dirs:
+            cfg.require(Path(folder).is_dir(), "merge_dirs", f"{folder} is not a directory")
+            missing = [n for n in MERGE_FILES if not (Path(folder) / n).is_file()]
+            cfg.require(not missing, "merge_dirs", f"{folder} lacks {', '.join(missing)}: give "
+                        "a dir that `sealft experiment` wrote")
         for name in ("select", "finetune", "evaluate", "method_select"):
             cfg.require(isinstance(getattr(self, name), dict), name,
                         "must be a mapping of options")
@@ -550,9 +572,13 @@ def failed_row(cell: Cell, err: BaseException) -> dict[str, Any]:
 CellRunner = Callable[[ExperimentArgs, Cell, CellStages], dict[str, Any]]
 
 
+def done_path(cell: Cell) -> Path:
+    return cell.folder / "done.json"
+
+
 def run_or_record(args: ExperimentArgs, cell: Cell, runner: CellRunner = run_cell) -> dict:
     """The cell's result; a failure becomes a row with its error instead of stopping the grid."""
-    done = cell.folder / "done.json"
+    done = done_path(cell)
     if done.exists():
         print(f"[experiment] {cell.name}: finished earlier, skipped", file=sys.stderr)
         return _read_json(done)
@@ -597,10 +623,7 @@ def prepare_experiment_dir(args: ExperimentArgs) -> Path:
         raise ConfigError(f"--output-dir {out} is not empty and not an experiment dir; use "
                           "another dir or --overwrite")
     if previous.exists() and not args.overwrite:
-        old, new = cfg.load_yaml(previous), cfg.to_dict(args)
-        # An option added since that run was started counts as its default there.
-        defaults = field_defaults(ExperimentArgs)
-        changed = [k for k in new if k not in GRID_FIELDS and old.get(k, defaults[k]) != new[k]]
+        changed = changed_settings(cfg.load_yaml(previous), args)
         if changed:
             raise ConfigError(
                 f"--output-dir {out} holds an experiment with different {', '.join(changed)}; "
@@ -701,6 +724,15 @@ def validate_grid(args: ExperimentArgs, cells: list[Cell]) -> dict[str, list[dic
     return heldout
 
 
+def changed_settings(old: dict[str, Any], args: ExperimentArgs,
+                     ignore: tuple[str, ...] = ()) -> list[str]:
+    """Options outside the grid (and `ignore`) that differ between a saved config.yaml and
+    `args`; an option added since that config was saved counts as its default there."""
+    new, defaults = cfg.to_dict(args), field_defaults(ExperimentArgs)
+    return [k for k in new if k not in (*GRID_FIELDS, *ignore)
+            and old.get(k, defaults[k]) != new[k]]
+
+
 def field_defaults(cls: type) -> dict[str, Any]:
     """A dataclass's defaults as config.yaml holds them (tuples as lists)."""
     values = {}
@@ -715,12 +747,22 @@ def run_grid(args: ExperimentArgs, runner: CellRunner = run_cell) -> list[dict[s
     the reports."""
     cells = grid(args)
     heldout = validate_grid(args, cells)
+    digests = input_digests(args, heldout)
+    if not args.overwrite:
+        check_inputs(Path(args.output_dir), digests)
+    merged = merged_cells(args, digests, cells)
     out = prepare_experiment_dir(args)
     for name, rows in heldout.items():
         write_heldout(args, rows, name)
+    write_json(out / INPUTS_FILE, digests)
     rows = []
     for cell in cells:
-        rows.append(run_or_record(args, cell, runner))
+        if cell.name in merged and not done_path(cell).exists():
+            print(f"[experiment] {cell.name}: finished in {merged[cell.name]['merged_from']}, "
+                  "merged", file=sys.stderr)
+            rows.append(merged[cell.name])
+        else:
+            rows.append(run_or_record(args, cell, runner))
         write_reports(out, rows, plot=False)  # partial results survive an interrupted grid
     write_reports(out, rows, plot=args.plot)
     failed = [r for r in rows if r["status"] != "ok"]
@@ -740,6 +782,77 @@ def run_experiment(args: ExperimentArgs, runner: CellRunner = run_cell) -> int:
         print(f"[experiment] {len(failed)} cell(s) failed; rerun the command to retry them",
               file=sys.stderr)
     return 1 if failed else 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Inputs, and grids split across machines
+# ---------------------------------------------------------------------------------------------
+
+
+def input_digests(args: ExperimentArgs, heldout: dict[str, list[dict[str, Any]]]
+                  ) -> dict[str, Any]:
+    """What every cell's result depends on besides the settings: the bytes of each local data
+    file (a path alone does not say the file is the same on another machine; a hub id is
+    kept as given) and the held-out rows."""
+    select = cfg.build(SelectArgs, _shared_select_options(args), args.select,
+                       {"method": "all", "output_dir": str(Path(args.output_dir) / "unused")})
+    files = {"finetune_data": select.finetune_data, "safe_data": select.safe_data,
+             "safeinstr_data": args.safeinstr_data, "task_data": args.evaluate.get("task_data")}
+    digests: dict[str, Any] = {}
+    for name, source in files.items():
+        if source:
+            local = Path(source).expanduser()
+            digests[name] = f"sha256:{file_sha256(local)}" if local.is_file() else source
+    for name, rows in sorted(heldout.items()):
+        digests[name] = cfg.data_fingerprint([{"id": r["id"], "messages": r.get("messages")
+                                               or r["prompt"]} for r in rows])
+    return digests
+
+
+def check_inputs(out: Path, digests: dict[str, Any]) -> None:
+    """A rerun over changed data is refused: the finished cells were measured on the old. (A
+    dir started before inputs.json was written has nothing to compare.)"""
+    path = out / INPUTS_FILE
+    changed = differing_keys(_read_json(path), digests) if path.exists() else []
+    changed = [k for k in changed if k not in (HELDOUT_SET, HELDOUT_TASK)]  # write_heldout's
+    if changed:
+        raise ConfigError(f"{path}: {', '.join(changed)} changed since the finished cells ran; "
+                          "restore it, or use another output_dir")
+
+
+def differing_keys(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    return sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+
+
+def merged_cells(args: ExperimentArgs, digests: dict[str, Any],
+                 cells: list[Cell]) -> dict[str, dict[str, Any]]:
+    """The cells of this grid that a dir of merge_dirs finished, by cell name. The base model
+    is run once per grid, under whichever seed came first there, so its row stands for this
+    grid's base cell whatever its seed."""
+    from sealft.report import read_rows_csv
+
+    wanted = {c.name for c in cells}
+    base = next((c.name for c in cells if not c.method.trains), None)
+    found: dict[str, dict[str, Any]] = {}
+    for folder in map(Path, args.merge_dirs):
+        changed = changed_settings(cfg.load_yaml(folder / "config.yaml"), args,
+                                   ignore=("output_dir",))
+        if changed:
+            raise ConfigError(f"--merge-dirs: {folder} ran other settings "
+                              f"({', '.join(changed)}); merge only parts of this same grid")
+        changed = differing_keys(_read_json(folder / INPUTS_FILE), digests)
+        if changed:
+            raise ConfigError(f"--merge-dirs: {folder} ran on other data or held-out rows "
+                              f"({', '.join(changed)}); merge only parts of this same grid")
+        for row in read_rows_csv(folder / "results.csv"):
+            if row.get("status") != "ok":
+                continue
+            row |= {k: int(row[k]) for k in COUNT_COLUMNS if isinstance(row.get(k), float)}
+            name = (base if row["method"] == BASE else
+                    cell_name(row["method"], float(row["keep_ratio"]), row["seed"]))
+            if name in wanted and name not in found:  # the first dir that finished it
+                found[name] = row | {"merged_from": str(folder)}
+    return found
 
 
 # ---------------------------------------------------------------------------------------------

@@ -103,6 +103,17 @@ def write_yaml(path: str | Path, obj: Any) -> None:
         yaml.safe_dump(obj, handle, sort_keys=False, allow_unicode=True)
 
 
+def file_sha256(path: str | Path) -> str:
+    """The file's SHA-256, read in blocks (weights run to gigabytes)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
     """Read a JSONL file (optionally .gz); a malformed line is an error naming the file and
     line number. A UTF-8 byte-order mark (Windows editors, Excel) is ignored."""

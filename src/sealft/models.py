@@ -8,7 +8,6 @@ costs 15-35 s per load on a laptop CPU and every stage loads the model again.
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import os
 import socket
@@ -18,6 +17,7 @@ from pathlib import Path
 import torch
 
 from sealft.errors import ModelError
+from sealft.io import file_sha256
 
 CACHE_DIR = Path(os.environ.get("SEALFT_CACHE", Path.home() / ".cache" / "sealft"))
 
@@ -80,14 +80,6 @@ def _package_file(package: str, relative: str) -> Path:
     return Path(spec.origin).parent / relative
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def offline_gguf(name: str) -> Path:
     """Locate (and for multi-part packages, assemble and verify) the GGUF file for `name`."""
     spec = OFFLINE_MODELS[name]
@@ -110,7 +102,7 @@ def offline_gguf(name: str) -> Path:
             with open(part, "rb") as handle:
                 while block := handle.read(1 << 22):
                     out.write(block)
-    if spec.sha256 and (digest := _sha256(tmp)) != spec.sha256:
+    if spec.sha256 and (digest := file_sha256(tmp)) != spec.sha256:
         tmp.unlink()
         raise ModelError(
             f"model {name!r}: assembled GGUF has sha256 {digest}, expected {spec.sha256}; "

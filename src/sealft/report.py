@@ -138,11 +138,11 @@ class ExperimentRun:
 def load_experiment(path: Path) -> ExperimentRun:
     """An experiment dir as `sealft experiment` wrote it; results.csv is optional (the table
     needs only the summary)."""
-    return ExperimentRun(path, _read_csv(path / "results_summary.csv"),
-                         _read_csv(path / "results.csv"))
+    return ExperimentRun(path, read_rows_csv(path / "results_summary.csv"),
+                         read_rows_csv(path / "results.csv"))
 
 
-def _read_csv(path: Path) -> list[dict[str, Any]]:
+def read_rows_csv(path: Path) -> list[dict[str, Any]]:
     """Rows with numbers as floats and empty fields as None; no file, no rows."""
     if not path.is_file():
         return []
