@@ -942,3 +942,36 @@ def test_label_audit_counts_the_trained_harmful_rows_by_their_reading(tmp_path):
         {"role": "user", "content": "?"}, {"role": "assistant", "content": "!"}]}])
     with pytest.raises(SystemExit, match="not a row of"):
         audit.trained(str(tmp_path / "data.jsonl"), [str(tmp_path / "other.jsonl")], reads)
+
+
+def test_paired_prompts_pool_the_discordant_prompts_over_seeds(tmp_path):
+    probe = _load("paired_prompts")
+    exp = tmp_path / "exp"
+    # refusals per prompt p0..p4: all refuses p0 in both seeds; seal adds p1-p3 in seed 0 and
+    # p1 in seed 1; seed 1's seal cell lives on another machine (no folder): left out.
+    cells = {("all", 0): [1, 0, 0, 0, 0], ("all", 1): [1, 0, 0, 0, 0],
+             ("seal", 0): [0, 1, 1, 1, 0], ("seal", 2): [1, 1, 1, 1, 1],
+             ("base", 0): [1, 1, 1, 1, 1]}
+    rows = []
+    for (method, seed), refused in cells.items():
+        folder = exp / "cells" / f"{method}-seed{seed}"
+        (folder / "eval").mkdir(parents=True)
+        write_jsonl(folder / "eval" / "judgments.jsonl",
+                    [{"set": "heldout_harmful", "id": f"p{i}", "refusal": bool(r)}
+                     for i, r in enumerate(refused)]
+                    + [{"set": "advbench", "id": "a0", "refusal": True}])
+        rows.append({"method": method, "seed": seed, "status": "ok", "cell_dir": str(folder)})
+    rows.append({"method": "seal", "seed": 1, "status": "ok", "cell_dir": "/elsewhere/seal-seed1"})
+    with open(exp / "results.csv", "w") as handle:
+        handle.write("method,seed,status,cell_dir\n")
+        handle.writelines(f"{r['method']},{r['seed']},{r['status']},{r['cell_dir']}\n" for r in rows)
+    pairs = {p.method: p for p in probe.paired(exp, "heldout_harmful")}
+    seal, base = pairs["seal"], pairs["base"]
+    assert (seal.seeds, seal.prompts, seal.only_method, seal.only_reference) == ([0], 5, 3, 1)
+    assert seal.difference == pytest.approx(40.0)
+    assert seal.p_value == pytest.approx(10 / 16)  # 2 * P(X >= 3), X ~ Bin(4, 1/2)
+    # the base model, run once, stands beside every seed of all data
+    assert (base.seeds, base.prompts, base.only_method, base.only_reference) == ([0, 1], 10, 8, 0)
+    assert base.p_value == pytest.approx(2 / 2 ** 8)
+    assert "| seal | 0 | 5 | 3 | 1 | +40.0 | 0.625 |" in probe.table(list(pairs.values()),
+                                                                      "heldout_harmful")
