@@ -12,12 +12,14 @@ test of those discordant pairs at 1/2) says whether they lean one way.
 What it does not cover: the pairs of one seed share a trained model, so the test is conditional
 on the models these seeds trained; it is a complement to the t interval, not a replacement.
 
-    python benchmarks/paired_prompts.py runs/experiment-gpt4 [--set heldout_harmful] [--against all]
+    python benchmarks/paired_prompts.py runs/experiment-gpt4 [runs/other-grid-same-inputs ...] \\
+        [--set heldout_harmful] [--against all]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,38 +59,64 @@ def refusals(cell_dir: Path, set_name: str) -> dict[str, bool] | None:
     return {j["id"]: bool(j["refusal"]) for j in read_jsonl(path) if j["set"] == set_name}
 
 
-def cell_dirs(experiment: Path) -> dict[tuple[str, int], Path]:
-    """(method, seed) -> the cell's folder, for every finished cell whose folder is here: a
-    cell merged from another machine's part keeps only its results row."""
+def cell_dirs(experiment: Path) -> dict[tuple[str, str, int], Path]:
+    """(method, keep ratio, seed) -> the cell's folder, for every finished cell whose folder is
+    here: a cell merged from another machine's part keeps only its results row."""
+    results = experiment / "results.csv"
+    if not results.is_file():
+        raise SystemExit(f"{results}: not found; pass a `sealft experiment` output dir")
     out = {}
-    for row in read_rows_csv(experiment / "results.csv"):
+    for row in read_rows_csv(results):
         folder = experiment / "cells" / Path(str(row["cell_dir"])).name
         if row["status"] == "ok" and folder.is_dir():
-            out[(str(row["method"]), int(row["seed"]))] = folder
+            out[(str(row["method"]), f"{float(row['keep_ratio']):g}", int(row["seed"]))] = folder
     return out
 
 
-def paired(experiment: Path, set_name: str, against: str = "all") -> list[Pairs]:
-    """Every other method against `against`, its prompts paired seed by seed."""
-    cells = cell_dirs(experiment)
-    reference = {seed: refusals(d, set_name) for (m, seed), d in cells.items() if m == against}
-    base = next((d for (m, _), d in cells.items() if m == "base"), None)
+def paired(experiments: list[Path], set_name: str, against: str = "all") -> list[Pairs]:
+    """Every other method (and keep ratio) against `against` of the first experiment, its
+    prompts paired seed by seed. Later experiments must have asked the same prompts of the
+    same samples (equal inputs.json); their methods are labelled with their folder's name."""
+    first = experiments[0]
+    cells = cell_dirs(first)
+    ratios = {keep for m, keep, _ in cells if m == against}
+    if len(ratios) != 1:
+        found = sorted({m for m, _, _ in cells})
+        raise SystemExit(f"--against {against}: needs one finished method of one keep ratio "
+                         f"in {first} (keep ratios: {sorted(ratios) or 'none'}; methods: {found})")
+    reference = {seed: refusals(d, set_name) for (m, _, seed), d in cells.items() if m == against}
+    base = next((d for (m, _, _), d in cells.items() if m == "base"), None)
     out: dict[str, Pairs] = {}
-    methods = {m for m, _ in cells if m != against}
-    for method in sorted(methods):
-        for seed, theirs in sorted(reference.items()):
-            # The base model runs once; it stands beside every seed's all-data cell.
-            folder = base if method == "base" else cells.get((method, seed))
-            ours = refusals(folder, set_name) if folder else None
-            if ours is None or theirs is None:
+    for experiment in experiments:
+        if experiment != first and _inputs(experiment) != _inputs(first):
+            raise SystemExit(f"{experiment}: its inputs.json differs from {first}'s (other data "
+                             "or held-out rows); only runs of the same inputs pair up")
+        theirs_cells = cell_dirs(experiment)
+        several = {m for m, _, _ in theirs_cells
+                   if len({k for n, k, _ in theirs_cells if n == m}) > 1}
+        for method, keep in sorted({(m, k) for m, k, _ in theirs_cells}):
+            if experiment == first and method == against:
                 continue
-            pairs = out.setdefault(method, Pairs(method, []))
-            pairs.seeds.append(seed)
-            for prompt in ours.keys() & theirs.keys():
-                pairs.prompts += 1
-                pairs.only_method += ours[prompt] and not theirs[prompt]
-                pairs.only_reference += theirs[prompt] and not ours[prompt]
+            label = f"{method} {keep}" if method in several else method
+            label += f" [{experiment.name}]" if experiment != first else ""
+            for seed, theirs in sorted(reference.items()):
+                # The base model runs once; it stands beside every seed's all-data cell.
+                folder = base if method == "base" else theirs_cells.get((method, keep, seed))
+                ours = refusals(folder, set_name) if folder else None
+                if ours is None or theirs is None:
+                    continue
+                pairs = out.setdefault(label, Pairs(label, []))
+                pairs.seeds.append(seed)
+                for prompt in ours.keys() & theirs.keys():
+                    pairs.prompts += 1
+                    pairs.only_method += ours[prompt] and not theirs[prompt]
+                    pairs.only_reference += theirs[prompt] and not ours[prompt]
     return list(out.values())
+
+
+def _inputs(experiment: Path) -> dict | None:
+    path = experiment / "inputs.json"
+    return json.loads(path.read_text()) if path.is_file() else None
 
 
 def table(rows: list[Pairs], set_name: str, against: str = "all") -> str:
@@ -104,14 +132,16 @@ def table(rows: list[Pairs], set_name: str, against: str = "all") -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("experiment", type=Path, help="a `sealft experiment` output dir")
+    parser.add_argument("experiments", type=Path, nargs="+",
+                        help="`sealft experiment` output dirs: the first holds the --against "
+                             "cells; later ones (same inputs.json) add their methods")
     parser.add_argument("--set", default="heldout_harmful",
                         help="the evaluation set whose prompts are paired (a judgments `set`)")
     parser.add_argument("--against", default="all",
                         help="the method every other one is paired with (e.g. random: does "
                              "the selection beat a random subset of the same size?)")
     args = parser.parse_args()
-    print(table(paired(args.experiment, args.set, args.against), args.set, args.against))
+    print(table(paired(args.experiments, args.set, args.against), args.set, args.against))
 
 
 if __name__ == "__main__":

@@ -949,29 +949,50 @@ def test_paired_prompts_pool_the_discordant_prompts_over_seeds(tmp_path):
     exp = tmp_path / "exp"
     # refusals per prompt p0..p4: all refuses p0 in both seeds; seal adds p1-p3 in seed 0 and
     # p1 in seed 1; seed 1's seal cell lives on another machine (no folder): left out.
-    cells = {("all", 0): [1, 0, 0, 0, 0], ("all", 1): [1, 0, 0, 0, 0],
-             ("seal", 0): [0, 1, 1, 1, 0], ("seal", 2): [1, 1, 1, 1, 1],
-             ("base", 0): [1, 1, 1, 1, 1]}
+    # A second keep ratio of seal is its own row, never pooled with the first.
+    cells = {("all", 1, 0): [1, 0, 0, 0, 0], ("all", 1, 1): [1, 0, 0, 0, 0],
+             ("seal", 0.5, 0): [0, 1, 1, 1, 0], ("seal", 0.5, 2): [1, 1, 1, 1, 1],
+             ("seal", 0.8, 0): [1, 0, 0, 0, 0], ("base", 1, 0): [1, 1, 1, 1, 1]}
     rows = []
-    for (method, seed), refused in cells.items():
-        folder = exp / "cells" / f"{method}-seed{seed}"
+    for (method, keep, seed), refused in cells.items():
+        folder = exp / "cells" / f"{method}-keep{keep}-seed{seed}"
         (folder / "eval").mkdir(parents=True)
         write_jsonl(folder / "eval" / "judgments.jsonl",
                     [{"set": "heldout_harmful", "id": f"p{i}", "refusal": bool(r)}
                      for i, r in enumerate(refused)]
                     + [{"set": "advbench", "id": "a0", "refusal": True}])
-        rows.append({"method": method, "seed": seed, "status": "ok", "cell_dir": str(folder)})
-    rows.append({"method": "seal", "seed": 1, "status": "ok", "cell_dir": "/elsewhere/seal-seed1"})
+        rows.append((method, keep, seed, "ok", folder))
+    rows.append(("seal", 0.5, 1, "ok", "/elsewhere/seal-keep0.5-seed1"))
     with open(exp / "results.csv", "w") as handle:
-        handle.write("method,seed,status,cell_dir\n")
-        handle.writelines(f"{r['method']},{r['seed']},{r['status']},{r['cell_dir']}\n" for r in rows)
-    pairs = {p.method: p for p in probe.paired(exp, "heldout_harmful")}
-    seal, base = pairs["seal"], pairs["base"]
+        handle.write("method,keep_ratio,seed,status,cell_dir\n")
+        handle.writelines(",".join(map(str, r)) + "\n" for r in rows)
+    pairs = {p.method: p for p in probe.paired([exp], "heldout_harmful")}
+    assert set(pairs) == {"seal 0.5", "seal 0.8", "base"}
+    seal, base = pairs["seal 0.5"], pairs["base"]
+    assert (pairs["seal 0.8"].only_method, pairs["seal 0.8"].only_reference) == (0, 0)
     assert (seal.seeds, seal.prompts, seal.only_method, seal.only_reference) == ([0], 5, 3, 1)
     assert seal.difference == pytest.approx(40.0)
     assert seal.p_value == pytest.approx(10 / 16)  # 2 * P(X >= 3), X ~ Bin(4, 1/2)
     # the base model, run once, stands beside every seed of all data
     assert (base.seeds, base.prompts, base.only_method, base.only_reference) == ([0, 1], 10, 8, 0)
     assert base.p_value == pytest.approx(2 / 2 ** 8)
-    assert "| seal | 0 | 5 | 3 | 1 | +40.0 | 0.625 |" in probe.table(list(pairs.values()),
-                                                                      "heldout_harmful")
+    assert "| seal 0.5 | 0 | 5 | 3 | 1 | +40.0 | 0.625 |" in probe.table(list(pairs.values()),
+                                                                          "heldout_harmful")
+    with pytest.raises(SystemExit, match="--against dsir: needs one finished method"):
+        probe.paired([exp], "heldout_harmful", against="dsir")
+    # A second grid over the same inputs (say another SEAL setting) pairs with the first's
+    # all-data cells; one over other inputs is refused.
+    other = tmp_path / "other"
+    folder = other / "cells" / "seal-keep0.5-seed1"
+    (folder / "eval").mkdir(parents=True)
+    write_jsonl(folder / "eval" / "judgments.jsonl",
+                [{"set": "heldout_harmful", "id": f"p{i}", "refusal": i < 2} for i in range(5)])
+    (other / "results.csv").write_text(f"method,keep_ratio,seed,status,cell_dir\n"
+                                       f"seal,0.5,1,ok,{folder}\n")
+    for d in (exp, other):
+        (d / "inputs.json").write_text('{"heldout_harmful": {"sha1": "x"}}')
+    extra = {p.method: p for p in probe.paired([exp, other], "heldout_harmful")}["seal [other]"]
+    assert (extra.seeds, extra.only_method, extra.only_reference) == ([1], 1, 0)
+    (other / "inputs.json").write_text('{"heldout_harmful": {"sha1": "y"}}')
+    with pytest.raises(SystemExit, match="inputs.json differs"):
+        probe.paired([exp, other], "heldout_harmful")
