@@ -25,6 +25,7 @@ from pathlib import Path
 
 from scipy.stats import binomtest
 
+from sealft.experiment import BASE, INPUTS_FILE, differing_keys
 from sealft.io import read_jsonl
 from sealft.report import read_rows_csv
 
@@ -85,27 +86,25 @@ def paired(experiments: list[Path], set_name: str, against: str = "all") -> list
         raise SystemExit(f"--against {against}: needs one finished method of one keep ratio "
                          f"in {first} (keep ratios: {sorted(ratios) or 'none'}; methods: {found})")
     reference = {seed: refusals(d, set_name) for (m, _, seed), d in cells.items() if m == against}
-    base = next((d for (m, _, _), d in cells.items() if m == "base"), None)
     out: dict[str, Pairs] = {}
     for experiment in experiments:
-        if experiment != first and _inputs(experiment) != _inputs(first):
-            raise SystemExit(f"{experiment}: its inputs.json differs from {first}'s (other data "
-                             "or held-out rows); only runs of the same inputs pair up")
-        theirs_cells = cell_dirs(experiment)
-        several = {m for m, _, _ in theirs_cells
-                   if len({k for n, k, _ in theirs_cells if n == m}) > 1}
-        for method, keep in sorted({(m, k) for m, k, _ in theirs_cells}):
-            if experiment == first and method == against:
-                continue
-            label = f"{method} {keep}" if method in several else method
-            label += f" [{experiment.name}]" if experiment != first else ""
+        suffix = ""
+        if experiment != first:
+            # the same check as `sealft experiment --merge-dirs`: other data, other prompts
+            changed = differing_keys(_inputs(experiment), _inputs(first))
+            if changed:
+                raise SystemExit(f"{experiment}: its inputs.json differs from {first}'s "
+                                 f"({', '.join(changed)}); only runs of the same inputs pair up")
+            suffix = f" [{experiment.name}]"
+        theirs_cells = cells if experiment == first else cell_dirs(experiment)
+        skip = against if experiment == first else None
+        for label, by_seed in by_method(theirs_cells, set_name, skip).items():
             for seed, theirs in sorted(reference.items()):
-                # The base model runs once; it stands beside every seed's all-data cell.
-                folder = base if method == "base" else theirs_cells.get((method, keep, seed))
-                ours = refusals(folder, set_name) if folder else None
+                # The base model runs once (seed None): it stands beside every seed.
+                ours = by_seed.get(seed, by_seed.get(None))
                 if ours is None or theirs is None:
                     continue
-                pairs = out.setdefault(label, Pairs(label, []))
+                pairs = out.setdefault(label + suffix, Pairs(label + suffix, []))
                 pairs.seeds.append(seed)
                 for prompt in ours.keys() & theirs.keys():
                     pairs.prompts += 1
@@ -114,9 +113,25 @@ def paired(experiments: list[Path], set_name: str, against: str = "all") -> list
     return list(out.values())
 
 
-def _inputs(experiment: Path) -> dict | None:
-    path = experiment / "inputs.json"
-    return json.loads(path.read_text()) if path.is_file() else None
+def by_method(cells: dict[tuple[str, str, int], Path], set_name: str,
+              skip: str | None) -> dict[str, dict[int | None, dict[str, bool] | None]]:
+    """Label -> seed -> the cell's refusals, each cell read once; the base model under None.
+    A method run at several keep ratios gets one label per ratio."""
+    ratios: dict[str, set[str]] = {}
+    for method, keep, _ in cells:
+        ratios.setdefault(method, set()).add(keep)
+    out: dict[str, dict[int | None, dict[str, bool] | None]] = {}
+    for (method, keep, seed), folder in sorted(cells.items()):
+        if method == skip:
+            continue
+        label = f"{method} {keep}" if len(ratios[method]) > 1 else method
+        out.setdefault(label, {})[None if method == BASE else seed] = refusals(folder, set_name)
+    return out
+
+
+def _inputs(experiment: Path) -> dict:
+    path = experiment / INPUTS_FILE
+    return json.loads(path.read_text()) if path.is_file() else {}
 
 
 def table(rows: list[Pairs], set_name: str, against: str = "all") -> str:

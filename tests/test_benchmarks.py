@@ -987,12 +987,18 @@ def test_paired_prompts_pool_the_discordant_prompts_over_seeds(tmp_path):
     (folder / "eval").mkdir(parents=True)
     write_jsonl(folder / "eval" / "judgments.jsonl",
                 [{"set": "heldout_harmful", "id": f"p{i}", "refusal": i < 2} for i in range(5)])
+    other_base = other / "cells" / "base-keep1-seed1"  # its own base: answers everything
+    (other_base / "eval").mkdir(parents=True)
+    write_jsonl(other_base / "eval" / "judgments.jsonl",
+                [{"set": "heldout_harmful", "id": f"p{i}", "refusal": False} for i in range(5)])
     (other / "results.csv").write_text(f"method,keep_ratio,seed,status,cell_dir\n"
-                                       f"seal,0.5,1,ok,{folder}\n")
+                                       f"seal,0.5,1,ok,{folder}\nbase,1,1,ok,{other_base}\n")
     for d in (exp, other):
         (d / "inputs.json").write_text('{"heldout_harmful": {"sha1": "x"}}')
-    extra = {p.method: p for p in probe.paired([exp, other], "heldout_harmful")}["seal [other]"]
+    both = {p.method: p for p in probe.paired([exp, other], "heldout_harmful")}
+    extra = both["seal [other]"]
     assert (extra.seeds, extra.only_method, extra.only_reference) == ([1], 1, 0)
+    assert (both["base [other]"].seeds, both["base [other]"].only_reference) == ([0, 1], 2)
     (other / "inputs.json").write_text('{"heldout_harmful": {"sha1": "y"}}')
     with pytest.raises(SystemExit, match="inputs.json differs"):
         probe.paired([exp, other], "heldout_harmful")
