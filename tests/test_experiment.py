@@ -6,6 +6,7 @@ cover them); one test runs the real stages on the tiny model."""
 
 from __future__ import annotations
 
+import argparse
 import csv
 import json
 from collections import Counter
@@ -327,6 +328,22 @@ def test_per_selector_options_and_safeinstr_data(tmp_path, fake):
     assert [r["messages"][-1]["content"] for r in added] == ["I can't help with that."] * 5
     with pytest.raises(ConfigError, match="method-select.dsr"):
         _args(tmp_path, method_select={"dsr": {}})
+
+
+def test_dotted_override_reads_its_value_as_yaml_does(tmp_path):
+    """`method_select.seal.neighbour_weight=0.5` on the command line and `0.5` in the YAML file
+    are one setting: saved alike, so a rerun that moves it into the file still resumes."""
+    base = cfg.to_dict(_args(tmp_path))
+    plain, config = tmp_path / "plain.yaml", tmp_path / "grid.yaml"
+    write_yaml(plain, base)
+    write_yaml(config, {**base, "method_select": {"seal": {"neighbour_weight": 0.5}}})
+    from_cli = cfg.from_namespace(E.ExperimentArgs, argparse.Namespace(
+        config=str(plain), overrides=["method_select.seal.neighbour_weight=0.5",
+                                                      "method_select.seal.label_field=flag"]))
+    from_yaml = cfg.from_namespace(E.ExperimentArgs, argparse.Namespace(
+        config=str(config), overrides=["method_select.seal.label_field=flag"]))
+    assert from_cli.method_select == {"seal": {"neighbour_weight": 0.5, "label_field": "flag"}}
+    assert E.changed_settings(cfg.to_dict(from_cli), from_yaml) == []
 
 
 def test_safeinstr_twin_reuses_the_selection(tmp_path, fake):

@@ -186,8 +186,25 @@ def from_namespace(cls: type, namespace: argparse.Namespace):
     yaml_layer = load_yaml(given["config"]) if given.get("config") else {}
     names = {f.name for f in dataclasses.fields(cls)} | set(aliases_of(cls))
     flag_layer = {k: v for k, v in given.items() if k in names}
-    override_layer = parse_overrides(given.get("overrides") or [])
+    override_layer = {key: _mapping_leaf(key, value, names)
+                      for key, value in parse_overrides(given.get("overrides") or []).items()}
     return build(cls, yaml_layer, flag_layer, override_layer)
+
+
+def _mapping_leaf(key: str, value: str, names: set[str]) -> Any:
+    """A dotted override's value, read as the same text would be read in the YAML file.
+
+    A top-level option is converted by its field's type; an entry of a mapping option
+    (`method_select.seal.neighbour_weight=0.5`) has no type here, and left a string it would be
+    saved as '0.5' and refuse a resume whose YAML gives the number 0.5.
+    """
+    head, dot, _ = key.replace("-", "_").partition(".")
+    if not (dot and head in names):
+        return value
+    try:
+        return yaml.safe_load(value) if value.strip() else value
+    except yaml.YAMLError:
+        return value
 
 
 def to_dict(args: Any) -> dict[str, Any]:
