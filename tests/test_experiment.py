@@ -336,13 +336,15 @@ def test_dotted_override_reads_its_value_as_yaml_does(tmp_path):
     base = cfg.to_dict(_args(tmp_path))
     plain, config = tmp_path / "plain.yaml", tmp_path / "grid.yaml"
     write_yaml(plain, base)
-    write_yaml(config, {**base, "method_select": {"seal": {"neighbour_weight": 0.5}}})
+    write_yaml(config, {**base, "method_select": {"seal": {"neighbour_weight": 0.5}},
+                        "finetune": {"lr": 1.0e-4}})
     from_cli = cfg.from_namespace(E.ExperimentArgs, argparse.Namespace(
         config=str(plain), overrides=["method_select.seal.neighbour_weight=0.5",
-                                                      "method_select.seal.label_field=flag"]))
+                                      "method_select.seal.label_field=flag", "finetune.lr=1e-4"]))
     from_yaml = cfg.from_namespace(E.ExperimentArgs, argparse.Namespace(
         config=str(config), overrides=["method_select.seal.label_field=flag"]))
     assert from_cli.method_select == {"seal": {"neighbour_weight": 0.5, "label_field": "flag"}}
+    assert from_cli.finetune == {"lr": 1.0e-4}
     assert E.changed_settings(cfg.to_dict(from_cli), from_yaml) == []
 
 

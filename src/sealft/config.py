@@ -15,6 +15,7 @@ import dataclasses
 import hashlib
 import inspect
 import json
+import re
 import sys
 import textwrap
 import types
@@ -202,9 +203,18 @@ def _mapping_leaf(key: str, value: str, names: set[str]) -> Any:
     if not (dot and head in names):
         return value
     try:
-        return yaml.safe_load(value) if value.strip() else value
+        parsed = yaml.safe_load(value) if value.strip() else value
     except yaml.YAMLError:
         return value
+    if isinstance(parsed, (dict, list)):  # `prompt=a: b` is text, not a mapping
+        return value
+    # YAML 1.1 reads 1e-4 (no dot) as text; a user means the number
+    if isinstance(parsed, str) and _EXPONENT_NUMBER.fullmatch(parsed):
+        return float(parsed)
+    return parsed
+
+
+_EXPONENT_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 
 def to_dict(args: Any) -> dict[str, Any]:
