@@ -199,7 +199,7 @@ def _mapping_leaf(key: str, value: str, names: set[str]) -> Any:
     (`method_select.seal.neighbour_weight=0.5`) has no type here, and left a string it would be
     saved as '0.5' and refuse a resume whose YAML gives the number 0.5.
     """
-    head, dot, _ = key.replace("-", "_").partition(".")
+    head, dot, _ = key.partition(".")  # parse_overrides already wrote - as _
     if not (dot and head in names):
         return value
     try:
