@@ -137,6 +137,27 @@ def _terse(evaluation: Path) -> float | None:
                      for j in held) / len(held)
 
 
+def summary_rows(by_method: dict[str, list[dict]]) -> list[dict]:
+    """The methods as `sealft experiment`'s results_summary rows (rates as fractions), the
+    form `report.plot_refusal_vs_task` reads."""
+    fields = (("heldout_refusal_rate", COLUMNS[0], 100), ("safety_refusal_rate", COLUMNS[1], 100),
+              ("task_loss", COLUMNS[7], 1))
+    rows = []
+    for method, runs in by_method.items():
+        row: dict = {"method": method, "keep_ratio": 1}
+        for key, column, scale in fields:
+            row[f"{key}_mean"], row[f"{key}_ci95"] = mean_ci(
+                [r[column] / scale for r in runs if r[column] is not None])
+        rows.append(row)
+    return rows
+
+
+def plot(by_method: dict[str, list[dict]], path: Path) -> Path | None:
+    from sealft.report import plot_refusal_vs_task
+
+    return plot_refusal_vs_task(summary_rows(by_method), path)
+
+
 def cell_format(values: list[float | None], digits: int = 1) -> str:
     present = [v for v in values if v is not None]
     if not present:
@@ -146,10 +167,9 @@ def cell_format(values: list[float | None], digits: int = 1) -> str:
     return f"{mean:.{digits}f}{spread} ({', '.join(f'{v:.{digits}f}' for v in present)})"
 
 
-def table(cells: dict[str, str], seeds: list[int], epochs: int, batch_size: int,
-          selections: dict[str, str] | None = None,
-          paired_with: tuple[str, ...] = ("all",)) -> str:
-    """Paired columns against the base model and each cell of `paired_with` that exists."""
+def collect(cells: dict[str, str], seeds: list[int], epochs: int, batch_size: int,
+            selections: dict[str, str] | None = None) -> dict[str, list[dict]]:
+    """Each method's runs (`read_cell`), one per seed, the base model first."""
     first = next(iter(cells.values()))
     by_method = {"base": [read_cell(Path(first.format(seed=s)), epochs, batch_size, base=True)
                           for s in seeds]}
@@ -164,6 +184,14 @@ def table(cells: dict[str, str], seeds: list[int], epochs: int, batch_size: int,
         by_method[method] = [read_cell(Path(pattern.format(seed=s)), epochs, batch_size,
                                        selection=Path(chosen.format(seed=s)) if chosen else None)
                              for s in seeds]
+    return by_method
+
+
+def table(cells: dict[str, str], seeds: list[int], epochs: int, batch_size: int,
+          selections: dict[str, str] | None = None,
+          paired_with: tuple[str, ...] = ("all",)) -> str:
+    """Paired columns against the base model and each cell of `paired_with` that exists."""
+    by_method = collect(cells, seeds, epochs, batch_size, selections)
     references = ["base"] + [m for m in paired_with if m in by_method]
     deltas = ([f"Δ held-out refusal vs {ref} (paired by seed)" for ref in references]
               + [f"Δ refusal gap vs {ref} (paired by seed)" for ref in references])
@@ -196,11 +224,17 @@ def main(argv: list[str] | None = None) -> None:
                    help="cells to pair every method with by seed, besides the base model")
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--plot", default=None, metavar="PNG",
+                   help="also draw refusal against held-out task loss per method, error bars "
+                        "over seeds, as `sealft report` draws an experiment")
     a = p.parse_args(argv)
     cells = dict(c.split("=", 1) for c in a.cell)
     print(f"mean ± 95% CI over seeds {a.seeds} (per-seed values), {a.epochs} epochs\n")
     selections = dict(c.split("=", 1) for c in a.selection)
     print(table(cells, a.seeds, a.epochs, a.batch_size, selections, tuple(a.paired_with)))
+    if a.plot:
+        drawn = plot(collect(cells, a.seeds, a.epochs, a.batch_size), Path(a.plot))
+        print(f"\n{drawn or 'no plot: the cells have no held-out task loss'}")
 
 
 if __name__ == "__main__":

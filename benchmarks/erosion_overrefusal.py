@@ -10,13 +10,14 @@ With `--task-data FILE` (held-out rows of the fine-tuning task, e.g. Alpaca answ
 cell trained on) the same evaluation also reports their answers' loss (suite task-loss).
 
 Each evaluation lands in the run's `eval/xstest-step-N/` (the base model's in the first
-cell's first seed, `eval/xstest-step-0/`) and resumes there; `erosion_cells.py` adds the
-column where they exist.
+cell's first seed, `eval/xstest-step-0/`, unless a cell's folder of any seed has it)
+and resumes there; `erosion_cells.py` adds the column where they exist.
 """
 
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 from pathlib import Path
 
@@ -38,15 +39,22 @@ def adapter_at(folder: Path, step: int) -> str:
     raise SystemExit(f"{folder}: no adapter saved at step {step}")
 
 
+def suites(a: argparse.Namespace) -> str:
+    return "overrefusal,task-loss" if a.task_data else "overrefusal"
+
+
+def evaluated(out: Path, a: argparse.Namespace) -> bool:
+    metrics = out / "metrics.json"
+    return metrics.exists() and set(json.loads(metrics.read_text())["suites"]) >= set(
+        suites(a).split(","))
+
+
 def evaluate_xstest(folder: Path, step: int, adapter: str | None, a: argparse.Namespace) -> None:
     out = folder / "eval" / f"xstest-step-{step}"
-    suites = "overrefusal,task-loss" if a.task_data else "overrefusal"
-    metrics = out / "metrics.json"
-    if metrics.exists() and set(json.loads(metrics.read_text())["suites"]) >= set(
-            suites.split(",")):
+    if evaluated(out, a):
         return
     evaluate(EvaluateArgs(
-        model=a.model, adapter=adapter, label=f"xstest-step-{step}", suite=suites,
+        model=a.model, adapter=adapter, label=f"xstest-step-{step}", suite=suites(a),
         output_dir=str(out), resume=out.exists(), suite_samples=(f"overrefusal={a.prompts}",),
         task_data=a.task_data, task_max_length=a.task_max_length,
         max_new_tokens=a.max_new_tokens, batch_size=16, threads=a.threads, show_progress=False))
@@ -68,7 +76,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--task-max-length", type=int, default=256)
     a = p.parse_args(argv)
     patterns = [c.split("=", 1)[1] for c in a.cell]
-    evaluate_xstest(Path(patterns[0].format(seed=a.seeds[0])), 0, None, a)
+    # The base model is the same in every seed: an evaluation of it in a folder of any seed
+    # a pattern names stands for all (as erosion_cells.py reads it), so that a call per seed
+    # does not redo it.
+    done = [Path(found) for pattern in patterns for found in glob.glob(pattern.format(seed="*"))]
+    if not any(evaluated(folder / "eval" / "xstest-step-0", a) for folder in done):
+        evaluate_xstest(Path(patterns[0].format(seed=a.seeds[0])), 0, None, a)
     for seed in a.seeds:
         for pattern in patterns:
             folder = Path(pattern.format(seed=seed))

@@ -360,6 +360,33 @@ def test_erosion_cells_read_each_run_at_the_same_epochs_and_average_over_seeds(t
         cells.table({"all": str(tmp_path / "all-{seed}")}, [0], epochs=3, batch_size=4)
 
 
+def test_erosion_overrefusal_evaluates_the_base_model_once_across_calls(tmp_path, monkeypatch):
+    over = _load("erosion_overrefusal")
+    calls = []
+
+    def fake_evaluate(args):
+        calls.append((Path(args.output_dir).relative_to(tmp_path).as_posix(), args.adapter))
+        out = Path(args.output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "metrics.json").write_text(json.dumps({"suites": {"overrefusal": {}}}))
+
+    monkeypatch.setattr(over, "evaluate", fake_evaluate)
+    for seed in (0, 1):
+        run = tmp_path / f"all-{seed}"
+        (run / "finetune" / "adapter").mkdir(parents=True)
+        (run / "train.json").write_text(json.dumps([{"flag": "safe"}] * 8))
+        (run / "finetune" / "summary.json").write_text(json.dumps({"steps": 4, "usable": 8}))
+    # 2 epochs of 8 rows at batch 4: each run is read at its last step, 4
+    cell = ["--cell", f"all={tmp_path}/all-{{seed}}", "--batch-size", "4", "--epochs", "2"]
+    over.main(cell + ["--seeds", "0"])
+    over.main(cell + ["--seeds", "1"])  # a later call for another seed: the base is done
+    assert calls == [("all-0/eval/xstest-step-0", None),
+                     ("all-0/eval/xstest-step-4", str(tmp_path / "all-0" / "finetune" / "adapter")),
+                     ("all-1/eval/xstest-step-4", str(tmp_path / "all-1" / "finetune" / "adapter"))]
+    over.main(cell + ["--seeds", "0", "1"])  # everything there: nothing evaluated again
+    assert len(calls) == 3
+
+
 def test_erosion_cells_give_each_stage_its_seconds(tmp_path):
     cells = _load("erosion_cells")
     run, chosen = tmp_path / "run", tmp_path / "select"
@@ -407,6 +434,15 @@ def test_erosion_cells_read_xstest_over_refusal_and_share_the_base_models(tmp_pa
     # the held-out task loss, read like the over-refusal (the base model's once)
     assert lines["all"][7].strip() == "1.300 ± 1.271 (1.200, 1.400)"
     assert lines["base"][7].strip() == "1.100 ± 0.000 (1.100, 1.100)"
+    # the same numbers as the rows `sealft report` plots (rates as fractions)
+    by_method = cells.collect({"all": str(tmp_path / "run-{seed}")}, [0, 1], 2, 4)
+    rows = {r["method"]: r for r in cells.summary_rows(by_method)}
+    assert rows["all"]["heldout_refusal_rate_mean"] == pytest.approx(0.5)
+    assert rows["all"]["task_loss_mean"] == pytest.approx(1.3)
+    assert rows["all"]["task_loss_ci95"] == pytest.approx(1.2706, abs=1e-3)
+    assert rows["base"]["safety_refusal_rate_mean"] is None  # no AdvBench / HarmBench here
+    drawn = cells.plot(by_method, tmp_path / "cells.png")
+    assert drawn is not None and drawn.read_bytes()[:4] == b"\x89PNG"
 
 
 
