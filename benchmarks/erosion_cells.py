@@ -50,7 +50,7 @@ def read_cell(folder: Path, epochs: int, batch_size: int, base: bool = False,
     """One run's numbers at `epochs` epochs over the rows it trained (step 0 when `base`);
     `selection`: the run folder of the filter that chose its rows, for the filter's time."""
     rows = _trained_rows(folder)
-    step = 0 if base else epochs * math.ceil(len(rows) / batch_size)
+    step = 0 if base else read_step(folder, epochs, batch_size)
     curve = {point["step"]: point["sets"] for point in read_jsonl(folder / "curve.jsonl")}
     if step not in curve:
         raise SystemExit(f"{folder}: no evaluation at step {step} ({epochs} epochs over "
