@@ -191,7 +191,11 @@ def table(cells: dict[str, str], seeds: list[int], epochs: int, batch_size: int,
           selections: dict[str, str] | None = None,
           paired_with: tuple[str, ...] = ("all",)) -> str:
     """Paired columns against the base model and each cell of `paired_with` that exists."""
-    by_method = collect(cells, seeds, epochs, batch_size, selections)
+    return render(collect(cells, seeds, epochs, batch_size, selections), paired_with)
+
+
+def render(by_method: dict[str, list[dict]], paired_with: tuple[str, ...] = ("all",)) -> str:
+    """`collect`'s runs as the markdown table of `table`."""
     references = ["base"] + [m for m in paired_with if m in by_method]
     deltas = ([f"Δ held-out refusal vs {ref} (paired by seed)" for ref in references]
               + [f"Δ refusal gap vs {ref} (paired by seed)" for ref in references])
@@ -231,9 +235,10 @@ def main(argv: list[str] | None = None) -> None:
     cells = dict(c.split("=", 1) for c in a.cell)
     print(f"mean ± 95% CI over seeds {a.seeds} (per-seed values), {a.epochs} epochs\n")
     selections = dict(c.split("=", 1) for c in a.selection)
-    print(table(cells, a.seeds, a.epochs, a.batch_size, selections, tuple(a.paired_with)))
+    by_method = collect(cells, a.seeds, a.epochs, a.batch_size, selections)
+    print(render(by_method, tuple(a.paired_with)))
     if a.plot:
-        drawn = plot(collect(cells, a.seeds, a.epochs, a.batch_size), Path(a.plot))
+        drawn = plot(by_method, Path(a.plot))
         print(f"\n{drawn or 'no plot: the cells have no held-out task loss'}")
 
 
