@@ -53,8 +53,8 @@ def read_cell(folder: Path, epochs: int, batch_size: int, base: bool = False,
     step = 0 if base else read_step(folder, epochs, batch_size)
     curve = {point["step"]: point["sets"] for point in read_jsonl(folder / "curve.jsonl")}
     if step not in curve:
-        raise SystemExit(f"{folder}: no evaluation at step {step} ({epochs} epochs over "
-                         f"{len(rows)} rows); it has steps {sorted(curve)}")
+        raise SystemExit(f"{folder}: no evaluation at step {step} ({epochs} epochs over its "
+                         f"usable rows, batches of {batch_size}); it has steps {sorted(curve)}")
     sets = curve[step]
     times = _stage_seconds(folder, step, selection) if not base else {}
     return {**times, COLUMNS[0]: _rate(sets, (HELDOUT,)),
