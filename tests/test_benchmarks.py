@@ -706,16 +706,19 @@ def test_token_contrast_probe_is_the_per_token_loss_difference_of_the_two_fits(t
     np.testing.assert_allclose(means, [2.5, 0.0])  # an answer that ends before the window: 0
 
 
+@pytest.mark.parametrize(("name", "lr", "epochs"), [("experiment_gpt4.yaml", 3e-4, 2),
+                                                     ("experiment_gpt4_gentle.yaml", 1e-4, 1)])
 def test_gpt4_erosion_config_runs_on_the_file_its_header_builds(shared_data, tmp_path,
-                                                                monkeypatch):
-    """configs/experiment_gpt4.yaml (issue 12's regime G2) passes every up-front check of
-    `sealft experiment` on the file dev_mixes.py builds as its header says, with 40 held-out
-    harmful questions and 40 held-out GPT-4 answers outside every seed's sample."""
+                                                                monkeypatch, name, lr, epochs):
+    """configs/experiment_gpt4.yaml (issue 12's regime G2) and its gentle twin pass every
+    up-front check of `sealft experiment` on the file dev_mixes.py builds as their headers say,
+    with 40 held-out harmful questions and 40 held-out GPT-4 answers outside every seed's
+    sample."""
     from sealft import config as cfg
     from sealft import experiment as E
 
     monkeypatch.chdir(REPO)  # the config's paths are relative to the repository root
-    options = cfg.load_yaml(REPO / "configs" / "experiment_gpt4.yaml")
+    options = cfg.load_yaml(REPO / "configs" / name)
     built = tmp_path / "gpt4_erosion"
     _load("dev_mixes").main(["--out", str(built), "--mixes", "gpt4-beavertails", "--rows", "594",
                              "--harmful-share", "0.3333", "--controls", "0", "--seeds", "0"])
@@ -728,7 +731,28 @@ def test_gpt4_erosion_config_runs_on_the_file_its_header_builds(shared_data, tmp
     held = E.validate_grid(args, cells)
     assert len(held["heldout_harmful"]) >= 40 and len(held["heldout_task"]) == 40
     finetune = E.stage_args(args, cells[0], None).finetune
-    assert (finetune.lr, finetune.max_length, len(finetune.lora_target_modules)) == (3e-4, 256, 7)
+    assert (finetune.lr, finetune.epochs, finetune.max_length,
+            len(finetune.lora_target_modules)) == (lr, epochs, 256, 7)
+
+
+def test_gentle_config_is_the_gpt4_config_at_the_gentle_pace():
+    """The header's promise: the gentle config and `experiment_gpt4.yaml finetune.lr=1e-4
+    finetune.epochs=1 --output-dir runs/experiment-gpt4-gentle` resolve to one config.yaml, so
+    either command resumes a run the other began."""
+    import argparse
+
+    from sealft import config as cfg
+    from sealft import experiment as E
+
+    def resolved(name: str, *overrides: str) -> E.ExperimentArgs:
+        return cfg.from_namespace(E.ExperimentArgs, argparse.Namespace(
+            config=str(REPO / "configs" / name), overrides=list(overrides)))
+
+    gentle = resolved("experiment_gpt4_gentle.yaml")
+    overridden = resolved("experiment_gpt4.yaml", "finetune.lr=1e-4", "finetune.epochs=1",
+                          "output_dir=runs/experiment-gpt4-gentle")
+    assert cfg.to_dict(gentle) == cfg.to_dict(overridden)
+    assert E.changed_settings(cfg.to_dict(resolved("experiment_gpt4.yaml")), gentle) != []
 
 
 def test_refusal_ceiling_splits_harmful_rows_by_the_proxys_own_answer(tmp_path):

@@ -364,6 +364,21 @@ def test_safeinstr_twin_reuses_the_selection(tmp_path, fake):
                                                                   None).select) is None
 
 
+def test_selector_reuses_its_safeinstr_twins_selection(tmp_path, fake):
+    """The other order (a split grid listing the methods backwards): seal reuses the selection
+    seal+safeinstr ran first, without the twin's SafeInstr mix."""
+    E.run_grid(_args(tmp_path, methods="seal+safeinstr,seal", keep_ratios="0.8"))
+    assert fake.calls["select"] == 1 and fake.calls["finetune"] == 2
+    plain = tmp_path / "exp" / "cells" / "seal-keep0.8-seed0" / "select"
+    assert json.loads((plain / "summary.json").read_text())["reused_from"].endswith(
+        "seal+safeinstr-keep0.8-seed0/select")
+    assert (plain / "selected.jsonl").exists()
+    assert not (plain / "selected_safeinstr.jsonl").exists()
+    assert not (plain / "safeinstr.json").exists()
+    assert [E.twin_method(E.parse_method(m)) for m in ("all", "safeinstr", "dsir", "base")] == [
+        "safeinstr", "all", "dsir+safeinstr", None]
+
+
 def test_changed_settings_are_refused_on_rerun(tmp_path, fake):
     E.run_grid(_args(tmp_path, methods="random", keep_ratios="0.8"))
     # a dir started before an option existed resumes (the option counts as its default)
@@ -664,3 +679,19 @@ def test_missing_scipy_is_found_before_compute(tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match="seeds: intervals over several seeds need scipy"):
         E.run_grid(_args(tmp_path, methods="random", keep_ratios="0.8", seeds="0,1"))
     assert not stages.calls and not (tmp_path / "exp").exists()
+
+
+def test_list_override_takes_the_config_files_bracket_form(tmp_path):
+    """`seeds=[2,1,0]` (as the YAML file writes a list) and `seeds=2,1,0` are the same grid."""
+    plain = tmp_path / "plain.yaml"
+    write_yaml(plain, cfg.to_dict(_args(tmp_path)))
+
+    def parsed(*overrides: str) -> E.ExperimentArgs:
+        return cfg.from_namespace(E.ExperimentArgs, argparse.Namespace(
+            config=str(plain), overrides=list(overrides)))
+
+    bracket = parsed("seeds=[2, 1, 0]", "methods=['all', seal+safeinstr]")
+    assert bracket.seeds == parsed("seeds=2,1,0").seeds == (2, 1, 0)
+    assert bracket.methods == ("all", "seal+safeinstr")
+    with pytest.raises(ConfigError, match="--seeds: cannot read"):
+        parsed("seeds=[two]")

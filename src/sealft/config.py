@@ -64,6 +64,15 @@ def _base_type(annotation: Any) -> tuple[type, bool]:
     return annotation, False
 
 
+def _listed_text(raw: str) -> list[str]:
+    """`a,b` or YAML's `[a, b]`: a user who copies a list from the config file onto the command
+    line (`seeds=[0,1]`) means the same list."""
+    text = raw.strip()
+    if text.startswith("[") and text.endswith("]"):
+        text = text[1:-1]
+    return [item.strip().strip("'\"") for item in text.split(",")]
+
+
 def _convert(cls: type, name: str, raw: Any) -> Any:
     hints = typing.get_type_hints(cls)
     kind, is_seq = _base_type(hints[name])
@@ -71,7 +80,7 @@ def _convert(cls: type, name: str, raw: Any) -> Any:
         return None
     try:
         if is_seq:
-            items = raw.split(",") if isinstance(raw, str) else list(raw)
+            items = _listed_text(raw) if isinstance(raw, str) else list(raw)
             return tuple(kind(item.strip() if isinstance(item, str) else item) for item in items)
         if kind is bool:
             if isinstance(raw, bool):

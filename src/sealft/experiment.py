@@ -489,13 +489,24 @@ def run_cell(args: ExperimentArgs, cell: Cell, stages: CellStages) -> dict[str, 
                       stages.evaluate.helpfulness_reference)
 
 
-def reuse_twin_selection(cell: Cell, select: SelectArgs) -> dict[str, Any] | None:
-    """A SELECTOR+safeinstr cell selects exactly what its SELECTOR cell selected when their
-    options agree: copy that finished selection (SEAL's is the expensive stage) instead of
-    recomputing it. Returns the copied summary, or None when there is no such twin."""
-    if not cell.method.safeinstr:
+def twin_method(method: MethodSpec) -> str | None:
+    """The method whose selection is this one's: SELECTOR+safeinstr and SELECTOR select alike
+    (the mix only appends rows), and `safeinstr` is `all` plus the mix."""
+    if method.safeinstr:
+        return method.name.partition("+")[0] if "+" in method.name else "all"
+    if not method.trains:
         return None
-    base = cell.method.name.partition("+")[0] if "+" in cell.method.name else "all"
+    return SAFEINSTR if method.name == "all" else f"{method.name}+{SAFEINSTR}"
+
+
+def reuse_twin_selection(cell: Cell, select: SelectArgs) -> dict[str, Any] | None:
+    """A SELECTOR+safeinstr cell selects exactly what its SELECTOR cell selects when their
+    options agree: copy whichever of the two finished first (SEAL's is the expensive stage;
+    a split grid may run the methods in either order) instead of recomputing it. Returns the
+    copied summary, or None when there is no such twin."""
+    base = twin_method(cell.method)
+    if base is None:
+        return None
     twin = cell.folder.parent / cell_name(base, cell.keep_ratio, cell.seed) / "select"
     if not (twin / "summary.json").exists() or not (twin / "config.yaml").exists():
         return None
@@ -506,7 +517,9 @@ def reuse_twin_selection(cell: Cell, select: SelectArgs) -> dict[str, Any] | Non
     target = Path(select.output_dir)
     tmp = target.with_name(target.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(twin, tmp, ignore=shutil.ignore_patterns("checkpoint*", "logs"))
+    # the twin's SafeInstr mix is its own: this cell writes its mix, or has none
+    shutil.copytree(twin, tmp, ignore=shutil.ignore_patterns(
+        "checkpoint*", "logs", SAFEINSTR_FILE, "safeinstr.json"))
     summary = _read_json(tmp / "summary.json")
     summary["reused_from"] = str(twin)
     write_json(tmp / "summary.json", summary)
