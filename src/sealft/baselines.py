@@ -50,6 +50,7 @@ from sealft.tokenize import Tokenized, collate
 
 REFERENCE_ADAPTER = "reference"
 SAFEINSTR_FILE = "selected_safeinstr.jsonl"
+SAFEINSTR_INFO_FILE = "safeinstr.json"  # the counts write_safeinstr adds beside it
 
 
 def score_baseline(args, examples: list[Example], safe: list[Example], out: Path):
@@ -343,7 +344,7 @@ def write_safeinstr(selection_dir: str | Path, safe_data: str, k: int, seed: int
                          for e in mixed))
     info = {"selected": len(selected), "safety_added": len(mixed) - len(selected),
             "requested": k, "safe_data": safe_data, "seed": seed, "path": str(target)}
-    write_json(folder / "safeinstr.json", info)
+    write_json(folder / SAFEINSTR_INFO_FILE, info)
     return info
 
 

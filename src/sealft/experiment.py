@@ -62,7 +62,7 @@ from pathlib import Path
 from typing import Any
 
 from sealft import config as cfg
-from sealft.baselines import SAFEINSTR_FILE, write_safeinstr
+from sealft.baselines import SAFEINSTR_FILE, SAFEINSTR_INFO_FILE, write_safeinstr
 from sealft.data import load_examples, sample_rows
 from sealft.errors import ConfigError, SealftError
 from sealft.evaluate import EvaluateArgs, evaluate
@@ -519,7 +519,7 @@ def reuse_twin_selection(cell: Cell, select: SelectArgs) -> dict[str, Any] | Non
     shutil.rmtree(tmp, ignore_errors=True)
     # the twin's SafeInstr mix is its own: this cell writes its mix, or has none
     shutil.copytree(twin, tmp, ignore=shutil.ignore_patterns(
-        "checkpoint*", "logs", SAFEINSTR_FILE, "safeinstr.json"))
+        "checkpoint*", "logs", SAFEINSTR_FILE, SAFEINSTR_INFO_FILE))
     summary = _read_json(tmp / "summary.json")
     summary["reused_from"] = str(twin)
     write_json(tmp / "summary.json", summary)
