@@ -17,6 +17,7 @@ from conftest import SHARED_DATA, toy_finetune_rows, toy_safe_rows, write_jsonl
 
 from sealft import config as cfg
 from sealft import experiment as E
+from sealft import report as R
 from sealft.data import load_examples, sample_rows
 from sealft.errors import ConfigError, SealftError
 from sealft.evaluate import EvaluateArgs
@@ -506,6 +507,30 @@ def test_paired_differences_against_all_data_by_hand():
     assert summary["random"]["heldout_refusal_rate_vs_all_ci95"] is None
     assert summary["all"]["heldout_refusal_rate_vs_all_mean"] is None
     assert summary["seal"]["task_loss_vs_all_mean"] is None  # not measured
+    assert summary["seal"]["heldout_refusal_rate_vs_oracle_mean"] is None  # no oracle cells
+
+
+def test_paired_differences_against_the_oracle_by_hand():
+    """The issue's target reads 'within 3 points of the oracle': each method minus the oracle
+    of the same seed, beside (not instead of) the difference from all data."""
+    def row(method, seed, refusal):
+        return {"method": method, "keep_ratio": 1.0, "seed": seed, "status": "ok",
+                "heldout_refusal_rate": refusal}
+
+    rows = [row("base", 0, 0.60), row("all", 0, 0.20), row("all", 1, 0.40),
+            row("oracle", 0, 0.55), row("oracle", 1, 0.50),
+            row("seal", 0, 0.45), row("seal", 1, 0.50)]
+    summary = {s["method"]: s for s in E.aggregate(rows)}
+    # seal − oracle: −0.10, 0.00 → mean −0.05; sd 0.070711; t(0.975, 1) 12.706205
+    assert summary["seal"]["heldout_refusal_rate_vs_oracle_mean"] == pytest.approx(-0.05)
+    assert summary["seal"]["heldout_refusal_rate_vs_oracle_ci95"] == pytest.approx(
+        12.706205 * 0.070711 / 2 ** 0.5, rel=1e-5)
+    assert summary["seal"]["heldout_refusal_rate_vs_all_mean"] == pytest.approx(0.175)
+    assert summary["base"]["heldout_refusal_rate_vs_oracle_mean"] == pytest.approx(0.075)
+    assert summary["all"]["heldout_refusal_rate_vs_oracle_mean"] == pytest.approx(-0.225)
+    assert summary["oracle"]["heldout_refusal_rate_vs_oracle_mean"] is None
+    header, _ = R.experiment_table(list(summary.values()))
+    assert "Δ held-out refusal vs oracle, paired (pts)" in header
 
 
 def test_two_seeds_on_the_tiny_model_write_interval_columns(tiny_model, tmp_path, capsys):
@@ -644,6 +669,16 @@ def test_heldout_task_rows_are_outside_every_sample_and_unflagged(tmp_path, fake
         E.run_grid(_args(tmp_path, finetune_data=str(tmp_path / "big.jsonl"),
                          methods="base,random", keep_ratios="0.8", seeds="0,2",
                          heldout_task=5, select={"sample": 6, "label_field": "flag"}))
+    # a part that ran seed 1 alone held out other rows: its merge is refused before compute,
+    # naming the seeds as the cause
+    part = {"finetune_data": str(tmp_path / "big.jsonl"), "methods": "base,random",
+            "keep_ratios": "0.8", "heldout_task": 5,
+            "select": {"sample": 6, "label_field": "flag"}}
+    E.run_grid(_args(tmp_path, seeds="1", output_dir=str(tmp_path / "seed1"), **part))
+    calls = fake.calls["evaluate"]
+    with pytest.raises(ConfigError, match="seed1 held out other rows .*same seeds"):
+        E.run_grid(_args(tmp_path, seeds="0,1", merge_dirs=str(tmp_path / "seed1"), **part))
+    assert fake.calls["evaluate"] == calls
     with pytest.raises(ConfigError, match="--heldout-task: needs select.sample"):
         _args(tmp_path, heldout_task=3)
     (tmp_path / "x").mkdir()

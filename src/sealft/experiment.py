@@ -168,9 +168,11 @@ class ExperimentArgs:
     overwrite: bool = False
     """Delete the output dir's previous contents instead of resuming."""
     merge_dirs: tuple[str, ...] = ()
-    """Dirs of this same grid run elsewhere (other seeds on another machine, say), each with
-    config.yaml, inputs.json and results.csv: their finished cells are taken as finished here,
-    not rerun. Their settings other than the grid, and their data digests, must match."""
+    """Dirs of this same grid run elsewhere (its seeds in another order on another machine,
+    say), each with config.yaml, inputs.json and results.csv: their finished cells are taken as
+    finished here, not rerun. Their settings other than the grid, and their data digests, must
+    match; so must their seeds as a set, since the held-out rows lie outside every seed's
+    sample."""
 
     def __post_init__(self) -> None:
         cfg.require(bool(self.output_dir), "output_dir", "required")
@@ -854,6 +856,10 @@ def merged_cells(args: ExperimentArgs, digests: dict[str, Any],
             raise ConfigError(f"--merge-dirs: {folder} ran other settings "
                               f"({', '.join(changed)}); merge only parts of this same grid")
         changed = differing_keys(_read_json(folder / INPUTS_FILE), digests)
+        if changed and set(changed) <= {HELDOUT_SET, HELDOUT_TASK}:
+            raise ConfigError(f"--merge-dirs: {folder} held out other rows ({', '.join(changed)})"
+                              ": the held-out rows lie outside every listed seed's sample, so "
+                              "each part must list the same seeds (in any order)")
         if changed:
             raise ConfigError(f"--merge-dirs: {folder} ran on other data or held-out rows "
                               f"({', '.join(changed)}); merge only parts of this same grid")
@@ -931,20 +937,23 @@ def _is_number(value: Any) -> bool:
     return True
 
 
-# Compared with all-data fine-tuning seed by seed: every method of a seed trains on the same
-# sampled rows, so the seed-to-seed spread of the data cancels in the difference.
+# Compared with all-data fine-tuning and with the oracle seed by seed: every method of a seed
+# trains on the same sampled rows, so the seed-to-seed spread of the data cancels in the
+# difference. All data is what selection must beat; the oracle is the most any filter can keep.
 PAIRED_COLUMNS = ("safety_refusal_rate", "heldout_refusal_rate", "over_refusal_rate",
                   "task_accuracy", "task_loss")
-PAIRED_WITH = "all"
+PAIRED_WITH = ("all", "oracle")
 
 
 def aggregate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """One row per method and keep ratio: for every numeric column over the finished seeds,
     COLUMN_mean and COLUMN_ci95 (half-width of the 95% interval; empty for one seed); for the
-    PAIRED_COLUMNS also COLUMN_vs_all_mean / _ci95, the method minus all data per seed."""
+    PAIRED_COLUMNS also COLUMN_vs_all_mean / _ci95, the method minus all data per seed, and
+    likewise COLUMN_vs_oracle_… (empty where the grid has no oracle cells)."""
     ok_rows = [r for r in rows if r["status"] == "ok"]
     columns = numeric_columns(ok_rows)
-    reference = {int(r["seed"]): r for r in ok_rows if r["method"] == PAIRED_WITH}
+    references = {name: {int(r["seed"]): r for r in ok_rows if r["method"] == name}
+                  for name in PAIRED_WITH}
     out = []
     for (method, ratio), group in group_rows(rows).items():
         ok = [r for r in group if r["status"] == "ok"]
@@ -952,11 +961,12 @@ def aggregate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
                                    "seeds_ok": len(ok)}
         for column in columns:
             summary[f"{column}_mean"], summary[f"{column}_ci95"] = mean_ci(_values(ok, column))
-        for column in PAIRED_COLUMNS:
-            differences = ([] if method == PAIRED_WITH
-                           else paired_differences(ok, reference, column))
-            paired = f"{column}_vs_{PAIRED_WITH}"
-            summary[f"{paired}_mean"], summary[f"{paired}_ci95"] = mean_ci(differences)
+        for name, reference in references.items():
+            for column in PAIRED_COLUMNS:
+                differences = ([] if method == name
+                               else paired_differences(ok, reference, column))
+                paired = f"{column}_vs_{name}"
+                summary[f"{paired}_mean"], summary[f"{paired}_ci95"] = mean_ci(differences)
         out.append(summary)
     return out
 

@@ -165,6 +165,7 @@ EXPERIMENT_COLUMNS = (
     ("Safety refusal % ↑", "safety_refusal_rate", 100, 1),
     ("Held-out harmful refusal % ↑", "heldout_refusal_rate", 100, 1),
     ("Δ held-out refusal vs all, paired (pts)", "heldout_refusal_rate_vs_all", 100, 1),
+    ("Δ held-out refusal vs oracle, paired (pts)", "heldout_refusal_rate_vs_oracle", 100, 1),
     ("Harmfulness % ↓", "safety_harmfulness_rate", 100, 1),
     ("Over-refusal % ↓", "over_refusal_rate", 100, 1),
     ("Δ over-refusal vs all, paired (pts)", "over_refusal_rate_vs_all", 100, 1),
@@ -182,9 +183,10 @@ EXPERIMENT_NOTE = (
     "freedom; no interval from one seed). Refusal on harmful prompts, held-out harmful "
     "questions of the fine-tuning file's own kind, over-refusal on benign prompts, task "
     "accuracy, win rate against all-data SFT (needs the helpfulness suite and an LLM judge). "
-    "Δ … vs all, paired: the method minus all-data fine-tuning of the same seed (same sampled "
-    "rows), averaged over seeds with its own interval; the base model is compared with every "
-    "seed. Peak memory: GPU peak per cell; on CPU the process high-water mark so far.")
+    "Δ … vs all (vs oracle), paired: the method minus all-data fine-tuning (the oracle "
+    "filter) of the same seed (same sampled rows), averaged over seeds with its own interval; "
+    "the base model is compared with every seed. Peak memory: GPU peak per cell; on CPU the "
+    "process high-water mark so far.")
 # Fixed per method, so that a method keeps its colour whichever others a grid runs.
 METHOD_COLOURS = {"base": "#000000", "all": "#444444", "random": "#999999", "dsir": "#1f77b4",
                   "reference-loss": "#9467bd", "oracle": "#2ca02c", "seal": "#d62728",
