@@ -665,15 +665,13 @@ def test_heldout_task_rows_are_outside_every_sample_and_unflagged(tmp_path, fake
         assert "task-loss" in evaluation.suite.split(",") and "custom" in evaluation.suite
         assert evaluation.task_data == str(tmp_path / "exp" / "heldout_task.jsonl")
         assert "task-loss=5" in evaluation.suite_samples  # not cut by evaluate.sample
-    with pytest.raises(ConfigError, match="other rows"):
-        E.run_grid(_args(tmp_path, finetune_data=str(tmp_path / "big.jsonl"),
-                         methods="base,random", keep_ratios="0.8", seeds="0,2",
-                         heldout_task=5, select={"sample": 6, "label_field": "flag"}))
-    # a part that ran seed 1 alone held out other rows: its merge is refused before compute,
-    # naming the seeds as the cause
     part = {"finetune_data": str(tmp_path / "big.jsonl"), "methods": "base,random",
             "keep_ratios": "0.8", "heldout_task": 5,
             "select": {"sample": 6, "label_field": "flag"}}
+    with pytest.raises(ConfigError, match="other rows"):
+        E.run_grid(_args(tmp_path, seeds="0,2", **part))
+    # a part that ran seed 1 alone held out other rows: its merge is refused before compute,
+    # naming the seeds as the cause
     E.run_grid(_args(tmp_path, seeds="1", output_dir=str(tmp_path / "seed1"), **part))
     calls = fake.calls["evaluate"]
     with pytest.raises(ConfigError, match="seed1 held out other rows .*same seeds"):
