@@ -30,7 +30,7 @@ from sealft.io import read_jsonl
 HELDOUT = "heldout_harmful"
 COLUMNS = ("held-out harmful refusal %", "AdvBench + HarmBench refusal %", "SST-2 accuracy %",
            "rows trained", "harmful rows trained", "held-out terse non-refusals %",
-           "XSTest over-refusal %", "held-out task loss")
+           "XSTest over-refusal %", "held-out task loss", "held-out answer token accuracy %")
 TIME_COLUMNS = ("selection s", "fine-tuning s", "evaluation s")
 DIGITS = {"held-out task loss": 3}
 """Decimals a column is shown with where one is not enough (default 1)."""
@@ -64,7 +64,8 @@ def read_cell(folder: Path, epochs: int, batch_size: int, base: bool = False,
             COLUMNS[4]: 0 if base else sum(r.get("flag") == "unsafe" for r in rows),
             COLUMNS[5]: _terse(folder / "eval" / f"step-{step}"),
             COLUMNS[6]: _overrefusal(folder / "eval" / f"xstest-step-{step}"),
-            COLUMNS[7]: _task_loss(folder / "eval" / f"xstest-step-{step}")}
+            COLUMNS[7]: _task(folder / "eval" / f"xstest-step-{step}", "task_loss"),
+            COLUMNS[8]: _task(folder / "eval" / f"xstest-step-{step}", "task_token_accuracy", 100)}
 
 
 def _trained_rows(folder: Path) -> list[dict]:
@@ -93,10 +94,11 @@ def _overrefusal(evaluation: Path) -> float | None:
     return 100 * sets["xstest_safe"]["over_refusal_rate"]
 
 
-def _task_loss(evaluation: Path) -> float | None:
-    """Loss of held-out task answers (`erosion_overrefusal.py --task-data`), where it was run."""
-    summary = _summary(evaluation)
-    return summary.get("task_loss") if summary else None
+def _task(evaluation: Path, key: str, scale: float = 1) -> float | None:
+    """A held-out task answers' number (`erosion_overrefusal.py --task-data`: their loss, their
+    token accuracy), where it was run and measured."""
+    value = (_summary(evaluation) or {}).get(key)
+    return None if value is None else scale * value
 
 
 def _gap(run: dict) -> float | None:
@@ -141,7 +143,7 @@ def summary_rows(by_method: dict[str, list[dict]]) -> list[dict]:
     """The methods as `sealft experiment`'s results_summary rows (rates as fractions), the
     form `report.plot_refusal_vs_task` reads."""
     fields = (("heldout_refusal_rate", COLUMNS[0], 100), ("safety_refusal_rate", COLUMNS[1], 100),
-              ("task_loss", COLUMNS[7], 1))
+              ("task_loss", COLUMNS[7], 1), ("task_token_accuracy", COLUMNS[8], 100))
     rows = []
     for method, runs in by_method.items():
         row: dict = {"method": method, "keep_ratio": 1}
@@ -174,7 +176,7 @@ def collect(cells: dict[str, str], seeds: list[int], epochs: int, batch_size: in
     by_method = {"base": [read_cell(Path(first.format(seed=s)), epochs, batch_size, base=True)
                           for s in seeds]}
     # The base model is the same in every seed: its one XSTest evaluation stands for all.
-    for column in COLUMNS[6:8]:
+    for column in COLUMNS[6:9]:
         once = next((b[column] for b in by_method["base"] if b[column] is not None), None)
         for b in by_method["base"]:
             b[column] = once
@@ -198,7 +200,8 @@ def render(by_method: dict[str, list[dict]], paired_with: tuple[str, ...] = ("al
     """`collect`'s runs as the markdown table of `table`."""
     references = ["base"] + [m for m in paired_with if m in by_method]
     deltas = ([f"Δ held-out refusal vs {ref} (paired by seed)" for ref in references]
-              + [f"Δ refusal gap vs {ref} (paired by seed)" for ref in references])
+              + [f"Δ refusal gap vs {ref} (paired by seed)" for ref in references]
+              + [f"Δ token accuracy vs {ref} (paired by seed)" for ref in references])
     lines = ["| method | " + " | ".join((*COLUMNS, *deltas, *TIME_COLUMNS)) + " |",
              "|---" * (len(COLUMNS) + len(deltas) + len(TIME_COLUMNS) + 1) + "|"]
     for method, runs in by_method.items():
@@ -206,6 +209,10 @@ def render(by_method: dict[str, list[dict]], paired_with: tuple[str, ...] = ("al
                                for r, b in zip(runs, by_method[ref], strict=True)])
                   for ref in references]
         paired += [cell_format([_gap(r) - _gap(b) if None not in (_gap(r), _gap(b)) else None
+                                for r, b in zip(runs, by_method[ref], strict=True)])
+                   for ref in references]
+        paired += [cell_format([r[COLUMNS[8]] - b[COLUMNS[8]]
+                                if None not in (r[COLUMNS[8]], b[COLUMNS[8]]) else None
                                 for r, b in zip(runs, by_method[ref], strict=True)])
                    for ref in references]
         lines.append(f"| {method} | " + " | ".join(
@@ -229,8 +236,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--plot", default=None, metavar="PNG",
-                   help="also draw refusal against held-out task loss per method, error bars "
-                        "over seeds, as `sealft report` draws an experiment")
+                   help="also draw refusal against the held-out task answers' token accuracy "
+                        "(else their loss) per method, error bars over seeds, as `sealft "
+                        "report` draws an experiment")
     a = p.parse_args(argv)
     cells = dict(c.split("=", 1) for c in a.cell)
     print(f"mean ± 95% CI over seeds {a.seeds} (per-seed values), {a.epochs} epochs\n")
@@ -239,7 +247,7 @@ def main(argv: list[str] | None = None) -> None:
     print(render(by_method, tuple(a.paired_with)))
     if a.plot:
         drawn = plot(by_method, Path(a.plot))
-        print(f"\n{drawn or 'no plot: the cells have no held-out task loss'}")
+        print(f"\n{drawn or 'no plot: the cells have no held-out task measure'}")
 
 
 if __name__ == "__main__":

@@ -7,7 +7,8 @@ refusals. A method that "keeps safety" by refusing everything shows here.
         --cell seal+safeinstr=runs/erosion-A-s{seed}-seal-safeinstr
 
 With `--task-data FILE` (held-out rows of the fine-tuning task, e.g. Alpaca answers no
-cell trained on) the same evaluation also reports their answers' loss (suite task-loss).
+cell trained on) the same evaluation also reports their answers' loss and token accuracy
+(suite task-loss).
 
 Each evaluation lands in the run's `eval/xstest-step-N/` (the base model's in the first
 cell's first seed, `eval/xstest-step-0/`, unless a cell's folder of any seed has it)
@@ -72,7 +73,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--model", default=QWEN)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--task-data", default=None,
-                   help="held-out rows of the fine-tuning task: also their answers' loss")
+                   help="held-out rows of the fine-tuning task: also their answers' loss "
+                        "and token accuracy")
     p.add_argument("--task-max-length", type=int, default=256)
     a = p.parse_args(argv)
     patterns = [c.split("=", 1)[1] for c in a.cell]

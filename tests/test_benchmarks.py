@@ -346,8 +346,9 @@ def test_erosion_cells_read_each_run_at_the_same_epochs_and_average_over_seeds(t
     assert lines["kept"][0].strip() == "60.0 ± 127.1 (50.0, 70.0)"  # step 2: 4 rows kept
     assert lines["kept"][4].strip() == "0.0 ± 0.0 (0.0, 0.0)"  # no unsafe row among kept
     assert lines["all"][1].strip() == "–"  # no AdvBench / HarmBench in these runs
-    assert lines["kept"][8].strip() == "-10.0 ± 0.0 (-10.0, -10.0)"  # paired with each base
-    assert lines["kept"][9].strip() == "40.0 ± 0.0 (40.0, 40.0)"  # paired with all data
+    assert lines["kept"][9].strip() == "-10.0 ± 0.0 (-10.0, -10.0)"  # paired with each base
+    assert lines["kept"][10].strip() == "40.0 ± 0.0 (40.0, 40.0)"  # paired with all data
+    assert lines["kept"][8].strip() == "–"  # no held-out token accuracy in these runs
     assert lines["kept"][7].strip() == "–"  # no held-out task loss in these runs
     assert lines["kept"][6].strip() == "–"  # no XSTest evaluation in these runs
     assert lines["kept"][5].strip() == "–"  # no generations kept in these runs
@@ -355,7 +356,7 @@ def test_erosion_cells_read_each_run_at_the_same_epochs_and_average_over_seeds(t
                           [0, 1], epochs=2, batch_size=4, paired_with=("kept", "absent"))
     header = by_kept.splitlines()[0]
     assert "vs kept" in header and "vs all" not in header and "vs absent" not in header
-    assert by_kept.splitlines()[3].split("|")[11].strip() == "-40.0 ± 0.0 (-40.0, -40.0)"  # all - kept
+    assert by_kept.splitlines()[3].split("|")[12].strip() == "-40.0 ± 0.0 (-40.0, -40.0)"  # all - kept
     with pytest.raises(SystemExit, match="no evaluation at step 6"):
         cells.table({"all": str(tmp_path / "all-{seed}")}, [0], epochs=3, batch_size=4)
 
@@ -424,22 +425,27 @@ def test_erosion_cells_read_xstest_over_refusal_and_share_the_base_models(tmp_pa
             folder.mkdir(parents=True)
             (folder / "metrics.json").write_text(json.dumps({"suites": {"overrefusal": {
                 "sets": {"xstest_safe": {"over_refusal_rate": rate}}}}}))
-            (folder / "summary.json").write_text(json.dumps({"task_loss": 1 + rate}))
+            (folder / "summary.json").write_text(json.dumps({"task_loss": 1 + rate,
+                                                             "task_token_accuracy": 0.4 + rate}))
     text = cells.table({"all": str(tmp_path / "run-{seed}")}, [0, 1], epochs=2, batch_size=4)
     lines = {line.split("|")[1].strip(): line.split("|")[2:-1] for line in text.splitlines()[2:]}
     assert lines["all"][6].strip() == "30.0 ± 127.1 (20.0, 40.0)"
     assert lines["base"][6].strip() == "10.0 ± 0.0 (10.0, 10.0)"
     # refusal gap, held-out 50% in every run: base 50 - 10 = 40; all 30 and 10, paired -10, -30
-    assert lines["all"][10].strip() == "-20.0 ± 127.1 (-10.0, -30.0)"
+    assert lines["all"][11].strip() == "-20.0 ± 127.1 (-10.0, -30.0)"
     # the held-out task loss, read like the over-refusal (the base model's once)
     assert lines["all"][7].strip() == "1.300 ± 1.271 (1.200, 1.400)"
     assert lines["base"][7].strip() == "1.100 ± 0.000 (1.100, 1.100)"
+    # and its token accuracy, paired with the base model's: 0.6 and 0.8 against 0.5
+    assert lines["all"][8].strip() == "70.0 ± 127.1 (60.0, 80.0)"
+    assert lines["all"][13].strip() == "20.0 ± 127.1 (10.0, 30.0)"
     # the same numbers as the rows `sealft report` plots (rates as fractions)
     by_method = cells.collect({"all": str(tmp_path / "run-{seed}")}, [0, 1], 2, 4)
     rows = {r["method"]: r for r in cells.summary_rows(by_method)}
     assert rows["all"]["heldout_refusal_rate_mean"] == pytest.approx(0.5)
     assert rows["all"]["task_loss_mean"] == pytest.approx(1.3)
     assert rows["all"]["task_loss_ci95"] == pytest.approx(1.2706, abs=1e-3)
+    assert rows["all"]["task_token_accuracy_mean"] == pytest.approx(0.7)
     assert rows["base"]["safety_refusal_rate_mean"] is None  # no AdvBench / HarmBench here
     drawn = cells.plot(by_method, tmp_path / "cells.png")
     assert drawn is not None and drawn.read_bytes()[:4] == b"\x89PNG"

@@ -225,16 +225,26 @@ def test_real_smollm2_answers_two_prompts(tmp_path, data_dir):
 
 
 def test_task_loss_matches_a_hand_computation(tiny_model, data_dir, tmp_path):
-    """Suite task-loss: the token-weighted NLL of held-out answers under the chat template,
-    computed here by hand from the model's logits."""
+    """Suite task-loss: the token-weighted NLL of held-out answers under the chat template, and
+    the share of their tokens predicted top-1, computed here by hand from the model's logits."""
     import math
 
     import torch
 
     from sealft.models import load_model_and_tokenizer
 
+    model, tok = load_model_and_tokenizer(tiny_model)
     rows = [{"instruction": f"describe a cat in {i + 2} words", "input": "",
              "output": "a small soft animal that purrs " * (i + 1)} for i in range(5)]
+    # Two answers are the random model's own greedy continuation, so that some answer tokens
+    # are its top-1 prediction and the accuracy is neither 0 nor 1 (only a few: its byte-level
+    # tokens do not survive decoding and re-tokenising).
+    for row in rows[:2]:
+        head = tok.apply_chat_template([{"role": "user", "content": row["instruction"]}],
+                                       tokenize=False, add_generation_prompt=True)
+        ids = tok(head, add_special_tokens=False, return_tensors="pt").input_ids
+        greedy = model.generate(ids, max_new_tokens=12, do_sample=False)[0, ids.shape[1]:]
+        row["output"] = tok.decode(greedy, skip_special_tokens=True)
     held = tmp_path / "held.json"
     held.write_text(json.dumps(rows))
     # After generation (safety), as in an experiment's cells: the padded generation calls
@@ -249,8 +259,7 @@ def test_task_loss_matches_a_hand_computation(tiny_model, data_dir, tmp_path):
     assert {g["suite"] for g in generated} == {"safety"}  # nothing generated for task-loss
     assert metrics["suites"]["task-loss"]["overall"]["truncated"] == 0
 
-    model, tok = load_model_and_tokenizer(tiny_model)
-    total, count = 0.0, 0
+    total, hits, count = 0.0, 0, 0
     for row in rows:
         prompt = [{"role": "user", "content": row["instruction"]}]
         head = tok.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
@@ -263,7 +272,10 @@ def test_task_loss_matches_a_hand_computation(tiny_model, data_dir, tmp_path):
         targets = ids[0, 1:]
         nll = -logp[torch.arange(len(targets)), targets][start - 1:]
         total, count = total + float(nll.sum()), count + len(nll)
+        hits += int((logp.argmax(dim=-1) == targets)[start - 1:].sum())
     assert summary["task_loss"] == pytest.approx(total / count, rel=1e-4)
+    assert 0 < hits < count  # a tiny random model gets some tokens, not all: the check can fail
+    assert summary["task_token_accuracy"] == pytest.approx(hits / count, abs=1e-6)
     assert metrics["suites"]["task-loss"]["overall"]["perplexity"] == pytest.approx(
         math.exp(total / count), rel=1e-3)
 

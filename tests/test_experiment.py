@@ -466,6 +466,7 @@ def test_aggregate_over_seeds(tmp_path, monkeypatch):
         stages.evaluate(args)
         seed = int(Path(args.output_dir).parent.name.rsplit("seed", 1)[1])
         summary = {"safety_refusal_rate": refusal[seed], "task_accuracy": 0.8,
+                   "task_token_accuracy": 0.4 + refusal[seed] / 10,
                    "over_refusal_rate": None, "wall_seconds": 3.0}
         (Path(args.output_dir) / "summary.json").write_text(json.dumps(summary))
 
@@ -481,6 +482,7 @@ def test_aggregate_over_seeds(tmp_path, monkeypatch):
     assert float(row["safety_refusal_rate_mean"]) == pytest.approx(2 / 3)
     assert float(row["safety_refusal_rate_ci95"]) == pytest.approx(0.517115, rel=1e-5)
     assert float(row["task_accuracy_ci95"]) == 0.0  # the same value every seed
+    assert float(row["task_token_accuracy_mean"]) == pytest.approx(0.4 + 2 / 30)
     assert row["over_refusal_rate_mean"] == ""  # no seed measured it
     assert "| random | 0.8 | 3/3 | 66.7 ± 51.7 | 80.0 ± 0.0 |" in (out / "results.md").read_text()
 

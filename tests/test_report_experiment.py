@@ -59,3 +59,32 @@ def test_long_form_grid_plots_refusal_against_the_held_out_task_loss(tmp_path):
     markdown = (tmp_path / "rep" / "report.md").read_text()
     assert "| all | 1 | 3/3 | 30.0 ± 4.7 | 1.520 ± 0.041 |" in markdown
     assert (tmp_path / "rep" / "tradeoff_grid.png").stat().st_size > 10_000
+
+
+def test_long_form_grid_with_token_accuracy_plots_against_it(tmp_path):
+    """A long-form grid that measured the held-out answers' token accuracy: the table shows it
+    with its paired difference from all data, and the plot's x axis is that accuracy, not
+    the loss; a label's accuracy, where there is one, still comes first."""
+    from sealft.report import task_axis
+
+    rows = [{k: v for k, v in r.items() if not k.startswith("task_accuracy")} for r in SUMMARY]
+    for r, (loss, acc) in zip(rows, ((1.91, 0.412), (1.52, 0.468), (1.55, 0.459)), strict=True):
+        r["task_loss_mean"], r["task_token_accuracy_mean"] = loss, acc
+        r["task_loss_ci95"] = r["task_token_accuracy_ci95"] = "" if r["seeds"] == 1 else 0.004
+        r["task_token_accuracy_vs_all_mean"] = None if r["method"] == "all" else acc - 0.468
+        r["task_token_accuracy_vs_all_ci95"] = "" if r["seeds"] == 1 else 0.006
+    assert task_axis(rows)[0] == "task_token_accuracy"
+    assert task_axis(SUMMARY)[0] == "task_accuracy"
+    assert task_axis([{k: v for k, v in r.items() if "token" not in k} for r in rows])[0] == \
+        "task_loss"
+    folder = tmp_path / "grid"
+    folder.mkdir()
+    with open(folder / "results_summary.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    assert main(["report", str(folder), f"output={tmp_path / 'rep'}"]) == 0
+    markdown = (tmp_path / "rep" / "report.md").read_text()
+    assert "Held-out token acc. % ↑ | Δ token acc. vs all, paired (pts) |" in markdown
+    assert "| seal | 0.8 | 2/3 | 54.0 ± 10.1 | 1.550 ± 0.004 | 45.9 ± 0.4 | -0.9 ± 0.6 |" in markdown
+    assert (tmp_path / "rep" / "tradeoff_grid.png").stat().st_size > 10_000

@@ -104,9 +104,10 @@ MERGE_FILES = ("config.yaml", INPUTS_FILE, "results.csv")
 METRIC_COLUMNS = ("safety_refusal_rate", "over_refusal_rate", "task_accuracy", "win_rate")
 RESULT_COLUMNS = (
     "method", "keep_ratio", "seed", "status", *METRIC_COLUMNS, "safety_harmfulness_rate",
-    "heldout_refusal_rate", "task_loss", "select_seconds", "finetune_seconds", "evaluate_seconds",
-    "peak_memory_mb", "rows", "kept", "harmful_trained", "safety_added", "unsafe_removed_share",
-    "auroc_unsafe_low_weight", "win_rate_reference", "error", "cell_dir",
+    "heldout_refusal_rate", "task_loss", "task_token_accuracy", "select_seconds",
+    "finetune_seconds", "evaluate_seconds", "peak_memory_mb", "rows", "kept", "harmful_trained",
+    "safety_added", "unsafe_removed_share", "auroc_unsafe_low_weight", "win_rate_reference",
+    "error", "cell_dir",
 )
 # Identity and bookkeeping columns: everything else numeric is averaged over seeds.
 NOT_AGGREGATED = ("method", "keep_ratio", "seed", "status", "win_rate_reference", "error",
@@ -550,6 +551,7 @@ def result_row(cell: Cell, select: dict, finetune: dict, evaluation: dict, mix: 
         "safety_harmfulness_rate": evaluation.get("safety_harmfulness_rate"),
         "heldout_refusal_rate": by_set.get(HELDOUT_SET),
         "task_loss": evaluation.get("task_loss"),
+        "task_token_accuracy": evaluation.get("task_token_accuracy"),
         "select_seconds": select.get("wall_seconds"),
         "finetune_seconds": finetune.get("wall_seconds"),
         "evaluate_seconds": evaluation.get("wall_seconds"),
@@ -941,7 +943,7 @@ def _is_number(value: Any) -> bool:
 # trains on the same sampled rows, so the seed-to-seed spread of the data cancels in the
 # difference. All data is what selection must beat; the oracle is the most any filter can keep.
 PAIRED_COLUMNS = ("safety_refusal_rate", "heldout_refusal_rate", "over_refusal_rate",
-                  "task_accuracy", "task_loss")
+                  "task_accuracy", "task_loss", "task_token_accuracy")
 PAIRED_WITH = ("all", "oracle")
 
 

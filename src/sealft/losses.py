@@ -64,6 +64,23 @@ def per_example_loss(
     return sums / counts
 
 
+def per_example_nll_and_hits(model, batch: dict[str, torch.Tensor]
+                             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per example, from one forward pass: the summed next-token NLL of its response tokens,
+    and how many of those tokens are the model's top-1 prediction. Token-weighted, the hits
+    give the teacher-forced token accuracy TRL logs as `mean_token_accuracy`, an accuracy for
+    long-form answers that have no label to parse."""
+    labels = batch["labels"][:, 1:]
+    supervised = labels != IGNORE_INDEX
+    logits = _supervised_logits(model, batch, supervised)
+    targets = labels[supervised]
+    token_nll = F.cross_entropy(logits, targets, reduction="none")
+    hits = (logits.argmax(dim=-1) == targets).float()
+    row_of_token = supervised.nonzero(as_tuple=True)[0]
+    zeros = torch.zeros(labels.shape[0], device=token_nll.device)
+    return zeros.index_add(0, row_of_token, token_nll), zeros.index_add(0, row_of_token, hits)
+
+
 def first_response_log_probs(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Log-probabilities over the vocabulary for each row's first response token, [batch,
     vocab]: one row of logits per example, from the position before its response."""

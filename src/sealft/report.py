@@ -171,6 +171,8 @@ EXPERIMENT_COLUMNS = (
     ("Δ over-refusal vs all, paired (pts)", "over_refusal_rate_vs_all", 100, 1),
     ("Task acc. % ↑", "task_accuracy", 100, 1),
     ("Held-out task loss ↓", "task_loss", 1, 3),
+    ("Held-out token acc. % ↑", "task_token_accuracy", 100, 1),
+    ("Δ token acc. vs all, paired (pts)", "task_token_accuracy_vs_all", 100, 1),
     ("Win rate vs all-data SFT % ↑", "win_rate", 100, 1),
     ("Harmful rows trained", "harmful_trained", 1, 1),
     ("Select s", "select_seconds", 1, 0),
@@ -182,7 +184,9 @@ EXPERIMENT_NOTE = (
     "Mean over seeds ± half-width of the 95% confidence interval (Student t, n − 1 degrees of "
     "freedom; no interval from one seed). Refusal on harmful prompts, held-out harmful "
     "questions of the fine-tuning file's own kind, over-refusal on benign prompts, task "
-    "accuracy, win rate against all-data SFT (needs the helpfulness suite and an LLM judge). "
+    "accuracy (for long-form data: on held-out answers, their loss and the share of their "
+    "tokens the model predicts top-1), win rate against all-data SFT (needs the helpfulness "
+    "suite and an LLM judge). "
     "Δ … vs all (vs oracle), paired: the method minus all-data fine-tuning (the oracle "
     "filter) of the same seed (same sampled rows), averaged over seeds with its own interval; "
     "the base model is compared with every seed. Peak memory: GPU peak per cell; on CPU the "
@@ -505,22 +509,36 @@ def plot_safety_vs_helpfulness(runs: list[EvalRun], out: Path) -> tuple[Path, st
     return _save(fig, out / "safety_vs_helpfulness.png"), x_name
 
 
+TASK_AXES = (("task_accuracy", 100, "Task accuracy (%) → more useful"),
+             ("task_token_accuracy", 100, "Held-out answer token accuracy (%) → more useful"),
+             ("task_loss", 1, "Held-out task loss (reversed) → more useful"))
+TASK_AXIS_TITLES = {"task_accuracy": "task accuracy",
+                    "task_token_accuracy": "held-out answer token accuracy",
+                    "task_loss": "held-out task loss"}
+
+
+
+def task_axis(summary: list[dict[str, Any]]) -> tuple[str, float, str]:
+    """The first task measure a grid has: a label's accuracy, else the held-out answers' token
+    accuracy, else (grids run before that was measured) their loss."""
+    return next((key, scale, label) for key, scale, label in TASK_AXES
+                if key == "task_loss" or any(s.get(f"{key}_mean") is not None for s in summary))
+
+
 def plot_refusal_vs_task(summary: list[dict[str, Any]], path: Path,
                          colour: Callable[[str], str] | None = None) -> Path | None:
     """An experiment's trade-off: refusal on harmful prompts against task accuracy, one point
     per method and keep ratio at its mean over seeds, error bars = 95% confidence intervals
     (none for one seed). A second panel shows the held-out harmful questions when measured.
-    Without task accuracy (long-form data), the held-out task loss is the x axis, reversed so
-    that right is still better.
+    Without task accuracy (long-form data), the held-out answers' token accuracy is the x
+    axis, and for grids that lack it their loss, reversed so that right is still better.
 
     `summary` holds `sealft experiment`'s results_summary rows (COLUMN_mean / COLUMN_ci95)."""
     panels = [(key, title) for key, title in (
         ("safety_refusal_rate", "Refusal on harmful prompts (AdvBench, HarmBench…)"),
         ("heldout_refusal_rate", "Refusal on held-out harmful questions of the data's kind"))
         if any(s.get(f"{key}_mean") is not None for s in summary)]
-    x_key, x_scale, x_label = "task_accuracy", 100, "Task accuracy (%) → more useful"
-    if not any(s.get("task_accuracy_mean") is not None for s in summary):
-        x_key, x_scale, x_label = "task_loss", 1, "Held-out task loss (reversed) → more useful"
+    x_key, x_scale, x_label = task_axis(summary)
     points = [s for s in summary if s.get(f"{x_key}_mean") is not None]
     if not panels or not points:
         return None
@@ -550,8 +568,8 @@ def plot_refusal_vs_task(summary: list[dict[str, Any]], path: Path,
     handles, labels = axes[0][0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 5), frameon=False,
                bbox_to_anchor=(0.5, -0.07 - 0.05 * ((len(labels) - 1) // 5)))
-    fig.suptitle(f"Safety vs. {'task accuracy' if x_key == 'task_accuracy' else 'held-out task loss'}"
-                 " (mean over seeds, 95% CI; upper right is better)")
+    fig.suptitle(f"Safety vs. {TASK_AXIS_TITLES[x_key]} (mean over seeds, 95% CI; upper right "
+                 "is better)")
     return _save(fig, path)
 
 

@@ -5,7 +5,8 @@ generation, and an LLM judge may not be at hand. The held-out answers' loss need
 mean next-token negative log-likelihood of reference answers the model never trained on,
 under its chat template, with the same response-only labels as fine-tuning. Lower is better;
 a data filter that removes useful rows shows up as a higher held-out loss than all-data
-fine-tuning's.
+fine-tuning's. The same pass counts the answer tokens the model predicts top-1 (TRL's
+`mean_token_accuracy`), the suite's accuracy: higher is better, in points a reader can compare.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import numpy as np
 import torch
 
 from sealft.data import load_examples, sample_rows
-from sealft.losses import per_example_loss
+from sealft.losses import per_example_nll_and_hits
 from sealft.tokenize import IGNORE_INDEX, collate, require_usable, tokenize_examples
 
 SUITE = "task-loss"
@@ -32,8 +33,9 @@ def load_task_rows(path: str, sample: int | None, seed: int):
 @torch.no_grad()
 def task_loss(model, tokenizer, examples, max_length: int, batch_size: int,
               source: str) -> dict[str, Any]:
-    """Token-weighted mean NLL of the reference answers (and its perplexity); rows whose
-    prompt leaves no room for an answer within max_length are skipped and counted."""
+    """Token-weighted mean NLL of the reference answers (and its perplexity) and the share of
+    their tokens predicted top-1; rows whose prompt leaves no room for an answer within
+    max_length are skipped and counted."""
     tokenized = tokenize_examples(examples, tokenizer, max_length, cache=False,
                                   desc="tokenising held-out answers")
     require_usable(tokenized, source, max_length)
@@ -41,12 +43,13 @@ def task_loss(model, tokenizer, examples, max_length: int, batch_size: int,
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     # Longest first: batches of similar length waste the least padding.
     order = np.argsort(-tokenized.lengths(), kind="stable").tolist()
-    total, tokens, per_row = 0.0, 0, []
+    total, hits, tokens, per_row = 0.0, 0.0, 0, []
     for start in range(0, len(order), batch_size):
         batch = collate(tokenized, order[start:start + batch_size], pad_id, device)
-        sums = per_example_loss(model, batch, mean=False)
+        sums, row_hits = per_example_nll_and_hits(model, batch)
         counts = (batch["labels"][:, 1:] != IGNORE_INDEX).sum(dim=1)
         total += float(sums.sum())
+        hits += float(row_hits.sum())
         tokens += int(counts.sum())
         per_row += (sums / counts.clamp(min=1)).tolist()
     loss = total / max(tokens, 1)
@@ -54,4 +57,5 @@ def task_loss(model, tokenizer, examples, max_length: int, batch_size: int,
             "rows": len(tokenized), "skipped": len(tokenized.skipped),
             "truncated": len(tokenized.truncated), "tokens": tokens,
             "loss": round(loss, 6), "perplexity": round(math.exp(loss), 4),
+            "token_accuracy": round(hits / max(tokens, 1), 6),
             "row_loss_median": round(float(np.median(per_row)), 6)}

@@ -626,6 +626,8 @@ def summarise(metrics: dict[str, Any], args: EvaluateArgs) -> dict[str, Any]:
         .get("parse_failure_rate"),
         "win_rate": suites.get("helpfulness", {}).get("overall", {}).get("win_rate"),
         "task_loss": suites.get(SUITE_TASK_LOSS, {}).get("overall", {}).get("loss"),
+        "task_token_accuracy": suites.get(SUITE_TASK_LOSS, {}).get("overall", {})
+        .get("token_accuracy"),
         "refusal_by_set": {}, "harmfulness_by_set": {},
         "harm_judge": metrics["judges"]["harm"]["signature"],
         **metrics["timing"],
@@ -730,6 +732,7 @@ def headline(summary: dict[str, Any], out: Path) -> str:
         ("safety refusal", pct("safety_refusal_rate")), ("harmful", pct("safety_harmfulness_rate")),
         ("over-refusal", pct("over_refusal_rate")), ("task accuracy", pct("task_accuracy")),
         ("win rate", pct("win_rate")),
+        ("held-out token accuracy", pct("task_token_accuracy")),
         ("held-out task loss", None if summary.get("task_loss") is None
          else f"{summary['task_loss']:.3f}")) if value is not None]
     return f"sealft evaluate: {', '.join(parts) or 'done'}; details in {out / 'metrics.json'}"
