@@ -49,7 +49,7 @@ def read_cell(folder: Path, epochs: int, batch_size: int, base: bool = False,
               selection: Path | None = None) -> dict:
     """One run's numbers at `epochs` epochs over the rows it trained (step 0 when `base`);
     `selection`: the run folder of the filter that chose its rows, for the filter's time."""
-    rows = _trained_rows(folder)
+    rows = None if base else _trained_rows(folder)
     step = 0 if base else read_step(folder, epochs, batch_size)
     curve = {point["step"]: point["sets"] for point in read_jsonl(folder / "curve.jsonl")}
     if step not in curve:
@@ -60,19 +60,36 @@ def read_cell(folder: Path, epochs: int, batch_size: int, base: bool = False,
     return {**times, COLUMNS[0]: _rate(sets, (HELDOUT,)),
             COLUMNS[1]: _rate(sets, ("advbench", "harmbench")),
             COLUMNS[2]: _rate(sets, ("sst2",)),
-            COLUMNS[3]: 0 if base else len(rows),
-            COLUMNS[4]: 0 if base else sum(r.get("flag") == "unsafe" for r in rows),
+            COLUMNS[3]: 0 if base else _rows_trained(folder, rows),
+            COLUMNS[4]: 0 if base else _harmful_trained(rows, selection),
             COLUMNS[5]: _terse(folder / "eval" / f"step-{step}"),
             COLUMNS[6]: _overrefusal(folder / "eval" / f"xstest-step-{step}"),
-            COLUMNS[7]: _task(folder / "eval" / f"xstest-step-{step}", "task_loss"),
-            COLUMNS[8]: _task(folder / "eval" / f"xstest-step-{step}", "task_token_accuracy", 100)}
+            COLUMNS[7]: _task(folder / "eval" / f"xstest-step-{step}", "loss"),
+            COLUMNS[8]: _task(folder / "eval" / f"xstest-step-{step}", "token_accuracy", 100)}
 
 
-def _trained_rows(folder: Path) -> list[dict]:
-    trained_file = folder / "train_kept.json"
-    if not trained_file.exists():
-        trained_file = folder / "train.json"
-    return json.loads(trained_file.read_text(encoding="utf-8"))
+def _trained_rows(folder: Path) -> list[dict] | None:
+    """The rows a run trained; None for a run's kept outputs in docs/results, which hold its
+    numbers but not the data's rows (the data stays in ../shared/data)."""
+    for name in ("train_kept.json", "train.json"):
+        if (folder / name).exists():
+            return json.loads((folder / name).read_text(encoding="utf-8"))
+    return None
+
+
+def _harmful_trained(rows: list[dict] | None, selection: Path | None) -> int | None:
+    """Flagged rows among those trained; for kept outputs, the filter's own count of the
+    flagged rows it kept (its summary's labels), where a selection is given."""
+    if rows is not None:
+        return sum(r.get("flag") == "unsafe" for r in rows)
+    labels = (_summary(selection) or {}).get("labels") if selection is not None else None
+    return ((labels or {}).get("per_label") or {}).get("unsafe", {}).get("kept")
+
+
+def _rows_trained(folder: Path, rows: list[dict] | None) -> int | None:
+    if rows is not None:
+        return len(rows)
+    return (_summary(folder / "finetune") or {}).get("rows")
 
 
 def read_step(folder: Path, epochs: int, batch_size: int) -> int:
@@ -81,8 +98,22 @@ def read_step(folder: Path, epochs: int, batch_size: int) -> int:
     summary = folder / "finetune" / "summary.json"
     usable = (json.loads(summary.read_text(encoding="utf-8")).get("usable")
               if summary.exists() else None)
-    rows = len(_trained_rows(folder)) if usable is None else usable
-    return epochs * math.ceil(rows / batch_size)
+    if usable is None:
+        trained = _trained_rows(folder)
+        if trained is None:
+            return _xstest_step(folder)
+        usable = len(trained)
+    return epochs * math.ceil(usable / batch_size)
+
+
+def _xstest_step(folder: Path) -> int:
+    """For kept outputs that lack both the fine-tuning summary and the rows: the one step
+    `erosion_overrefusal.py` evaluated, which it chose by `read_step` when the run was whole."""
+    steps = {int(p.name.rsplit("-", 1)[1]) for p in (folder / "eval").glob("xstest-step-*")} - {0}
+    if len(steps) != 1:
+        raise SystemExit(f"{folder}: neither its fine-tuning summary nor its training rows, "
+                         f"and not one evaluated step to read (XSTest at {sorted(steps)})")
+    return steps.pop()
 
 
 def _overrefusal(evaluation: Path) -> float | None:
@@ -95,9 +126,14 @@ def _overrefusal(evaluation: Path) -> float | None:
 
 
 def _task(evaluation: Path, key: str, scale: float = 1) -> float | None:
-    """A held-out task answers' number (`erosion_overrefusal.py --task-data`: their loss, their
-    token accuracy), where it was run and measured."""
-    value = (_summary(evaluation) or {}).get(key)
+    """A held-out task answers' number (`erosion_overrefusal.py --task-data`: their `loss`,
+    their `token_accuracy`), where it was run and measured; read from metrics.json, which a
+    run's kept outputs keep."""
+    metrics = evaluation / "metrics.json"
+    if not metrics.exists():
+        return None
+    suites = json.loads(metrics.read_text(encoding="utf-8"))["suites"]
+    value = suites.get("task-loss", {}).get("overall", {}).get(key)
     return None if value is None else scale * value
 
 

@@ -423,10 +423,9 @@ def test_erosion_cells_read_xstest_over_refusal_and_share_the_base_models(tmp_pa
         for step, rate in ((4, 0.2 + 0.2 * seed),) + (((0, 0.1),) if seed == 0 else ()):
             folder = run / "eval" / f"xstest-step-{step}"
             folder.mkdir(parents=True)
-            (folder / "metrics.json").write_text(json.dumps({"suites": {"overrefusal": {
-                "sets": {"xstest_safe": {"over_refusal_rate": rate}}}}}))
-            (folder / "summary.json").write_text(json.dumps({"task_loss": 1 + rate,
-                                                             "task_token_accuracy": 0.4 + rate}))
+            (folder / "metrics.json").write_text(json.dumps({"suites": {
+                "overrefusal": {"sets": {"xstest_safe": {"over_refusal_rate": rate}}},
+                "task-loss": {"overall": {"loss": 1 + rate, "token_accuracy": 0.4 + rate}}}}))
     text = cells.table({"all": str(tmp_path / "run-{seed}")}, [0, 1], epochs=2, batch_size=4)
     lines = {line.split("|")[1].strip(): line.split("|")[2:-1] for line in text.splitlines()[2:]}
     assert lines["all"][6].strip() == "30.0 ± 127.1 (20.0, 40.0)"
@@ -858,13 +857,37 @@ def test_judge_probe_margin_under_a_system_prompt_by_hand(tiny_model):
 
 def test_erosion_cells_read_the_step_from_the_rows_that_trained(tmp_path):
     """Rows whose prompt exceeds max_length never train: 10 rows with 2 skipped take 2 steps
-    of 4 an epoch, not 3."""
+    of 4 an epoch, not 3. A run's kept outputs (no data rows) are read as well."""
     bench = _load("erosion_cells")
     (tmp_path / "train_kept.json").write_text(json.dumps([{"i": i} for i in range(10)]))
     assert bench.read_step(tmp_path, 2, 4) == 6  # no fine-tuning summary yet: every row
     (tmp_path / "finetune").mkdir()
     (tmp_path / "finetune" / "summary.json").write_text(json.dumps({"rows": 10, "usable": 8}))
     assert bench.read_step(tmp_path, 2, 4) == 4
+    # a run's kept outputs (docs/results) hold no data rows: rows trained from its fine-tuning
+    # summary, harmful rows trained unknown
+    (tmp_path / "train_kept.json").unlink()
+    (tmp_path / "finetune" / "summary.json").write_text(json.dumps(
+        {"rows": 10, "usable": 8, "steps": 4, "train_seconds": 40.0}))
+    (tmp_path / "curve.jsonl").write_text(json.dumps(
+        {"step": 4, "sets": {"heldout_harmful": {"n": 10, "k": 3}}}) + "\n")
+    cell = bench.read_cell(tmp_path, 2, 4)
+    assert (cell[bench.COLUMNS[0]], cell[bench.COLUMNS[3]], cell[bench.COLUMNS[4]]) == (
+        30.0, 10, None)
+    # ... unless the filter's selection run is given: its own count of flagged rows kept
+    chosen = tmp_path / "select"
+    chosen.mkdir()
+    (chosen / "summary.json").write_text(json.dumps({"wall_seconds": 5.0, "labels": {
+        "per_label": {"benign": {"rows": 8, "kept": 7}, "unsafe": {"rows": 4, "kept": 3}}}}))
+    assert bench.read_cell(tmp_path, 2, 4, selection=chosen)[bench.COLUMNS[4]] == 3
+    # no fine-tuning summary either: the one step its XSTest evaluation was run at
+    (tmp_path / "finetune" / "summary.json").unlink()
+    (tmp_path / "eval" / "xstest-step-0").mkdir(parents=True)
+    (tmp_path / "eval" / "xstest-step-4").mkdir()
+    assert bench.read_step(tmp_path, 2, 4) == 4
+    (tmp_path / "eval" / "xstest-step-8").mkdir()
+    with pytest.raises(SystemExit, match="not one evaluated step"):
+        bench.read_step(tmp_path, 2, 4)
 
 
 def test_neighbour_probe_reads_the_answer_line_by_line_by_hand(tiny_model):
