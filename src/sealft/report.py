@@ -509,20 +509,20 @@ def plot_safety_vs_helpfulness(runs: list[EvalRun], out: Path) -> tuple[Path, st
     return _save(fig, out / "safety_vs_helpfulness.png"), x_name
 
 
-TASK_AXES = (("task_accuracy", 100, "Task accuracy (%) → more useful"),
-             ("task_token_accuracy", 100, "Held-out answer token accuracy (%) → more useful"),
-             ("task_loss", 1, "Held-out task loss (reversed) → more useful"))
-TASK_AXIS_TITLES = {"task_accuracy": "task accuracy",
-                    "task_token_accuracy": "held-out answer token accuracy",
-                    "task_loss": "held-out task loss"}
+# (column, scale, axis label, name in the title), in order of preference.
+TASK_AXES = (
+    ("task_accuracy", 100, "Task accuracy (%) → more useful", "task accuracy"),
+    ("task_token_accuracy", 100, "Held-out answer token accuracy (%) → more useful",
+     "held-out answer token accuracy"),
+    ("task_loss", 1, "Held-out task loss (reversed) → more useful", "held-out task loss"),
+)
 
 
-
-def task_axis(summary: list[dict[str, Any]]) -> tuple[str, float, str]:
+def task_axis(summary: list[dict[str, Any]]) -> tuple[str, float, str, str]:
     """The first task measure a grid has: a label's accuracy, else the held-out answers' token
     accuracy, else (grids run before that was measured) their loss."""
-    return next((key, scale, label) for key, scale, label in TASK_AXES
-                if key == "task_loss" or any(s.get(f"{key}_mean") is not None for s in summary))
+    return next(axis for axis in TASK_AXES if axis[0] == "task_loss"
+                or any(s.get(f"{axis[0]}_mean") is not None for s in summary))
 
 
 def plot_refusal_vs_task(summary: list[dict[str, Any]], path: Path,
@@ -538,7 +538,7 @@ def plot_refusal_vs_task(summary: list[dict[str, Any]], path: Path,
         ("safety_refusal_rate", "Refusal on harmful prompts (AdvBench, HarmBench…)"),
         ("heldout_refusal_rate", "Refusal on held-out harmful questions of the data's kind"))
         if any(s.get(f"{key}_mean") is not None for s in summary)]
-    x_key, x_scale, x_label = task_axis(summary)
+    x_key, x_scale, x_label, x_title = task_axis(summary)
     points = [s for s in summary if s.get(f"{x_key}_mean") is not None]
     if not panels or not points:
         return None
@@ -568,8 +568,7 @@ def plot_refusal_vs_task(summary: list[dict[str, Any]], path: Path,
     handles, labels = axes[0][0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 5), frameon=False,
                bbox_to_anchor=(0.5, -0.07 - 0.05 * ((len(labels) - 1) // 5)))
-    fig.suptitle(f"Safety vs. {TASK_AXIS_TITLES[x_key]} (mean over seeds, 95% CI; upper right "
-                 "is better)")
+    fig.suptitle(f"Safety vs. {x_title} (mean over seeds, 95% CI; upper right is better)")
     return _save(fig, path)
 
 
