@@ -21,13 +21,18 @@ SUMMARY = [  # what `sealft experiment` writes to results_summary.csv (mean, ci9
 ]
 
 
-def _experiment_dir(folder: Path) -> Path:
+def _experiment_dir(folder: Path, rows: list[dict] = SUMMARY) -> Path:
     folder.mkdir()
     with open(folder / "results_summary.csv", "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(SUMMARY[0]))
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
         writer.writeheader()
-        writer.writerows(SUMMARY)
+        writer.writerows(rows)
     return folder
+
+
+def _long_form_rows() -> list[dict]:
+    """SUMMARY without a label's accuracy, as a long-form grid has none."""
+    return [{k: v for k, v in r.items() if not k.startswith("task_accuracy")} for r in SUMMARY]
 
 
 def test_report_draws_the_experiment_tradeoff(tmp_path, capsys):
@@ -46,15 +51,10 @@ def test_report_draws_the_experiment_tradeoff(tmp_path, capsys):
 def test_long_form_grid_plots_refusal_against_the_held_out_task_loss(tmp_path):
     """No task accuracy (long-form data): the table shows the held-out task loss and the
     trade-off plot uses it for its x axis."""
-    rows = [{k: v for k, v in r.items() if not k.startswith("task_accuracy")} for r in SUMMARY]
+    rows = _long_form_rows()
     for r, loss in zip(rows, (1.91, 1.52, 1.55), strict=True):
         r["task_loss_mean"], r["task_loss_ci95"] = loss, ("" if r["seeds"] == 1 else 0.041)
-    folder = tmp_path / "grid"
-    folder.mkdir()
-    with open(folder / "results_summary.csv", "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    folder = _experiment_dir(tmp_path / "grid", rows)
     assert main(["report", str(folder), f"output={tmp_path / 'rep'}"]) == 0
     markdown = (tmp_path / "rep" / "report.md").read_text()
     assert "| all | 1 | 3/3 | 30.0 ± 4.7 | 1.520 ± 0.041 |" in markdown
@@ -67,7 +67,7 @@ def test_long_form_grid_with_token_accuracy_plots_against_it(tmp_path):
     the loss; a label's accuracy, where there is one, still comes first."""
     from sealft.report import task_axis
 
-    rows = [{k: v for k, v in r.items() if not k.startswith("task_accuracy")} for r in SUMMARY]
+    rows = _long_form_rows()
     for r, (loss, acc) in zip(rows, ((1.91, 0.412), (1.52, 0.468), (1.55, 0.459)), strict=True):
         r["task_loss_mean"], r["task_token_accuracy_mean"] = loss, acc
         r["task_loss_ci95"] = r["task_token_accuracy_ci95"] = "" if r["seeds"] == 1 else 0.004
@@ -77,12 +77,7 @@ def test_long_form_grid_with_token_accuracy_plots_against_it(tmp_path):
     assert task_axis(SUMMARY)[0] == "task_accuracy"
     assert task_axis([{k: v for k, v in r.items() if "token" not in k} for r in rows])[0] == \
         "task_loss"
-    folder = tmp_path / "grid"
-    folder.mkdir()
-    with open(folder / "results_summary.csv", "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    folder = _experiment_dir(tmp_path / "grid", rows)
     assert main(["report", str(folder), f"output={tmp_path / 'rep'}"]) == 0
     markdown = (tmp_path / "rep" / "report.md").read_text()
     assert "Held-out token acc. % ↑ | Δ token acc. vs all, paired (pts) |" in markdown
