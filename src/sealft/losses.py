@@ -55,9 +55,7 @@ def per_example_loss(
     if first_tokens is not None:
         supervised &= supervised.long().cumsum(dim=1) <= first_tokens
     logits = _supervised_logits(model, batch, supervised)
-    token_nll = F.cross_entropy(logits, labels[supervised], reduction="none")
-    row_of_token = supervised.nonzero(as_tuple=True)[0]
-    sums = torch.zeros(labels.shape[0], device=token_nll.device).index_add(0, row_of_token, token_nll)
+    sums = _row_sums(F.cross_entropy(logits, labels[supervised], reduction="none"), supervised)
     if not mean:
         return sums
     counts = supervised.sum(dim=1).clamp(min=1)
@@ -76,9 +74,14 @@ def per_example_nll_and_hits(model, batch: dict[str, torch.Tensor]
     targets = labels[supervised]
     token_nll = F.cross_entropy(logits, targets, reduction="none")
     hits = (logits.argmax(dim=-1) == targets).float()
+    return _row_sums(token_nll, supervised), _row_sums(hits, supervised)
+
+
+def _row_sums(per_token: torch.Tensor, supervised: torch.Tensor) -> torch.Tensor:
+    """Per-token values (one per supervised position, row-major) summed per example."""
     row_of_token = supervised.nonzero(as_tuple=True)[0]
-    zeros = torch.zeros(labels.shape[0], device=token_nll.device)
-    return zeros.index_add(0, row_of_token, token_nll), zeros.index_add(0, row_of_token, hits)
+    return torch.zeros(supervised.shape[0], device=per_token.device).index_add(
+        0, row_of_token, per_token)
 
 
 def first_response_log_probs(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
