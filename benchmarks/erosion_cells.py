@@ -57,15 +57,16 @@ def read_cell(folder: Path, epochs: int, batch_size: int, base: bool = False,
                          f"usable rows, batches of {batch_size}); it has steps {sorted(curve)}")
     sets = curve[step]
     times = _stage_seconds(folder, step, selection) if not base else {}
+    xstest = _suites(folder / "eval" / f"xstest-step-{step}")
     return {**times, COLUMNS[0]: _rate(sets, (HELDOUT,)),
             COLUMNS[1]: _rate(sets, ("advbench", "harmbench")),
             COLUMNS[2]: _rate(sets, ("sst2",)),
             COLUMNS[3]: 0 if base else _rows_trained(folder, rows),
             COLUMNS[4]: 0 if base else _harmful_trained(rows, selection),
             COLUMNS[5]: _terse(folder / "eval" / f"step-{step}"),
-            COLUMNS[6]: _overrefusal(folder / "eval" / f"xstest-step-{step}"),
-            COLUMNS[7]: _task(folder / "eval" / f"xstest-step-{step}", "loss"),
-            COLUMNS[8]: _task(folder / "eval" / f"xstest-step-{step}", "token_accuracy", 100)}
+            COLUMNS[6]: _overrefusal(xstest),
+            COLUMNS[7]: _task(xstest, "loss"),
+            COLUMNS[8]: _task(xstest, "token_accuracy", 100)}
 
 
 def _trained_rows(folder: Path) -> list[dict] | None:
@@ -116,24 +117,26 @@ def _xstest_step(folder: Path) -> int:
     return steps.pop()
 
 
-def _overrefusal(evaluation: Path) -> float | None:
-    """Refusal % on XSTest's safe prompts (`erosion_overrefusal.py`), where it was run."""
+def _suites(evaluation: Path) -> dict | None:
+    """The suites of an `erosion_overrefusal.py` evaluation (its metrics.json, which a run's
+    kept outputs keep), where it was run."""
     metrics = evaluation / "metrics.json"
     if not metrics.exists():
         return None
-    sets = json.loads(metrics.read_text(encoding="utf-8"))["suites"]["overrefusal"]["sets"]
-    return 100 * sets["xstest_safe"]["over_refusal_rate"]
+    return json.loads(metrics.read_text(encoding="utf-8"))["suites"]
 
 
-def _task(evaluation: Path, key: str, scale: float = 1) -> float | None:
-    """A held-out task answers' number (`erosion_overrefusal.py --task-data`: their `loss`,
-    their `token_accuracy`), where it was run and measured; read from metrics.json, which a
-    run's kept outputs keep."""
-    metrics = evaluation / "metrics.json"
-    if not metrics.exists():
+def _overrefusal(suites: dict | None) -> float | None:
+    """Refusal % on XSTest's safe prompts."""
+    if suites is None:
         return None
-    suites = json.loads(metrics.read_text(encoding="utf-8"))["suites"]
-    value = suites.get("task-loss", {}).get("overall", {}).get(key)
+    return 100 * suites["overrefusal"]["sets"]["xstest_safe"]["over_refusal_rate"]
+
+
+def _task(suites: dict | None, key: str, scale: float = 1) -> float | None:
+    """A held-out task answers' number (`--task-data`: their `loss`, their `token_accuracy`),
+    where it was measured."""
+    value = (suites or {}).get("task-loss", {}).get("overall", {}).get(key)
     return None if value is None else scale * value
 
 
