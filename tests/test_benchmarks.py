@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -1091,3 +1093,60 @@ def test_paired_prompts_pool_the_discordant_prompts_over_seeds(tmp_path):
     (other / "inputs.json").write_text('{"heldout_harmful": {"sha1": "y"}}')
     with pytest.raises(SystemExit, match="inputs.json differs"):
         probe.paired([exp, other], "heldout_harmful")
+
+
+class _Parsed(Exception):
+    """Raised by a patched ArgumentParser.parse_args: the flags parsed, nothing ran."""
+
+
+def _script_calls(script: Path, *args: str, cwd: Path) -> list[list[str]]:
+    """The argv of every `python` and `sealft` command a shell script runs, recorded by shell
+    functions that stand in for both (one record per call), so nothing is trained."""
+    log = cwd / "calls.log"
+    stub = ('record() { printf "%s\\037" "$@" >> "$CALLS"; printf "\\036" >> "$CALLS"; }; '
+            'python() { record python "$@"; }; sealft() { record sealft "$@"; }; '
+            'export -f record python sealft; bash "$0" "$@"')
+    subprocess.run(["bash", "-c", stub, str(script), *args], check=True, cwd=cwd,
+                   env={"PATH": "/usr/bin:/bin", "CALLS": str(log)}, capture_output=True)
+    return [record.split("\x1f")[:-1] for record in log.read_text().split("\x1e")[:-1]]
+
+
+def test_gentle_core_cells_script_passes_only_flags_its_tools_accept(tmp_path, monkeypatch):
+    """benchmarks/gentle_core_cells.sh, as the docs tell users to run it: every command it
+    runs parses with the real tool's own parser (a renamed flag fails here, not an hour into
+    a seed), and the cells it chains read what the steps before them write."""
+    from sealft.cli import build_parser
+    from sealft.config import from_namespace
+    from sealft.select import SelectArgs
+
+    curve, overrefusal, task_rows = (_load(n) for n in ("erosion_curve", "erosion_overrefusal",
+                                                        "heldout_task_rows"))
+    calls = _script_calls(REPO / "benchmarks" / "gentle_core_cells.sh", "7", str(tmp_path / "g"),
+                          cwd=tmp_path)
+    scripts = [c[1] if c[0] == "python" else f"sealft {c[1]}" for c in calls]
+    assert scripts == ["benchmarks/erosion_curve.py"] * 2 + ["sealft select"] + \
+        ["benchmarks/erosion_curve.py"] * 2 + ["benchmarks/heldout_task_rows.py",
+                                               "benchmarks/erosion_overrefusal.py"]
+    cells = [curve.parse_args(c[2:]) for c in calls if c[1] == "benchmarks/erosion_curve.py"]
+    assert {a.seed for a in cells} == {7} and [a.oracle for a in cells] == [False, True, False,
+                                                                           False]
+    all_dir = Path(cells[0].output_dir)
+    select_cmd = next(c for c in calls if c[0] == "sealft")
+    all_dir.mkdir(parents=True)
+    (all_dir / "train.json").write_text("[]")  # what the all-data cell writes before select reads
+    namespace = build_parser("select").parse_args(select_cmd[1:])
+    select = from_namespace(SelectArgs, namespace)
+    assert Path(select.finetune_data) == all_dir / "train.json" and select.seed == 7
+    scores = Path(select.output_dir) / "scores.jsonl"
+    assert [Path(a.keep_scores) for a in cells[2:]] == [scores, scores]
+    assert cells[3].safeinstr_k == 10 and cells[2].safeinstr_k == 0
+
+    def parse_and_stop(self, argv=None, namespace=None):
+        raise _Parsed(original(self, argv, namespace))
+
+    original = argparse.ArgumentParser.parse_args
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", parse_and_stop)
+    for tool, call in ((task_rows, calls[5]), (overrefusal, calls[6])):
+        with pytest.raises(_Parsed) as parsed:
+            tool.main(call[2:])
+        assert parsed.value.args[0].seeds in ([7], [0, 1, 2])
