@@ -1146,7 +1146,12 @@ def test_gentle_core_cells_script_passes_only_flags_its_tools_accept(tmp_path, m
 
     original = argparse.ArgumentParser.parse_args
     monkeypatch.setattr(argparse.ArgumentParser, "parse_args", parse_and_stop)
-    for tool, call in ((task_rows, calls[5]), (overrefusal, calls[6])):
-        with pytest.raises(_Parsed) as parsed:
+    parsed = {}
+    for name, tool, call in (("task", task_rows, calls[5]), ("eval", overrefusal, calls[6])):
+        with pytest.raises(_Parsed) as stop:
             tool.main(call[2:])
-        assert parsed.value.args[0].seeds in ([7], [0, 1, 2])
+        parsed[name] = stop.value.args[0]
+    # the held-out answers lie outside seeds 0-2's mixes, whichever seed is evaluated on them
+    assert parsed["task"].seeds == [0, 1, 2] and parsed["eval"].seeds == [7]
+    assert parsed["eval"].task_data == parsed["task"].out
+    assert len(parsed["eval"].cell) == 4
