@@ -1155,3 +1155,35 @@ def test_gentle_core_cells_script_passes_only_flags_its_tools_accept(tmp_path, m
     assert parsed["task"].seeds == [0, 1, 2] and parsed["eval"].seeds == [7]
     assert parsed["eval"].task_data == parsed["task"].out
     assert len(parsed["eval"].cell) == 4
+
+
+def test_length_control_ranks_by_answer_length_beside_the_selector(tmp_path, capsys):
+    length_control = _load("length_control")
+    # Two flagged rows with short answers, three unflagged with long ones, one unflagged short
+    # answer (the control's blind spot) and one row the selector skipped.
+    answers = [("unsafe", "x" * 5), ("unsafe", "x" * 40), ("benign", "x" * 30),
+               ("benign", "x" * 50), ("benign", "x" * 60), ("benign", "x" * 2),
+               ("unsafe", "x" * 1)]
+    rows = [{"instruction": f"q{i}", "output": a, "flag": f} for i, (f, a) in enumerate(answers)]
+    data = tmp_path / "mix.json"
+    data.write_text(json.dumps(rows))
+    run = tmp_path / "select0"
+    run.mkdir()
+    # The selector ranks row 0 lowest and row 1 above one benign row; keeps four rows.
+    logits = [-2.0, 0.5, 0.4, 1.0, 2.0, 0.8, None]
+    write_jsonl(run / "scores.jsonl", [
+        {"index": i, "logit": g, "kept": g is not None and g >= 0.5} for i, g in enumerate(logits)])
+    result = length_control.compare(rows, list(length_control.read_jsonl(run / "scores.jsonl")))
+    assert result["rows"] == 6 and result["flagged"] == 2 and result["kept_n"] == 4
+    # flagged rows 0, 1 against unflagged 2, 3, 4, 5: by logit 4 + 3 of 8 pairs right,
+    # by length (5, 40 against 30, 50, 60, 2) 3 + 2 of 8
+    assert result["selector_auroc"] == pytest.approx(7 / 8)
+    assert result["length_auroc"] == pytest.approx(5 / 8)
+    assert result["selector_kept_flagged"] == 1  # row 1 (logit 0.5) is kept
+    assert result["length_kept_flagged"] == 1  # the four longest: 60, 50, 40, 30
+    length_control.main(["--seeds", "0", "--data", str(data),
+                         "--selection", str(tmp_path / "select{seed}")])
+    assert "| 0 | 6 | 2 | 4 | 0.875 | 0.625 | 1 | 1 |" in capsys.readouterr().out
+    # the mix alone, every row: flagged 5, 40, 1 against 30, 50, 60, 2 -> 3 + 2 + 4 of 12
+    length_control.main(["--mixes", str(data)])
+    assert "| mix.json | 7 | 3 | 0.750 | 5 | 40 |" in capsys.readouterr().out

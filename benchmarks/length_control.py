@@ -1,0 +1,145 @@
+"""A trivial control for a selection on a flagged mix: rank the rows by answer length alone.
+
+A mix whose harmful answers are shorter than its benign ones (BeaverTails answers against
+GPT-4's) lets "drop the shortest answers" find harm without reading it, as a one-word label
+does on SST-2. Reading a selector's AUROC without this control overstates what it knows. For
+each seed this reads a `sealft select` run's `scores.jsonl` and the file it selected from, and
+prints, side by side:
+
+  AUROC       P(a flagged row ranks below an unflagged one): the selector's logits, then
+              answer length (shorter = lower)
+  kept        flagged rows among the n kept: the selector's own n, then the n longest answers
+
+    python benchmarks/length_control.py --seeds 0 1 2 \\
+        --data runs/gentle/lr1e-4-s{seed}-all/train.json --selection runs/gentle/s{seed}-select
+
+Mean ± 95% confidence interval over seeds (the experiment's `mean_ci`), and the paired
+differences. Without a selection, `--mixes FILE ...` asks the mixes alone how far length gives
+the flagged rows away (AUROC below 0.5: the flagged answers are the longer ones).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+
+from sealft.data import read_rows
+from sealft.experiment import mean_ci
+from sealft.io import read_jsonl
+from sealft.select import auroc
+
+
+def answer_text(row: dict) -> str:
+    """The trained answer: Alpaca's `output`, or the last message of a conversation."""
+    if "messages" in row:
+        return str(row["messages"][-1]["content"])
+    return str(row.get("output", ""))
+
+
+def compare(rows: list[dict], scores: list[dict], flag_field: str = "flag",
+            flagged: str = "unsafe") -> dict:
+    """One seed: the selector against answer length, on the rows the selector scored."""
+    scored = [s for s in scores if s.get("logit") is not None]  # skipped rows have no logit
+    logits = np.array([s["logit"] for s in scored], dtype=float)
+    lengths = np.array([len(answer_text(rows[s["index"]])) for s in scored], dtype=float)
+    harmful = np.array([rows[s["index"]].get(flag_field) == flagged for s in scored])
+    kept = np.array([bool(s["kept"]) for s in scored])
+    n = int(kept.sum())
+    # stable sort, so equal lengths keep file order: the control is deterministic
+    longest = np.argsort(-lengths, kind="stable")[:n]
+    return {"rows": len(scored), "flagged": int(harmful.sum()), "kept_n": n,
+            # AUROC of "flagged" against the negated score: a low logit (or a short answer)
+            # should mean harmful
+            "selector_auroc": auroc(-logits, harmful), "length_auroc": auroc(-lengths, harmful),
+            "selector_kept_flagged": int((harmful & kept).sum()),
+            "length_kept_flagged": int(harmful[longest].sum())}
+
+
+def mix_length(rows: list[dict], flag_field: str = "flag", flagged: str = "unsafe") -> dict:
+    """A mix alone: the AUROC of "shorter answer = flagged" over all its rows, and the median
+    answer length of flagged and other rows."""
+    lengths = np.array([len(answer_text(r)) for r in rows], dtype=float)
+    harmful = np.array([r.get(flag_field) == flagged for r in rows])
+    return {"rows": len(rows), "flagged": int(harmful.sum()),
+            "length_auroc": auroc(-lengths, harmful),
+            "flagged_median_chars": float(np.median(lengths[harmful])) if harmful.any() else None,
+            "other_median_chars": float(np.median(lengths[~harmful])) if (~harmful).any() else None}
+
+
+def _fmt(values: list[float], digits: int) -> str:
+    mean, half = mean_ci(values)
+    if mean is None:
+        return "–"
+    return f"{mean:.{digits}f}" + ("" if half is None else f" ± {half:.{digits}f}")
+
+
+def render(by_seed: dict[int, dict]) -> str:
+    lines = ["| seed | rows | flagged | kept | AUROC selector | AUROC length | flagged kept, "
+             "selector | flagged kept, n longest |", "|---|---|---|---|---|---|---|---|"]
+    for seed, r in by_seed.items():
+        sel = "–" if r["selector_auroc"] is None else f"{r['selector_auroc']:.3f}"
+        length = "–" if r["length_auroc"] is None else f"{r['length_auroc']:.3f}"
+        lines.append(f"| {seed} | {r['rows']} | {r['flagged']} | {r['kept_n']} | {sel} | "
+                     f"{length} | {r['selector_kept_flagged']} | {r['length_kept_flagged']} |")
+    runs = list(by_seed.values())
+    both = [r for r in runs if r["selector_auroc"] is not None and r["length_auroc"] is not None]
+    sel = [r["selector_auroc"] for r in both]
+    length = [r["length_auroc"] for r in both]
+    kept_sel = [r["selector_kept_flagged"] for r in runs]
+    kept_len = [r["length_kept_flagged"] for r in runs]
+    auroc_gap = [a - b for a, b in zip(sel, length, strict=True)]
+    kept_gap = [a - b for a, b in zip(kept_sel, kept_len, strict=True)]
+    lines += ["", f"AUROC: selector {_fmt(sel, 3)}, length {_fmt(length, 3)}, "
+              f"selector − length {_fmt(auroc_gap, 3)} (paired by seed)",
+              f"flagged rows kept: selector {_fmt(kept_sel, 1)}, n longest {_fmt(kept_len, 1)}, "
+              f"selector − length {_fmt(kept_gap, 1)} (paired by seed)"]
+    return "\n".join(lines)
+
+
+def render_mixes(by_file: dict[str, dict]) -> str:
+    lines = ["| mix | rows | flagged | AUROC, shorter = flagged | median chars, flagged | "
+             "median chars, others |", "|---|---|---|---|---|---|"]
+    for name, r in by_file.items():
+        value = "–" if r["length_auroc"] is None else f"{r['length_auroc']:.3f}"
+        medians = [("–" if m is None else f"{m:.0f}")
+                   for m in (r["flagged_median_chars"], r["other_median_chars"])]
+        lines.append(f"| {name} | {r['rows']} | {r['flagged']} | {value} | {medians[0]} | "
+                     f"{medians[1]} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--seeds", type=int, nargs="+")
+    p.add_argument("--data", metavar="PATTERN",
+                   help="the file each selection ran on, {seed} in the pattern")
+    p.add_argument("--selection", metavar="PATTERN",
+                   help="the `sealft select` run folders, {seed} in the pattern")
+    p.add_argument("--mixes", nargs="+", metavar="FILE",
+                   help="instead: the length AUROC of each mix alone, no selection needed")
+    p.add_argument("--flag-field", default="flag")
+    p.add_argument("--flagged", default="unsafe", help="the flag value of a harmful row")
+    args = p.parse_args(argv)
+    if args.mixes:
+        print(render_mixes({Path(f).name: mix_length(read_rows(f), args.flag_field, args.flagged)
+                            for f in args.mixes}))
+        return
+    for flag in ("seeds", "data", "selection"):
+        if getattr(args, flag) is None:
+            p.error(f"--{flag} is required without --mixes")
+    by_seed = {}
+    for seed in args.seeds:
+        data = Path(args.data.format(seed=seed))
+        scores = Path(args.selection.format(seed=seed)) / "scores.jsonl"
+        for path, flag in ((data, "--data"), (scores, "--selection")):
+            if not path.is_file():
+                p.error(f"{flag}: {path} does not exist (seed {seed}); run the cells first")
+        by_seed[seed] = compare(read_rows(str(data)), list(read_jsonl(scores)), args.flag_field,
+                                args.flagged)
+    print(render(by_seed))
+
+
+if __name__ == "__main__":
+    main()
