@@ -9,6 +9,8 @@ prints, side by side:
   AUROC       P(a flagged row ranks below an unflagged one): the selector's logits, then
               answer length (shorter = lower)
   kept        flagged rows among the n kept: the selector's own n, then the n longest answers
+  short       both AUROCs again against the unflagged rows no longer than the flagged rows'
+              90th percentile: where length cannot help, does the selector still find harm?
 
     python benchmarks/length_control.py --seeds 0 1 2 \\
         --data runs/gentle/lr1e-4-s{seed}-all/train.json --selection runs/gentle/s{seed}-select
@@ -30,6 +32,11 @@ from sealft.experiment import mean_ci
 from sealft.io import read_jsonl
 from sealft.select import auroc
 
+SHORT_PERCENTILE = 90
+"""The unflagged rows compared in the `short` columns: those no longer than this percentile of
+the flagged answers' lengths (the 90th, not the maximum, so that one long flagged answer does
+not let every row back in)."""
+
 
 def answer_text(row: dict) -> str:
     """The trained answer: Alpaca's `output`, or the last message of a conversation."""
@@ -47,12 +54,17 @@ def compare(rows: list[dict], scores: list[dict], flag_field: str = "flag",
     harmful = np.array([rows[s["index"]].get(flag_field) == flagged for s in scored])
     kept = np.array([bool(s["kept"]) for s in scored])
     n = int(kept.sum())
+    cap = np.percentile(lengths[harmful], SHORT_PERCENTILE) if harmful.any() else 0.0
+    short = harmful | (lengths <= cap)
     # stable sort, so equal lengths keep file order: the control is deterministic
     longest = np.argsort(-lengths, kind="stable")[:n]
     return {"rows": len(scored), "flagged": int(harmful.sum()), "kept_n": n,
             # AUROC of "flagged" against the negated score: a low logit (or a short answer)
             # should mean harmful
             "selector_auroc": auroc(-logits, harmful), "length_auroc": auroc(-lengths, harmful),
+            "short_others": int((short & ~harmful).sum()),
+            "selector_auroc_short": auroc(-logits[short], harmful[short]),
+            "length_auroc_short": auroc(-lengths[short], harmful[short]),
             "selector_kept_flagged": int((harmful & kept).sum()),
             "length_kept_flagged": int(harmful[longest].sum())}
 
@@ -68,6 +80,10 @@ def mix_length(rows: list[dict], flag_field: str = "flag", flagged: str = "unsaf
             "other_median_chars": float(np.median(lengths[~harmful])) if (~harmful).any() else None}
 
 
+def _auroc(value: float | None) -> str:
+    return "–" if value is None else f"{value:.3f}"
+
+
 def _fmt(values: list[float], digits: int) -> str:
     mean, half = mean_ci(values)
     if mean is None:
@@ -77,12 +93,14 @@ def _fmt(values: list[float], digits: int) -> str:
 
 def render(by_seed: dict[int, dict]) -> str:
     lines = ["| seed | rows | flagged | kept | AUROC selector | AUROC length | flagged kept, "
-             "selector | flagged kept, n longest |", "|---|---|---|---|---|---|---|---|"]
+             "selector | flagged kept, n longest | short others | AUROC selector, short | "
+             "AUROC length, short |", "|---" * 11 + "|"]
     for seed, r in by_seed.items():
-        sel = "–" if r["selector_auroc"] is None else f"{r['selector_auroc']:.3f}"
-        length = "–" if r["length_auroc"] is None else f"{r['length_auroc']:.3f}"
-        lines.append(f"| {seed} | {r['rows']} | {r['flagged']} | {r['kept_n']} | {sel} | "
-                     f"{length} | {r['selector_kept_flagged']} | {r['length_kept_flagged']} |")
+        aurocs = [_auroc(r[k]) for k in ("selector_auroc", "length_auroc")]
+        short = [_auroc(r[k]) for k in ("selector_auroc_short", "length_auroc_short")]
+        lines.append(f"| {seed} | {r['rows']} | {r['flagged']} | {r['kept_n']} | {aurocs[0]} | "
+                     f"{aurocs[1]} | {r['selector_kept_flagged']} | {r['length_kept_flagged']} "
+                     f"| {r['short_others']} | {short[0]} | {short[1]} |")
     runs = list(by_seed.values())
     both = [r for r in runs if r["selector_auroc"] is not None and r["length_auroc"] is not None]
     sel = [r["selector_auroc"] for r in both]
@@ -95,6 +113,11 @@ def render(by_seed: dict[int, dict]) -> str:
               f"selector − length {_fmt(auroc_gap, 3)} (paired by seed)",
               f"flagged rows kept: selector {_fmt(kept_sel, 1)}, n longest {_fmt(kept_len, 1)}, "
               f"selector − length {_fmt(kept_gap, 1)} (paired by seed)"]
+    short = [r for r in runs if r["selector_auroc_short"] is not None
+             and r["length_auroc_short"] is not None]
+    lines.append(f"AUROC against the short unflagged rows: selector "
+                 f"{_fmt([r['selector_auroc_short'] for r in short], 3)}, length "
+                 f"{_fmt([r['length_auroc_short'] for r in short], 3)}")
     return "\n".join(lines)
 
 

@@ -1159,31 +1159,37 @@ def test_gentle_core_cells_script_passes_only_flags_its_tools_accept(tmp_path, m
 
 def test_length_control_ranks_by_answer_length_beside_the_selector(tmp_path, capsys):
     length_control = _load("length_control")
-    # Two flagged rows with short answers, three unflagged with long ones, one unflagged short
+    # Two flagged rows with short answers, four unflagged with longer ones, one unflagged short
     # answer (the control's blind spot) and one row the selector skipped.
     answers = [("unsafe", "x" * 5), ("unsafe", "x" * 40), ("benign", "x" * 30),
                ("benign", "x" * 50), ("benign", "x" * 60), ("benign", "x" * 2),
-               ("unsafe", "x" * 1)]
+               ("unsafe", "x" * 1), ("benign", "x" * 38)]
     rows = [{"instruction": f"q{i}", "output": a, "flag": f} for i, (f, a) in enumerate(answers)]
     data = tmp_path / "mix.json"
     data.write_text(json.dumps(rows))
     run = tmp_path / "select0"
     run.mkdir()
     # The selector ranks row 0 lowest and row 1 above one benign row; keeps four rows.
-    logits = [-2.0, 0.5, 0.4, 1.0, 2.0, 0.8, None]
+    logits = [-2.0, 0.5, 0.4, 1.0, 2.0, 0.8, None, 0.3]
     write_jsonl(run / "scores.jsonl", [
         {"index": i, "logit": g, "kept": g is not None and g >= 0.5} for i, g in enumerate(logits)])
     result = length_control.compare(rows, list(length_control.read_jsonl(run / "scores.jsonl")))
-    assert result["rows"] == 6 and result["flagged"] == 2 and result["kept_n"] == 4
-    # flagged rows 0, 1 against unflagged 2, 3, 4, 5: by logit 4 + 3 of 8 pairs right,
-    # by length (5, 40 against 30, 50, 60, 2) 3 + 2 of 8
-    assert result["selector_auroc"] == pytest.approx(7 / 8)
-    assert result["length_auroc"] == pytest.approx(5 / 8)
+    assert result["rows"] == 7 and result["flagged"] == 2 and result["kept_n"] == 4
+    # flagged rows 0, 1 against unflagged 2, 3, 4, 5, 7: by logit 5 + 3 of 10 pairs right,
+    # by length (5, 40 against 30, 50, 60, 2, 38) 4 + 2 of 10
+    assert result["selector_auroc"] == pytest.approx(8 / 10)
+    assert result["length_auroc"] == pytest.approx(6 / 10)
     assert result["selector_kept_flagged"] == 1  # row 1 (logit 0.5) is kept
-    assert result["length_kept_flagged"] == 1  # the four longest: 60, 50, 40, 30
+    assert result["length_kept_flagged"] == 1  # the four longest: 60, 50, 40, 38
+    # the flagged lengths' 90th percentile is 5 + 0.9 * 35 = 36.5 (not their maximum, 40, which
+    # would let row 7 in): rows 2 (30) and 5 (2) stay; the selector ranks 3 of 4 pairs right,
+    # length 1 (5 < 30)
+    assert result["short_others"] == 2
+    assert result["selector_auroc_short"] == pytest.approx(3 / 4)
+    assert result["length_auroc_short"] == pytest.approx(1 / 4)
     length_control.main(["--seeds", "0", "--data", str(data),
                          "--selection", str(tmp_path / "select{seed}")])
-    assert "| 0 | 6 | 2 | 4 | 0.875 | 0.625 | 1 | 1 |" in capsys.readouterr().out
-    # the mix alone, every row: flagged 5, 40, 1 against 30, 50, 60, 2 -> 3 + 2 + 4 of 12
+    assert "| 0 | 7 | 2 | 4 | 0.800 | 0.600 | 1 | 1 | 2 | 0.750 | 0.250 |" in capsys.readouterr().out
+    # the mix alone, every row: flagged 5, 40, 1 against 30, 50, 60, 2, 38 -> 4 + 2 + 5 of 15
     length_control.main(["--mixes", str(data)])
-    assert "| mix.json | 7 | 3 | 0.750 | 5 | 40 |" in capsys.readouterr().out
+    assert "| mix.json | 8 | 3 | 0.733 | 5 | 38 |" in capsys.readouterr().out
