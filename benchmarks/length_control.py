@@ -146,7 +146,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--flagged", default="unsafe", help="the flag value of a harmful row")
     args = p.parse_args(argv)
     if args.mixes:
-        print(render_mixes({Path(f).name: mix_length(read_rows(f), args.flag_field, args.flagged)
+        print(render_mixes({f: mix_length(read_rows(f), args.flag_field, args.flagged)
                             for f in args.mixes}))
         return
     for flag in ("seeds", "data", "selection"):

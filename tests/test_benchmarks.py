@@ -1192,4 +1192,4 @@ def test_length_control_ranks_by_answer_length_beside_the_selector(tmp_path, cap
     assert "| 0 | 7 | 2 | 4 | 0.800 | 0.600 | 1 | 1 | 2 | 0.750 | 0.250 |" in capsys.readouterr().out
     # the mix alone, every row: flagged 5, 40, 1 against 30, 50, 60, 2, 38 -> 4 + 2 + 5 of 15
     length_control.main(["--mixes", str(data)])
-    assert "| mix.json | 8 | 3 | 0.733 | 5 | 38 |" in capsys.readouterr().out
+    assert f"| {data} | 8 | 3 | 0.733 | 5 | 38 |" in capsys.readouterr().out
