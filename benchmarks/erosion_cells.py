@@ -208,11 +208,24 @@ def cell_format(values: list[float | None], digits: int = 1) -> str:
     return f"{mean:.{digits}f}{spread} ({', '.join(f'{v:.{digits}f}' for v in present)})"
 
 
-def collect(cells: dict[str, str], seeds: list[int], epochs: int, batch_size: int,
-            selections: dict[str, str] | None = None) -> dict[str, list[dict]]:
+Patterns = str | list[str]
+"""A method's run folders, {seed} in each pattern. Several patterns: each seed reads the first
+that exists, so a rerun that measured more (a later column) can stand before the original
+folders of the seeds it covers without copying either."""
+
+
+def seed_folder(patterns: Patterns, seed: int) -> Path:
+    """The folder of one seed: the first of `patterns` that exists, else the first."""
+    listed = [patterns] if isinstance(patterns, str) else list(patterns)
+    folders = [Path(p.format(seed=seed)) for p in listed]
+    return next((f for f in folders if f.is_dir()), folders[0])
+
+
+def collect(cells: dict[str, Patterns], seeds: list[int], epochs: int, batch_size: int,
+            selections: dict[str, Patterns] | None = None) -> dict[str, list[dict]]:
     """Each method's runs (`read_cell`), one per seed, the base model first."""
     first = next(iter(cells.values()))
-    by_method = {"base": [read_cell(Path(first.format(seed=s)), epochs, batch_size, base=True)
+    by_method = {"base": [read_cell(seed_folder(first, s), epochs, batch_size, base=True)
                           for s in seeds]}
     # The base model is the same in every seed: its one XSTest evaluation stands for all.
     for column in COLUMNS[6:9]:
@@ -220,16 +233,16 @@ def collect(cells: dict[str, str], seeds: list[int], epochs: int, batch_size: in
         for b in by_method["base"]:
             b[column] = once
     selections = selections or {}
-    for method, pattern in cells.items():
+    for method, patterns in cells.items():
         chosen = selections.get(method)
-        by_method[method] = [read_cell(Path(pattern.format(seed=s)), epochs, batch_size,
-                                       selection=Path(chosen.format(seed=s)) if chosen else None)
+        by_method[method] = [read_cell(seed_folder(patterns, s), epochs, batch_size,
+                                       selection=seed_folder(chosen, s) if chosen else None)
                              for s in seeds]
     return by_method
 
 
-def table(cells: dict[str, str], seeds: list[int], epochs: int, batch_size: int,
-          selections: dict[str, str] | None = None,
+def table(cells: dict[str, Patterns], seeds: list[int], epochs: int, batch_size: int,
+          selections: dict[str, Patterns] | None = None,
           paired_with: tuple[str, ...] = ("all",)) -> str:
     """Paired columns against the base model and each cell of `paired_with` that exists."""
     return render(collect(cells, seeds, epochs, batch_size, selections), paired_with)
@@ -261,14 +274,26 @@ def render(by_method: dict[str, list[dict]], paired_with: tuple[str, ...] = ("al
     return "\n".join(lines)
 
 
+def _patterns(parser: argparse.ArgumentParser, name: str, flags: list[str]) -> dict[str, list[str]]:
+    """`METHOD=PATTERN` flags, a method's patterns in the order given."""
+    out: dict[str, list[str]] = {}
+    for flag in flags:
+        method, sep, pattern = flag.partition("=")
+        if not (method and sep and pattern):
+            parser.error(f"{name} {flag!r}: expected METHOD=PATTERN, e.g. all=runs/s{{seed}}-all")
+        out.setdefault(method, []).append(pattern)
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--cell", action="append", required=True, metavar="METHOD=PATTERN",
                    help="a method and its run folders, {seed} in the pattern; the first cell's "
-                        "step 0 is the base model")
+                        "step 0 is the base model. A method given again: each seed reads the "
+                        "first of its patterns whose folder exists")
     p.add_argument("--selection", action="append", default=[], metavar="METHOD=PATTERN",
                    help="the `sealft select` run folders of a method's filter, {seed} in the "
-                        "pattern, for the selection-time column")
+                        "pattern, for the selection-time column (given again: as --cell)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--paired-with", nargs="+", default=["all"], metavar="METHOD",
                    help="cells to pair every method with by seed, besides the base model")
@@ -279,9 +304,9 @@ def main(argv: list[str] | None = None) -> None:
                         "(else their loss) per method, error bars over seeds, as `sealft "
                         "report` draws an experiment")
     a = p.parse_args(argv)
-    cells = dict(c.split("=", 1) for c in a.cell)
+    cells = _patterns(p, "--cell", a.cell)
     print(f"mean ± 95% CI over seeds {a.seeds} (per-seed values), {a.epochs} epochs\n")
-    selections = dict(c.split("=", 1) for c in a.selection)
+    selections = _patterns(p, "--selection", a.selection)
     by_method = collect(cells, a.seeds, a.epochs, a.batch_size, selections)
     print(render(by_method, tuple(a.paired_with)))
     if a.plot:

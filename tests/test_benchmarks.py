@@ -453,6 +453,25 @@ def test_erosion_cells_read_xstest_over_refusal_and_share_the_base_models(tmp_pa
 
 
 
+def test_erosion_cells_read_each_seed_from_the_first_pattern_that_exists(tmp_path, capsys):
+    cells = _load("erosion_cells")
+    # seed 0 ran twice (the rerun measured more); seed 1 only in the original folders
+    for folder, k in (("orig-0", 2), ("orig-1", 4), ("rerun-0", 3)):
+        run = tmp_path / folder
+        run.mkdir()
+        (run / "train.json").write_text(json.dumps([{"flag": "safe"}] * 8))
+        (run / "curve.jsonl").write_text("".join(json.dumps(
+            {"step": s, "sets": {"heldout_harmful": {"n": 10, "k": v}}}) + "\n"
+            for s, v in ((0, 6), (4, k))))
+    cells.main(["--epochs", "2", "--batch-size", "4", "--seeds", "0", "1",
+                "--cell", f"all={tmp_path}/rerun-{{seed}}", "--cell", f"all={tmp_path}/orig-{{seed}}"])
+    out = capsys.readouterr().out
+    assert "| all | 35.0 ± 63.5 (30.0, 40.0) |" in out  # seed 0 from the rerun, seed 1 original
+    with pytest.raises(SystemExit):
+        cells.main(["--cell", "all"])
+    assert "--cell 'all': expected METHOD=PATTERN" in capsys.readouterr().err
+
+
 def test_erosion_cells_count_terse_answers_that_are_not_refusals(tmp_path):
     cells = _load("erosion_cells")
     step = tmp_path / "eval" / "step-4"
