@@ -33,6 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
+from sealft.data import read_rows
 from sealft.io import read_jsonl, write_jsonl
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -207,22 +208,34 @@ def table(reads: list[dict], runs: list[str], near_dir: Path, keep: float,
     return "\n".join(lines)
 
 
+def _kept_rows(path: str, data: str, rows: list[dict]) -> list[dict]:
+    """The data rows a selection kept: a `selected.jsonl` (messages, matched to the data file's
+    rows by request and answer) or a `scores.jsonl` (the data file's row indices, `kept`)."""
+    selection = read_jsonl(path)
+    if selection and "index" in selection[0] and "kept" in selection[0]:
+        return [rows[r["index"]] for r in selection if r["kept"]]
+    by_text = {(r["instruction"] + (f"\n\n{r['input']}" if r.get("input") else ""), r["output"]):
+               r for r in rows}
+    kept = []
+    for row in selection:
+        user = "\n".join(m["content"] for m in row["messages"] if m["role"] == "user")
+        source = by_text.get((user, row["messages"][-1]["content"]))
+        if source is None:
+            raise SystemExit(f"{path}: row {row['id']} is not a row of {data}")
+        kept.append(source)
+    return kept
+
+
 def trained(data: str, selections: list[str], reads: list[dict], reader: int = 1) -> str:
     """Flagged harmful rows each selection trains on, split by the reader's label: which of the
-    rows a selector keeps (or an oracle drops) are harmful by their text. A selection's rows
-    (messages) are matched to the data file's by request and answer."""
+    rows a selector keeps (or an oracle drops) are harmful by their text."""
     labels = audit(reads, reader)
-    by_text = {(r["instruction"] + (f"\n\n{r['input']}" if r.get("input") else ""), r["output"]):
-               r for r in read_jsonl(data)}
+    rows = read_rows(data)
     lines = ["| selection | flagged harmful rows trained | read H | read A | read N | not read |",
              "|---|---|---|---|---|---|"]
     for path in selections:
         counts: Counter = Counter()
-        for row in read_jsonl(path):
-            user = "\n".join(m["content"] for m in row["messages"] if m["role"] == "user")
-            source = by_text.get((user, row["messages"][-1]["content"]))
-            if source is None:
-                raise SystemExit(f"{path}: row {row['id']} is not a row of {data}")
+        for source in _kept_rows(path, data, rows):
             if source["flag"] == "unsafe":
                 counts[labels.get(row_key(source), "unread")] += 1
         lines.append(f"| {path} | {sum(counts.values())} | {counts['H']} | {counts['A']} | "
@@ -251,7 +264,8 @@ def main() -> None:
     p.add_argument("--near", type=Path, default=Path("runs/neighbour_probe"))
     p.add_argument("--keep", type=float, default=0.8)
     p.add_argument("--data", help="trained: the fine-tuning file the selections drew from")
-    p.add_argument("--selected", nargs="*", default=[], help="trained: selected.jsonl files")
+    p.add_argument("--selected", nargs="*", default=[],
+                   help="trained: the selections' selected.jsonl or scores.jsonl files")
     a = p.parse_args()
     if a.step == "build":
         before = {row_key(r) for path in a.skip_mixes for r in read_jsonl(path)}

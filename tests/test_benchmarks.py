@@ -1048,6 +1048,11 @@ def test_label_audit_counts_the_trained_harmful_rows_by_their_reading(tmp_path):
     write_jsonl(tmp_path / "selected.jsonl", selected)
     row = audit.trained(str(tmp_path / "data.jsonl"), [str(tmp_path / "selected.jsonl")], reads)
     assert row.splitlines()[-1].endswith("| 2 | 1 | 0 | 0 | 1 |")
+    # a `sealft select` scores.jsonl names the rows by index: row 1 dropped, row 0 kept
+    write_jsonl(tmp_path / "scores.jsonl", [{"index": i, "kept": k, "logit": 0.0}
+                                            for i, k in enumerate((True, False, True))])
+    row = audit.trained(str(tmp_path / "data.jsonl"), [str(tmp_path / "scores.jsonl")], reads)
+    assert row.splitlines()[-1].endswith("| 1 | 1 | 0 | 0 | 0 |")
     write_jsonl(tmp_path / "other.jsonl", [{"id": "x", "messages": [
         {"role": "user", "content": "?"}, {"role": "assistant", "content": "!"}]}])
     with pytest.raises(SystemExit, match="not a row of"):
