@@ -5,6 +5,8 @@
 # accuracy of all four. Every step resumes, so rerun the same line after a stop.
 #
 #   bash benchmarks/gentle_core_cells.sh 7                 # -> runs/gentle/lr1e-4-s7-{all,oracle,seal,...}
+#   BENIGN_DATA=../shared/data/benign/alpaca_en_demo.json \
+#       bash benchmarks/gentle_core_cells.sh 0 runs/gentle-alpaca   # another benign file, its own root
 #
 # One thread per run: two seeds side by side fill a 2-core machine (each fine-tuning process
 # peaks near 12 GB; a third does not fit in 24 GB).
@@ -12,7 +14,7 @@ set -euo pipefail
 S=${1:?usage: gentle_core_cells.sh SEED [OUTPUT_ROOT]}
 G=${2:-runs/gentle}
 export HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1
-BEN=../shared/data/benign/alpaca_eval_gpt4_outputs.json
+BEN=${BENIGN_DATA:-../shared/data/benign/alpaca_eval_gpt4_outputs.json}
 SAFE=../shared/data/safe/safetyllamas_safety_only.json
 ec() { python benchmarks/erosion_curve.py --threads 1 --epochs 1 --seed "$S" --benign-data $BEN \
     --rows 96 --harmful 32 --lr 1e-4 --max-length 256 --sst2 0 "$@"; }
@@ -28,7 +30,7 @@ ec --keep-scores "$G/s$S-select/scores.jsonl" --eval-steps 8 --output-dir "$G/lr
 ec --keep-scores "$G/s$S-select/scores.jsonl" --safeinstr-k 10 --safe-data $SAFE --eval-steps "" \
     --output-dir "$G/lr1e-4-s$S-seal-safeinstr"
 
-# the 40 held-out GPT-4 answers that no mix of seeds 0-2 trains on (the same file for every seed)
+# the 40 held-out benign answers that no mix of seeds 0-2 trains on (the same file for every seed)
 [ -f "$G/task.json" ] || python benchmarks/heldout_task_rows.py --benign-data $BEN --rows 96 \
     --harmful 32 --n 40 --out "$G/task.json"
 python benchmarks/erosion_overrefusal.py --seeds "$S" --epochs 1 --threads 1 --task-data "$G/task.json" \

@@ -1123,15 +1123,18 @@ class _Parsed(Exception):
     """Raised by a patched ArgumentParser.parse_args: the flags parsed, nothing ran."""
 
 
-def _script_calls(script: Path, *args: str, cwd: Path) -> list[list[str]]:
+def _script_calls(script: Path, *args: str, cwd: Path,
+                  env: dict[str, str] | None = None) -> list[list[str]]:
     """The argv of every `python` and `sealft` command a shell script runs, recorded by shell
     functions that stand in for both (one record per call), so nothing is trained."""
     log = cwd / "calls.log"
+    log.unlink(missing_ok=True)  # this call's commands only
     stub = ('record() { printf "%s\\037" "$@" >> "$CALLS"; printf "\\036" >> "$CALLS"; }; '
             'python() { record python "$@"; }; sealft() { record sealft "$@"; }; '
             'export -f record python sealft; bash "$0" "$@"')
     subprocess.run(["bash", "-c", stub, str(script), *args], check=True, cwd=cwd,
-                   env={"PATH": "/usr/bin:/bin", "CALLS": str(log)}, capture_output=True)
+                   env={"PATH": "/usr/bin:/bin", "CALLS": str(log)} | (env or {}),
+                   capture_output=True)
     return [record.split("\x1f")[:-1] for record in log.read_text().split("\x1e")[:-1]]
 
 
@@ -1179,6 +1182,12 @@ def test_gentle_core_cells_script_passes_only_flags_its_tools_accept(tmp_path, m
     assert parsed["task"].seeds == [0, 1, 2] and parsed["eval"].seeds == [7]
     assert parsed["eval"].task_data == parsed["task"].out
     assert len(parsed["eval"].cell) == 4
+    assert {a.benign_data for a in cells} == {"../shared/data/benign/alpaca_eval_gpt4_outputs.json"}
+    # another benign file reaches every cell and the held-out answers drawn from it
+    other = _script_calls(REPO / "benchmarks" / "gentle_core_cells.sh", "0", str(tmp_path / "a"),
+                          cwd=tmp_path, env={"BENIGN_DATA": "alpaca.json"})
+    benign = [c[c.index("--benign-data") + 1] for c in other if "--benign-data" in c]
+    assert benign == ["alpaca.json"] * 5  # four cells and heldout_task_rows
 
 
 def test_length_control_ranks_by_answer_length_beside_the_selector(tmp_path, capsys):
