@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sealft.data import read_rows
+from sealft.data import normalise, read_rows
 from sealft.experiment import mean_ci
 from sealft.io import read_jsonl
 from sealft.select import auroc
@@ -38,11 +38,11 @@ the flagged answers' lengths (the 90th, not the maximum, so that one long flagge
 not let every row back in)."""
 
 
-def answer_text(row: dict) -> str:
-    """The trained answer: Alpaca's `output`, or the last message of a conversation."""
-    if "messages" in row:
-        return str(row["messages"][-1]["content"])
-    return str(row.get("output", ""))
+def answer_lengths(rows: list[dict], source: str = "<data>") -> dict[int, int]:
+    """Row index -> characters of the trained answer (the last message), read through the
+    product's own normaliser so that every data format it trains on is measured alike."""
+    return {e["index"]: len(e["messages"][-1]["content"])
+            for e in normalise(rows, source, drop_duplicates=True)}
 
 
 def compare(rows: list[dict], scores: list[dict], flag_field: str = "flag",
@@ -50,7 +50,8 @@ def compare(rows: list[dict], scores: list[dict], flag_field: str = "flag",
     """One seed: the selector against answer length, on the rows the selector scored."""
     scored = [s for s in scores if s.get("logit") is not None]  # skipped rows have no logit
     logits = np.array([s["logit"] for s in scored], dtype=float)
-    lengths = np.array([len(answer_text(rows[s["index"]])) for s in scored], dtype=float)
+    answer = answer_lengths(rows)
+    lengths = np.array([answer[s["index"]] for s in scored], dtype=float)
     harmful = np.array([rows[s["index"]].get(flag_field) == flagged for s in scored])
     kept = np.array([bool(s["kept"]) for s in scored])
     n = int(kept.sum())
@@ -72,9 +73,10 @@ def compare(rows: list[dict], scores: list[dict], flag_field: str = "flag",
 def mix_length(rows: list[dict], flag_field: str = "flag", flagged: str = "unsafe") -> dict:
     """A mix alone: the AUROC of "shorter answer = flagged" over all its rows, and the median
     answer length of flagged and other rows."""
-    lengths = np.array([len(answer_text(r)) for r in rows], dtype=float)
-    harmful = np.array([r.get(flag_field) == flagged for r in rows])
-    return {"rows": len(rows), "flagged": int(harmful.sum()),
+    answer = answer_lengths(rows)
+    lengths = np.array(list(answer.values()), dtype=float)
+    harmful = np.array([rows[i].get(flag_field) == flagged for i in answer])
+    return {"rows": len(answer), "flagged": int(harmful.sum()),
             "length_auroc": auroc(-lengths, harmful),
             "flagged_median_chars": float(np.median(lengths[harmful])) if harmful.any() else None,
             "other_median_chars": float(np.median(lengths[~harmful])) if (~harmful).any() else None}
@@ -125,7 +127,7 @@ def render_mixes(by_file: dict[str, dict]) -> str:
     lines = ["| mix | rows | flagged | AUROC, shorter = flagged | median chars, flagged | "
              "median chars, others |", "|---|---|---|---|---|---|"]
     for name, r in by_file.items():
-        value = "–" if r["length_auroc"] is None else f"{r['length_auroc']:.3f}"
+        value = _auroc(r["length_auroc"])
         medians = [("–" if m is None else f"{m:.0f}")
                    for m in (r["flagged_median_chars"], r["other_median_chars"])]
         lines.append(f"| {name} | {r['rows']} | {r['flagged']} | {value} | {medians[0]} | "

@@ -1226,3 +1226,7 @@ def test_length_control_ranks_by_answer_length_beside_the_selector(tmp_path, cap
     # the mix alone, every row: flagged 5, 40, 1 against 30, 50, 60, 2, 38 -> 4 + 2 + 5 of 15
     length_control.main(["--mixes", str(data)])
     assert f"| {data} | 8 | 3 | 0.733 | 5 | 38 |" in capsys.readouterr().out
+    # any format the product trains on is measured by its answer: prompt / completion here
+    pc = [{"prompt": "q", "completion": "x" * n, "flag": f} for f, n in (("unsafe", 3), ("benign", 9))]
+    assert length_control.mix_length(pc)["length_auroc"] == 1.0
+    assert length_control.mix_length(pc)["flagged_median_chars"] == 3
