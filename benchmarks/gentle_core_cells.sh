@@ -7,6 +7,7 @@
 #   bash benchmarks/gentle_core_cells.sh 7                 # -> runs/gentle/lr1e-4-s7-{all,oracle,seal,...}
 #   BENIGN_DATA=../shared/data/benign/alpaca_en_demo.json \
 #       bash benchmarks/gentle_core_cells.sh 0 runs/gentle-alpaca   # another benign file, its own root
+#   MODEL=/tmp/qwen-hf bash benchmarks/gentle_core_cells.sh 3    # another copy of the model (GPU runs)
 #
 # One thread per run: two seeds side by side fill a 2-core machine (each fine-tuning process
 # peaks near 12 GB; a third does not fit in 24 GB).
@@ -16,14 +17,15 @@ G=${2:-runs/gentle}
 export HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1
 BEN=${BENIGN_DATA:-../shared/data/benign/alpaca_eval_gpt4_outputs.json}
 SAFE=../shared/data/safe/safetyllamas_safety_only.json
-ec() { python benchmarks/erosion_curve.py --threads 1 --epochs 1 --seed "$S" --benign-data $BEN \
+MODEL=${MODEL:-Qwen/Qwen2.5-Coder-0.5B-Instruct}
+ec() { python benchmarks/erosion_curve.py --threads 1 --epochs 1 --seed "$S" --benign-data $BEN --model "$MODEL" \
     --rows 96 --harmful 32 --lr 1e-4 --max-length 256 --sst2 0 "$@"; }
 
 ec --eval-steps 0,12 --output-dir "$G/lr1e-4-s$S-all"
 ec --oracle --eval-steps 8 --output-dir "$G/lr1e-4-s$S-oracle"
 # sealft select refuses to overwrite a finished selection, so a rerun skips it
 [ -f "$G/s$S-select/summary.json" ] || sealft select --finetune-data "$G/lr1e-4-s$S-all/train.json" \
-    --output-dir "$G/s$S-select" --safe-data $SAFE seed="$S" epochs=1 batch_size=16 \
+    --output-dir "$G/s$S-select" --safe-data $SAFE --model "$MODEL" seed="$S" epochs=1 batch_size=16 \
     safe_batch_size=16 micro_batch_size=8 lr=1e-4 selector_lr=5e-3 gamma_start=0.05 \
     max_length=256 safe_sample=200 keep_ratio=0.667 label_field=flag
 ec --keep-scores "$G/s$S-select/scores.jsonl" --eval-steps 8 --output-dir "$G/lr1e-4-s$S-seal"
@@ -34,6 +36,7 @@ ec --keep-scores "$G/s$S-select/scores.jsonl" --safeinstr-k 10 --safe-data $SAFE
 [ -f "$G/task.json" ] || python benchmarks/heldout_task_rows.py --benign-data $BEN --rows 96 \
     --harmful 32 --n 40 --out "$G/task.json"
 python benchmarks/erosion_overrefusal.py --seeds "$S" --epochs 1 --threads 1 --task-data "$G/task.json" \
+    --model "$MODEL" \
     --cell all="$G/lr1e-4-s{seed}-all" --cell oracle="$G/lr1e-4-s{seed}-oracle" \
     --cell seal="$G/lr1e-4-s{seed}-seal" --cell seal+safeinstr="$G/lr1e-4-s{seed}-seal-safeinstr"
 echo "gentle core cells, seed $S: done"

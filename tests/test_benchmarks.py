@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.util
 import json
 import subprocess
@@ -1188,6 +1189,16 @@ def test_gentle_core_cells_script_passes_only_flags_its_tools_accept(tmp_path, m
                           cwd=tmp_path, env={"BENIGN_DATA": "alpaca.json"})
     benign = [c[c.index("--benign-data") + 1] for c in other if "--benign-data" in c]
     assert benign == ["alpaca.json"] * 5  # four cells and heldout_task_rows
+    # the default model is each tool's own default; another copy (a GPU machine's dequantised
+    # folder) reaches every step that loads the model
+    models = {c[c.index("--model") + 1] for c in calls if "--model" in c}
+    assert models == {curve.QWEN} == {f.default for f in dataclasses.fields(SelectArgs)
+                                      if f.name == "model"}
+    moved = _script_calls(REPO / "benchmarks" / "gentle_core_cells.sh", "3", str(tmp_path / "m"),
+                          cwd=tmp_path, env={"MODEL": "/tmp/qwen-hf"})
+    loads = [c[1] for c in moved if c[1] != "benchmarks/heldout_task_rows.py"]
+    assert [c[c.index("--model") + 1] for c in moved if "--model" in c] == ["/tmp/qwen-hf"] * 6
+    assert len(loads) == 6
 
 
 def test_length_control_ranks_by_answer_length_beside_the_selector(tmp_path, capsys):
