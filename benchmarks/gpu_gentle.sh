@@ -21,8 +21,8 @@ OUT=${OUT:-gpu_out}; ROOT=${ROOT:-/tmp/gentle}; DEADLINE=${DEADLINE:-420}
 SEEDS=${SEEDS:?set SEEDS, e.g. SEEDS="0 3 4"}
 mkdir -p "$OUT" "$ROOT"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-# only what the device lacks: the older regex that gpu_wheels.sh also fetches, put first on the
-# path, stops the device's transformers from importing
+# only the packages the device lacks: gpu_wheels.sh also fetches an older regex, which, first on
+# the path, stops the device's transformers from importing
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
   --target /tmp/site .whl/{datasets,dill,multiprocess,xxhash,fsspec,gguf}-*.whl || exit 1
 export PYTHONPATH=/tmp/site:$PWD/src
