@@ -4,9 +4,10 @@
 # offline Qwen packages, so this expects, carried beside the repo (ignored paths):
 #   .whl/            wheels the device lacks (benchmarks/gpu_wheels.sh)
 #   .qwen/q0..q8     the Qwen2.5-Coder-0.5B-Instruct GGUF cut with `split -b 56m -d -a 1`. One
-#                    piece fits a call's carry limit, and a carried folder replaces the last
-#                    call's, so carry one piece per call, each call copying it to /tmp/q (a warm
-#                    machine keeps /tmp), then `cp /tmp/q/q? .qwen/` in the call that runs this
+#                    piece fits a call's carry limit, and a call keeps none of the paths an
+#                    earlier call carried (seen 2026-12-04), so carry one piece per call, each
+#                    call copying it to /tmp/q (a warm machine keeps /tmp), then
+#                    `cp /tmp/q/q? .qwen/` in the call that runs this (carrying .whl and .gpu)
 #   .gpu/shared/data a copy of ../shared/data
 #   .gpu/task.json   the held-out task answers the CPU seeds were scored on (same rows)
 # and writes OUT/gentle.tgz: every seed's JSON, JSONL, YAML and log files (no weights).
