@@ -1196,9 +1196,9 @@ def test_gentle_core_cells_script_passes_only_flags_its_tools_accept(tmp_path, m
                                       if f.name == "model"}
     moved = _script_calls(REPO / "benchmarks" / "gentle_core_cells.sh", "3", str(tmp_path / "m"),
                           cwd=tmp_path, env={"MODEL": "/tmp/qwen-hf"})
-    loads = [c[1] for c in moved if c[1] != "benchmarks/heldout_task_rows.py"]
-    assert [c[c.index("--model") + 1] for c in moved if "--model" in c] == ["/tmp/qwen-hf"] * 6
-    assert len(loads) == 6
+    loaders = [c for c in moved if c[1] != "benchmarks/heldout_task_rows.py"]
+    assert [c[c.index("--model") + 1] if "--model" in c else None for c in loaders] == \
+        ["/tmp/qwen-hf"] * 6
 
 
 def test_length_control_ranks_by_answer_length_beside_the_selector(tmp_path, capsys):
