@@ -34,6 +34,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from end_to_end import _question  # the same Alpaca-unwrapping as the end-to-end benchmark
 
@@ -91,6 +92,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="scores.jsonl of a selection run over this mix's train.json (e.g. "
                              "`sealft select --finetune-data OUTPUT_DIR/train.json`): train on "
                              "its kept rows only; the held-out prompts stay the mix's")
+    parser.add_argument("--keep-ratio", type=float, default=None,
+                        help="with --keep-scores: train on this share of the scored rows with "
+                             "the highest weight instead of the selection's own cut (a "
+                             "stricter or looser cut of the same fitted selector)")
     parser.add_argument("--oracle", action="store_true",
                         help="train on the mix's rows not flagged unsafe (a perfect filter)")
     parser.add_argument("--safeinstr-k", type=int, default=0,
@@ -114,6 +119,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.eval_steps = cfg_steps
     if args.keep_scores and args.oracle:
         parser.error("--keep-scores and --oracle each choose the trained rows: give one")
+    if args.keep_ratio is not None and not (args.keep_scores and 0 < args.keep_ratio <= 1):
+        parser.error("--keep-ratio needs --keep-scores and a share in (0, 1]")
     if args.safeinstr_k < 0:
         parser.error("--safeinstr-k must be >= 0")
     return args
@@ -135,11 +142,35 @@ def trained_rows(args: argparse.Namespace, train: Path, out: Path) -> Path:
         if len(scores) != len(mix):
             raise SystemExit(f"--keep-scores {args.keep_scores}: {len(scores)} rows, the mix "
                              f"{train} has {len(mix)}; select over that file")
-        kept = [r for r, s in zip(mix, scores, strict=True) if s["kept"]]
+        _check_scored_rows(args.keep_scores, scores, train)
+        keep = kept_flags(scores, args.keep_ratio)
+        kept = [r for r, k in zip(mix, keep, strict=True) if k]
     kept += safety_rows(args)
     path = out / "train_kept.json"
     path.write_text(json.dumps(kept, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
     return path
+
+
+def _check_scored_rows(source: str, scores: list[dict], train: Path) -> None:
+    """Scores of another mix (another seed, another benign file) have as many rows but other
+    ids: training on their cut would keep arbitrary rows without an error."""
+    ids = [e["id"] for e in load_examples(str(train), "train", "auto", None, False)]
+    if [s["id"] for s in scores] != ids:
+        raise SystemExit(f"--keep-scores {source}: its row ids differ from {train}'s; select "
+                         "over that file")
+
+
+def kept_flags(scores: list[dict], keep_ratio: float | None) -> list[bool]:
+    """The selection's own kept flags, or the top `keep_ratio` of its usable rows by weight
+    (the product's own cut, so ties and unusable rows fall as `sealft select` has them)."""
+    if keep_ratio is None:
+        return [bool(s["kept"]) for s in scores]
+    from sealft.selector import keep_count_for, keep_mask
+
+    weights = np.array([-np.inf if s["weight"] is None else s["weight"] for s in scores])
+    usable = np.isfinite(weights)
+    count = keep_count_for(int(usable.sum()), keep_ratio, None)
+    return keep_mask(weights, [s["id"] for s in scores], usable, count).tolist()
 
 
 def safety_rows(args: argparse.Namespace) -> list[dict[str, str]]:

@@ -234,14 +234,29 @@ def test_erosion_curve_trains_on_what_a_filter_kept(tmp_path, monkeypatch):
     kept = json.loads(bench.trained_rows(bench.parse_args([*common, "--oracle"]), train,
                                          out).read_text())
     assert kept == [r for r in mix if r["flag"] != "unsafe"] and len(kept) == 8
+    ids = [e["id"] for e in bench.load_examples(str(train), "train", "auto", None, False)]
+    # weights rise with the row index; row 5 could not be used (no weight)
+    selection = [{"index": i, "id": ids[i], "kept": i % 3 == 0,
+                  "weight": None if i == 5 else float(i)} for i in range(12)]
     scores = tmp_path / "scores.jsonl"
-    scores.write_text("".join(json.dumps({"index": i, "kept": i % 3 == 0}) + "\n"
-                              for i in range(12)))
+    write_jsonl(scores, selection)
     chosen = bench.trained_rows(bench.parse_args([*common, "--keep-scores", str(scores)]),
                                 train, out)
-    assert json.loads(chosen.read_text()) == mix[::3]
-    scores.write_text(scores.read_text().splitlines()[0] + "\n")  # a selection of another file
+    assert json.loads(chosen.read_text()) == mix[::3]  # the selection's own cut
+    recut = bench.trained_rows(bench.parse_args([*common, "--keep-scores", str(scores),
+                                                 "--keep-ratio", "0.5"]), train, out)
+    # half of the 11 usable rows, rounded up: the six heaviest, skipping the unusable row 5
+    assert json.loads(recut.read_text()) == [mix[i] for i in (6, 7, 8, 9, 10, 11)]
+    with pytest.raises(SystemExit):
+        bench.parse_args([*common, "--keep-ratio", "0.5"])  # a cut of no selection
+    with pytest.raises(SystemExit):
+        bench.parse_args([*common, "--keep-scores", str(scores), "--keep-ratio", "1.5"])
+    write_jsonl(scores, selection[:1])  # a selection of another file: too few rows
     with pytest.raises(SystemExit, match="select over that file"):
+        bench.trained_rows(bench.parse_args([*common, "--keep-scores", str(scores)]), train, out)
+    # as many rows, other ids (another seed's mix): its cut would keep arbitrary rows
+    write_jsonl(scores, [{**r, "id": f"other-{i}"} for i, r in enumerate(selection)])
+    with pytest.raises(SystemExit, match="row ids differ"):
         bench.trained_rows(bench.parse_args([*common, "--keep-scores", str(scores)]), train, out)
 
 
@@ -733,23 +748,29 @@ def test_token_contrast_probe_is_the_per_token_loss_difference_of_the_two_fits(t
     np.testing.assert_allclose(means, [2.5, 0.0])  # an answer that ends before the window: 0
 
 
-@pytest.mark.parametrize(("name", "lr", "epochs"), [("experiment_gpt4.yaml", 3e-4, 2),
-                                                     ("experiment_gpt4_gentle.yaml", 1e-4, 1)])
-def test_gpt4_erosion_config_runs_on_the_file_its_header_builds(shared_data, tmp_path,
-                                                                monkeypatch, name, lr, epochs):
-    """configs/experiment_gpt4.yaml (issue 12's regime G2) and its gentle twin pass every
-    up-front check of `sealft experiment` on the file dev_mixes.py builds as their headers say,
-    with 40 held-out harmful questions and 40 held-out GPT-4 answers outside every seed's
-    sample."""
+@pytest.mark.parametrize(("name", "mix", "lr", "epochs"),
+                         [("experiment_gpt4.yaml", "gpt4", 3e-4, 2),
+                          ("experiment_gpt4_gentle.yaml", "gpt4", 1e-4, 1),
+                          ("experiment_alpaca_gentle.yaml", "alpaca", 1e-4, 1)])
+def test_erosion_config_runs_on_the_file_its_header_builds(shared_data, tmp_path, monkeypatch,
+                                                           name, mix, lr, epochs):
+    """configs/experiment_gpt4.yaml (issue 12's regime G2) and its gentle twins on the GPT-4
+    and Alpaca mixes pass every up-front check of `sealft experiment` on the file dev_mixes.py
+    builds as their headers say, with 40 held-out harmful questions and 40 held-out benign
+    answers outside every seed's sample."""
     from sealft import config as cfg
     from sealft import experiment as E
 
     monkeypatch.chdir(REPO)  # the config's paths are relative to the repository root
     options = cfg.load_yaml(REPO / "configs" / name)
-    built = tmp_path / "gpt4_erosion"
-    _load("dev_mixes").main(["--out", str(built), "--mixes", "gpt4-beavertails", "--rows", "594",
-                             "--harmful-share", "0.3333", "--controls", "0", "--seeds", "0"])
-    data = built / "gpt4-beavertails_s0.jsonl"
+    header = (REPO / "configs" / name).read_text(encoding="utf-8")
+    built = tmp_path / f"{mix}_erosion"
+    command = ["--out", str(built), "--mixes", f"{mix}-beavertails", "--rows", "594",
+               "--harmful-share", "0.3333", "--controls", "0", "--seeds", "0"]
+    flat = " ".join(header.replace("\\\n#", " ").split())  # the header's command, one line
+    assert f"dev_mixes.py --out runs/{built.name} " + " ".join(command[2:]) in flat
+    _load("dev_mixes").main(command)
+    data = built / f"{mix}-beavertails_s0.jsonl"
     assert options["finetune_data"] == f"runs/{built.name}/{data.name}"
     args = cfg.build(E.ExperimentArgs, options, {"output_dir": str(tmp_path / "exp"),
                                                  "finetune_data": str(data)})
@@ -780,6 +801,23 @@ def test_gentle_config_is_the_gpt4_config_at_the_gentle_pace():
                           "output_dir=runs/experiment-gpt4-gentle")
     assert cfg.to_dict(gentle) == cfg.to_dict(overridden)
     assert E.changed_settings(cfg.to_dict(resolved("experiment_gpt4.yaml")), gentle) != []
+
+
+def test_alpaca_gentle_config_differs_from_the_gpt4_one_only_in_its_data():
+    """The two gentle grids are one experiment on two mixes: every setting but the input file,
+    the output folder and dropping the Alpaca file's repeated row is the same, so their
+    tables compare."""
+    from sealft import config as cfg
+
+    def settings(name: str) -> dict:
+        options = cfg.load_yaml(REPO / "configs" / name)
+        options["select"].pop("drop_duplicates", None)
+        return {k: v for k, v in options.items() if k not in ("finetune_data", "output_dir")}
+
+    assert settings("experiment_alpaca_gentle.yaml") == settings("experiment_gpt4_gentle.yaml")
+    alpaca = cfg.load_yaml(REPO / "configs" / "experiment_alpaca_gentle.yaml")
+    assert "alpaca" in alpaca["finetune_data"] and "alpaca" in alpaca["output_dir"]
+    assert alpaca["select"]["drop_duplicates"] is True
 
 
 def test_refusal_ceiling_splits_harmful_rows_by_the_proxys_own_answer(tmp_path):
@@ -1241,3 +1279,36 @@ def test_length_control_ranks_by_answer_length_beside_the_selector(tmp_path, cap
     pc = [{"prompt": "q", "completion": "x" * n, "flag": f} for f, n in (("unsafe", 3), ("benign", 9))]
     assert length_control.mix_length(pc)["length_auroc"] == 1.0
     assert length_control.mix_length(pc)["flagged_median_chars"] == 3
+
+
+def test_keep_ratio_script_recuts_the_kept_selection_and_writes_only_its_own_root(tmp_path,
+                                                                                 monkeypatch):
+    """benchmarks/keep_ratio_cells.sh: its fine-tuning reads the named selection at the new cut
+    and writes under the output root alone; its XSTest step finds the base model in the
+    selection's all-data folder (not redone) and evaluates the new cell."""
+    curve, overrefusal = _load("erosion_curve"), _load("erosion_overrefusal")
+    selected, root, benign = tmp_path / "kept", tmp_path / "new", tmp_path / "alpaca.json"
+    benign.write_text("[]")
+    calls = _script_calls(REPO / "benchmarks" / "keep_ratio_cells.sh", "4", str(selected),
+                          str(root), str(benign), cwd=tmp_path, env={"KEEP_RATIO": "0.4"})
+    assert [c[1] for c in calls] == ["benchmarks/erosion_curve.py",
+                                     "benchmarks/heldout_task_rows.py",
+                                     "benchmarks/erosion_overrefusal.py"]
+    cell = curve.parse_args(calls[0][2:])
+    assert (cell.seed, cell.keep_ratio, cell.benign_data, cell.eval_steps) == (4, 0.4,
+                                                                               str(benign), [])
+    assert Path(cell.keep_scores) == selected / "s4-select" / "scores.jsonl"
+    assert Path(cell.output_dir) == root / "lr1e-4-s4-seal-keep0.4"
+
+    def parse_and_stop(self, argv=None, namespace=None):
+        raise _Parsed(original(self, argv, namespace))
+
+    original = argparse.ArgumentParser.parse_args
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", parse_and_stop)
+    with pytest.raises(_Parsed) as stop:
+        overrefusal.main(calls[2][2:])
+    parsed = stop.value.args[0]
+    assert parsed.seeds == [4] and Path(parsed.task_data) == root / "task.json"
+    cells = dict(c.split("=", 1) for c in parsed.cell)
+    assert cells == {"base": f"{selected}/lr1e-4-s{{seed}}-all",
+                     "seal-keep0.4": f"{root}/lr1e-4-s{{seed}}-seal-keep0.4"}

@@ -254,3 +254,50 @@ def test_a_template_error_skips_only_its_row(tiny_model):
     alone = tokenize_examples([examples[2]], tokenizer, 64, cache=False)
     assert together.input_ids[1] == alone.input_ids[0]
     assert together.labels[1] == alone.labels[0]
+
+
+def test_runs_started_together_each_assemble_the_offline_model(tmp_path, monkeypatch):
+    """Two fine-tuning runs launched side by side on a new machine both find the multi-part
+    GGUF unassembled; each must end with the verified file, not a rename of the other's copy
+    from under it."""
+    import hashlib
+    import threading
+
+    import sealft.models as models
+
+    parts = [tmp_path / f"part{i}.bin" for i in range(3)]
+    for i, part in enumerate(parts):
+        part.write_bytes(bytes([i]) * 5000)
+    whole = b"".join(p.read_bytes() for p in parts)
+    spec = models.OfflineModel(packages=("a", "b", "c"), files=("0", "1", "2"),
+                               gguf_name="toy.gguf", install="pip install toy",
+                               sha256=hashlib.sha256(whole).hexdigest())
+    monkeypatch.setattr(models, "OFFLINE_MODELS", {"toy/model": spec})
+    monkeypatch.setattr(models, "CACHE_DIR", tmp_path / "cache")
+    monkeypatch.setattr(models, "_package_file", lambda package, relative: parts[int(relative)])
+    callers = 3
+    # every caller has written its copy before any checks and moves it into place
+    written = threading.Barrier(callers, timeout=30)
+    real_sha256 = models.file_sha256
+
+    def sha256_after_all_wrote(path):
+        written.wait()
+        return real_sha256(path)
+
+    monkeypatch.setattr(models, "file_sha256", sha256_after_all_wrote)
+    found, failed = [], []
+
+    def assemble():
+        try:
+            found.append(models.offline_gguf("toy/model"))
+        except Exception as err:  # noqa: BLE001 - the test reports what any caller raised
+            failed.append(err)
+
+    threads = [threading.Thread(target=assemble) for _ in range(callers)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert failed == [] and len(found) == callers
+    assert {p.read_bytes() for p in found} == {whole}
+    assert sorted(p.name for p in (tmp_path / "cache" / "gguf").iterdir()) == ["toy.gguf"]

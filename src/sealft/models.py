@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import socket
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -96,8 +97,11 @@ def offline_gguf(name: str) -> Path:
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_suffix(".partial")
-    with open(tmp, "wb") as out:
+    # A name of its own per caller: two runs started together each assemble a copy and the
+    # last os.replace wins (with one shared name, one run renamed the other's file away).
+    handle, name_tmp = tempfile.mkstemp(dir=target.parent, prefix=f"{target.stem}.partial-")
+    tmp = Path(name_tmp)
+    with os.fdopen(handle, "wb") as out:
         for part in parts:
             with open(part, "rb") as handle:
                 while block := handle.read(1 << 22):

@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# One seed of SEAL at another cut of a selection that gentle_core_cells.sh already fitted: the
+# same selector's weights, the top KEEP_RATIO of the mix (default 0.5) instead of its own 2/3,
+# fine-tuned and evaluated as the core cells are (held-out refusal at the end of the epoch,
+# then XSTest and the held-out task answers). No selection is refitted, so the cut is the only
+# change. Every step resumes: rerun the same line after a stop.
+#
+#   bash benchmarks/keep_ratio_cells.sh 0 docs/results/erosion-gentle-alpaca runs/keep-alpaca \
+#       ../shared/data/benign/alpaca_en_demo.json
+#   bash benchmarks/keep_ratio_cells.sh 0 docs/results/erosion-gentle runs/keep-gpt4
+#
+# SELECTED (2nd argument) holds s{SEED}-select/scores.jsonl and lr1e-4-s{SEED}-all (whose
+# step-0 XSTest evaluation stands for the base model, so it is not redone); nothing is written
+# there. One thread per run: two seeds side by side fill a 2-core machine.
+set -euo pipefail
+S=${1:?usage: keep_ratio_cells.sh SEED SELECTED OUTPUT_ROOT [BENIGN_DATA]}
+SEL=${2:?usage: keep_ratio_cells.sh SEED SELECTED OUTPUT_ROOT [BENIGN_DATA]}
+G=${3:?usage: keep_ratio_cells.sh SEED SELECTED OUTPUT_ROOT [BENIGN_DATA]}
+BEN=${4:-../shared/data/benign/alpaca_eval_gpt4_outputs.json}
+RATIO=${KEEP_RATIO:-0.5}
+MODEL=${MODEL:-Qwen/Qwen2.5-Coder-0.5B-Instruct}
+export HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1
+CELL="seal-keep$RATIO"
+
+python benchmarks/erosion_curve.py --threads 1 --epochs 1 --seed "$S" --benign-data "$BEN" \
+    --model "$MODEL" --rows 96 --harmful 32 --lr 1e-4 --max-length 256 --sst2 0 \
+    --keep-scores "$SEL/s$S-select/scores.jsonl" --keep-ratio "$RATIO" --eval-steps "" \
+    --output-dir "$G/lr1e-4-s$S-$CELL"
+[ -f "$G/task.json" ] || python benchmarks/heldout_task_rows.py --benign-data "$BEN" --rows 96 \
+    --harmful 32 --n 40 --out "$G/task.json"
+# the base model's XSTest run is found in SELECTED's all-data folder, so only the new cell runs
+python benchmarks/erosion_overrefusal.py --seeds "$S" --epochs 1 --threads 1 --task-data "$G/task.json" \
+    --model "$MODEL" --cell base="$SEL/lr1e-4-s{seed}-all" --cell "$CELL=$G/lr1e-4-s{seed}-$CELL"
+echo "keep-ratio cell $CELL, seed $S: done"
