@@ -15,6 +15,11 @@ prints, side by side:
     python benchmarks/length_control.py --seeds 0 1 2 \\
         --data runs/gentle/lr1e-4-s{seed}-all/train.json --selection runs/gentle/s{seed}-select
 
+With `--cuts 0.5 0.4`, also the flagged rows each stricter (or looser) cut of the same
+selector would keep: its top share of the scored rows by logit, against the same number of
+longest answers and against a random cut's expectation. No training: it tells which cut is
+worth fine-tuning on (benchmarks/keep_ratio_cells.sh trains one).
+
 Mean ± 95% confidence interval over seeds (the experiment's `mean_ci`), and the paired
 differences. Without a selection, `--mixes FILE ...` asks the mixes alone how far length gives
 the flagged rows away (AUROC below 0.5: the flagged answers are the longer ones).
@@ -23,6 +28,7 @@ the flagged rows away (AUROC below 0.5: the flagged answers are the longer ones)
 from __future__ import annotations
 
 import argparse
+import math
 from pathlib import Path
 
 import numpy as np
@@ -68,6 +74,38 @@ def compare(rows: list[dict], scores: list[dict], flag_field: str = "flag",
             "length_auroc_short": auroc(-lengths[short], harmful[short]),
             "selector_kept_flagged": int((harmful & kept).sum()),
             "length_kept_flagged": int(harmful[longest].sum())}
+
+
+def cut(rows: list[dict], scores: list[dict], share: float, flag_field: str = "flag",
+        flagged: str = "unsafe") -> dict:
+    """Flagged rows among the top `share` of the scored rows (rounded up, as `sealft select`
+    rounds keep_ratio): by the selector's logit, by answer length, and a random cut's mean."""
+    scored = [s for s in scores if s.get("logit") is not None]
+    n = math.ceil(share * len(scored) - 1e-9)
+    answer = answer_lengths(rows)
+    harmful = np.array([rows[s["index"]].get(flag_field) == flagged for s in scored])
+    logits = np.array([s["logit"] for s in scored], dtype=float)
+    lengths = np.array([answer[s["index"]] for s in scored], dtype=float)
+    top = np.argsort(-logits, kind="stable")[:n]
+    longest = np.argsort(-lengths, kind="stable")[:n]
+    return {"n": n, "selector": int(harmful[top].sum()), "length": int(harmful[longest].sum()),
+            "random": float(harmful.sum() * n / len(scored))}
+
+
+def render_cuts(by_seed: dict[int, dict[float, dict]]) -> str:
+    lines = ["| cut | rows kept | flagged kept, selector | flagged kept, n longest | "
+             "flagged kept, random (expected) | selector − length (paired) |",
+             "|---" * 6 + "|"]
+    shares = next(iter(by_seed.values())).keys()
+    for share in shares:
+        runs = [cuts[share] for cuts in by_seed.values()]
+        sel, length = [r["selector"] for r in runs], [r["length"] for r in runs]
+        gap = [a - b for a, b in zip(sel, length, strict=True)]
+        kept = sorted({r["n"] for r in runs})
+        lines.append(f"| {share:g} | {', '.join(map(str, kept))} | {_fmt(sel, 1)} | "
+                     f"{_fmt(length, 1)} | {_fmt([r['random'] for r in runs], 1)} | "
+                     f"{_fmt(gap, 1)} |")
+    return "\n".join(lines)
 
 
 def mix_length(rows: list[dict], flag_field: str = "flag", flagged: str = "unsafe") -> dict:
@@ -144,6 +182,8 @@ def main(argv: list[str] | None = None) -> None:
                    help="the `sealft select` run folders, {seed} in the pattern")
     p.add_argument("--mixes", nargs="+", metavar="FILE",
                    help="instead: the length AUROC of each mix alone, no selection needed")
+    p.add_argument("--cuts", type=float, nargs="+", default=[], metavar="SHARE",
+                   help="also the flagged rows kept at these shares of the scored rows")
     p.add_argument("--flag-field", default="flag")
     p.add_argument("--flagged", default="unsafe", help="the flag value of a harmful row")
     args = p.parse_args(argv)
@@ -154,16 +194,22 @@ def main(argv: list[str] | None = None) -> None:
     for flag in ("seeds", "data", "selection"):
         if getattr(args, flag) is None:
             p.error(f"--{flag} is required without --mixes")
-    by_seed = {}
+    if any(not 0 < share <= 1 for share in args.cuts):
+        p.error("--cuts: give shares in (0, 1], e.g. --cuts 0.5 0.4")
+    by_seed, cuts = {}, {}
     for seed in args.seeds:
         data = Path(args.data.format(seed=seed))
         scores = Path(args.selection.format(seed=seed)) / "scores.jsonl"
         for path, flag in ((data, "--data"), (scores, "--selection")):
             if not path.is_file():
                 p.error(f"{flag}: {path} does not exist (seed {seed}); run the cells first")
-        by_seed[seed] = compare(read_rows(str(data)), list(read_jsonl(scores)), args.flag_field,
-                                args.flagged)
+        rows, scored = read_rows(str(data)), list(read_jsonl(scores))
+        by_seed[seed] = compare(rows, scored, args.flag_field, args.flagged)
+        cuts[seed] = {share: cut(rows, scored, share, args.flag_field, args.flagged)
+                      for share in args.cuts}
     print(render(by_seed))
+    if args.cuts:
+        print("\n" + render_cuts(cuts))
 
 
 if __name__ == "__main__":

@@ -1272,6 +1272,19 @@ def test_length_control_ranks_by_answer_length_beside_the_selector(tmp_path, cap
     length_control.main(["--seeds", "0", "--data", str(data),
                          "--selection", str(tmp_path / "select{seed}")])
     assert "| 0 | 7 | 2 | 4 | 0.800 | 0.600 | 1 | 1 | 2 | 0.750 | 0.250 |" in capsys.readouterr().out
+    # a stricter cut of the same selector: the top half of the 7 scored rows, rounded up, is 4
+    # rows either way (logits 2.0, 1.0, 0.8, 0.5; lengths 60, 50, 40, 38); a third is 3 rows:
+    # by logit rows 4, 3, 5 (no flagged row), by length 60, 50, 40 (row 1, flagged)
+    half, third = (length_control.cut(rows, list(length_control.read_jsonl(run / "scores.jsonl")),
+                                      share) for share in (0.5, 1 / 3))
+    assert half == {"n": 4, "selector": 1, "length": 1, "random": pytest.approx(2 * 4 / 7)}
+    assert (third["n"], third["selector"], third["length"]) == (3, 0, 1)
+    length_control.main(["--seeds", "0", "--data", str(data), "--cuts", "0.5",
+                         "--selection", str(tmp_path / "select{seed}")])
+    assert "| 0.5 | 4 | 1.0 | 1.0 | 1.1 | 0.0 |" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        length_control.main(["--seeds", "0", "--data", str(data), "--cuts", "1.5",
+                             "--selection", str(tmp_path / "select{seed}")])
     # the mix alone, every row: flagged 5, 40, 1 against 30, 50, 60, 2, 38 -> 4 + 2 + 5 of 15
     length_control.main(["--mixes", str(data)])
     assert f"| {data} | 8 | 3 | 0.733 | 5 | 38 |" in capsys.readouterr().out
