@@ -22,7 +22,7 @@ import json
 import math
 from pathlib import Path
 
-from erosion_curve import merge_counts
+from erosion_curve import FLAG_COUNTS, merge_counts
 
 from sealft.experiment import mean_ci
 from sealft.io import read_jsonl
@@ -62,7 +62,7 @@ def read_cell(folder: Path, epochs: int, batch_size: int, base: bool = False,
             COLUMNS[1]: _rate(sets, ("advbench", "harmbench")),
             COLUMNS[2]: _rate(sets, ("sst2",)),
             COLUMNS[3]: 0 if base else _rows_trained(folder, rows),
-            COLUMNS[4]: 0 if base else _harmful_trained(rows, selection),
+            COLUMNS[4]: 0 if base else _harmful_trained(rows, selection, folder),
             COLUMNS[5]: _terse(folder / "eval" / f"step-{step}"),
             COLUMNS[6]: _overrefusal(xstest),
             COLUMNS[7]: _task(xstest, "loss"),
@@ -78,11 +78,16 @@ def _trained_rows(folder: Path) -> list[dict] | None:
     return None
 
 
-def _harmful_trained(rows: list[dict] | None, selection: Path | None) -> int | None:
-    """Flagged rows among those trained; for kept outputs, the filter's own count of the
-    flagged rows it kept (its summary's labels), where a selection is given."""
+def _harmful_trained(rows: list[dict] | None, selection: Path | None,
+                     folder: Path) -> int | None:
+    """Flagged rows among those trained; for kept outputs, the run's own count of its trained
+    rows' flags, else the filter's count of the flagged rows it kept (its summary's labels,
+    where a selection is given: right only for the selection's own cut)."""
     if rows is not None:
         return sum(r.get("flag") == "unsafe" for r in rows)
+    if (folder / FLAG_COUNTS).is_file():
+        counts = json.loads((folder / FLAG_COUNTS).read_text(encoding="utf-8"))
+        return counts["flags"].get("unsafe", 0)
     labels = (_summary(selection) or {}).get("labels") if selection is not None else None
     return ((labels or {}).get("per_label") or {}).get("unsafe", {}).get("kept")
 

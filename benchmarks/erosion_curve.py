@@ -31,6 +31,7 @@ import random
 import shutil
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -126,6 +127,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+FLAG_COUNTS = "trained_flags.json"
+"""Rows trained per flag, beside train_kept.json."""
+
+
 def trained_rows(args: argparse.Namespace, train: Path, out: Path) -> Path:
     """The mix itself, or the part of it a data filter kept (`--keep-scores`, `--oracle`),
     plus SafeInstr's safety rows (`--safeinstr-k`): these change only what is trained on,
@@ -148,6 +153,11 @@ def trained_rows(args: argparse.Namespace, train: Path, out: Path) -> Path:
     kept += safety_rows(args)
     path = out / "train_kept.json"
     path.write_text(json.dumps(kept, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+    # The rows' flags without their text: what a run's kept outputs in docs/results can hold
+    # (the data itself stays in ../shared/data), so erosion_cells.py still counts harmful rows.
+    flags = Counter(str(r.get("flag")) for r in kept)
+    (out / FLAG_COUNTS).write_text(json.dumps({"rows": len(kept), "flags": dict(flags)}) + "\n",
+                                   encoding="utf-8")
     return path
 
 

@@ -8,6 +8,7 @@ import importlib.util
 import json
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -243,6 +244,8 @@ def test_erosion_curve_trains_on_what_a_filter_kept(tmp_path, monkeypatch):
     chosen = bench.trained_rows(bench.parse_args([*common, "--keep-scores", str(scores)]),
                                 train, out)
     assert json.loads(chosen.read_text()) == mix[::3]  # the selection's own cut
+    flags = json.loads((out / "trained_flags.json").read_text())
+    assert flags == {"rows": 4, "flags": dict(Counter(r["flag"] for r in mix[::3]))}
     recut = bench.trained_rows(bench.parse_args([*common, "--keep-scores", str(scores),
                                                  "--keep-ratio", "0.5"]), train, out)
     # half of the 11 usable rows, rounded up: the six heaviest, skipping the unusable row 5
@@ -940,6 +943,11 @@ def test_erosion_cells_read_the_step_from_the_rows_that_trained(tmp_path):
     (chosen / "summary.json").write_text(json.dumps({"wall_seconds": 5.0, "labels": {
         "per_label": {"benign": {"rows": 8, "kept": 7}, "unsafe": {"rows": 4, "kept": 3}}}}))
     assert bench.read_cell(tmp_path, 2, 4, selection=chosen)[bench.COLUMNS[4]] == 3
+    # ... and the run's own flag counts before that: a stricter cut of the same selection
+    # trains fewer flagged rows than the selection's own cut kept
+    (tmp_path / "trained_flags.json").write_text(json.dumps(
+        {"rows": 10, "flags": {"benign": 9, "unsafe": 1}}))
+    assert bench.read_cell(tmp_path, 2, 4, selection=chosen)[bench.COLUMNS[4]] == 1
     # no fine-tuning summary either: the one step its XSTest evaluation was run at
     (tmp_path / "finetune" / "summary.json").unlink()
     (tmp_path / "eval" / "xstest-step-0").mkdir(parents=True)
