@@ -107,6 +107,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="the safety rows SafeInstr draws from")
     parser.add_argument("--output-dir", default="runs/erosion-curve")
     parser.add_argument("--output", default=None, help="also write the table to this .md")
+    parser.add_argument("--data-only", action="store_true",
+                        help="write the mix (train.json) and held-out questions, then stop: "
+                             "for a selection to run on before its cell trains")
     args = parser.parse_args(argv)
     if not Path(args.finetune_data).exists():
         parser.error(f"missing data {args.finetune_data}: expected ../shared/data next to the "
@@ -324,6 +327,9 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     out = Path(args.output_dir)
     train, heldout = build_data(args, out)
+    if args.data_only:
+        print(train)
+        return 0
     train = trained_rows(args, train, out)
     curve_path = out / "curve.jsonl"
     done = {r["step"] for r in read_jsonl(curve_path)} if curve_path.exists() else set()

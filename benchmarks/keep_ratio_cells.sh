@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
-# One seed of SEAL at another cut of a selection that gentle_core_cells.sh already fitted: the
-# same selector's weights, the top KEEP_RATIO of the mix (default 0.5) instead of its own 2/3,
-# fine-tuned and evaluated as the core cells are (held-out refusal at the end of the epoch,
-# then XSTest and the held-out task answers). No selection is refitted, so the cut is the only
-# change. Every step resumes: rerun the same line after a stop.
+# One seed of a data filter at another cut of the gentle regime's mix (gentle_core_cells.sh):
+#   METHOD=seal (default)  the SEAL selection that gentle_core_cells.sh already fitted, its
+#                          weights cut at the top KEEP_RATIO (default 0.5) instead of its own 2/3;
+#                          no selection is refitted, so the cut is the only change;
+#   METHOD=random          the control: a seeded random selection keeping the same share.
+# Each is fine-tuned and evaluated as the core cells are (held-out refusal at the end of the
+# epoch, then XSTest and the held-out task answers). Every step resumes: rerun the same line.
 #
 #   bash benchmarks/keep_ratio_cells.sh 0 docs/results/erosion-gentle-alpaca runs/keep-alpaca \
 #       ../shared/data/benign/alpaca_en_demo.json
-#   bash benchmarks/keep_ratio_cells.sh 0 docs/results/erosion-gentle runs/keep-gpt4
+#   METHOD=random bash benchmarks/keep_ratio_cells.sh 0 docs/results/erosion-gentle runs/keep-gpt4
 #
 # SELECTED (2nd argument) holds s{SEED}-select/scores.jsonl and lr1e-4-s{SEED}-all (whose
 # step-0 XSTest evaluation stands for the base model, so it is not redone); nothing is written
@@ -18,14 +20,26 @@ SEL=${2:?usage: keep_ratio_cells.sh SEED SELECTED OUTPUT_ROOT [BENIGN_DATA]}
 G=${3:?usage: keep_ratio_cells.sh SEED SELECTED OUTPUT_ROOT [BENIGN_DATA]}
 BEN=${4:-../shared/data/benign/alpaca_eval_gpt4_outputs.json}
 RATIO=${KEEP_RATIO:-0.5}
+METHOD=${METHOD:-seal}
 MODEL=${MODEL:-Qwen/Qwen2.5-Coder-0.5B-Instruct}
 export HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1
-CELL="seal-keep$RATIO"
-
-python benchmarks/erosion_curve.py --threads 1 --epochs 1 --seed "$S" --benign-data "$BEN" \
+CELL="$METHOD-keep$RATIO"
+OUT="$G/lr1e-4-s$S-$CELL"
+ec() { python benchmarks/erosion_curve.py --threads 1 --epochs 1 --seed "$S" --benign-data "$BEN" \
     --model "$MODEL" --rows 96 --harmful 32 --lr 1e-4 --max-length 256 --sst2 0 \
-    --keep-scores "$SEL/s$S-select/scores.jsonl" --keep-ratio "$RATIO" --eval-steps "" \
-    --output-dir "$G/lr1e-4-s$S-$CELL"
+    --output-dir "$OUT" "$@"; }
+
+case $METHOD in
+  seal) ec --keep-scores "$SEL/s$S-select/scores.jsonl" --keep-ratio "$RATIO" --eval-steps "" ;;
+  random)
+    ec --data-only  # the seed's mix, for the random selection to run on
+    # sealft select refuses to overwrite a finished selection, so a rerun skips it
+    [ -f "$G/s$S-$CELL-select/summary.json" ] || sealft select --method random \
+        --finetune-data "$OUT/train.json" --output-dir "$G/s$S-$CELL-select" seed="$S" \
+        keep_ratio="$RATIO" max_length=256 label_field=flag
+    ec --keep-scores "$G/s$S-$CELL-select/scores.jsonl" --eval-steps "" ;;
+  *) echo "keep_ratio_cells.sh: METHOD=$METHOD: use seal or random" >&2; exit 2 ;;
+esac
 [ -f "$G/task.json" ] || python benchmarks/heldout_task_rows.py --benign-data "$BEN" --rows 96 \
     --harmful 32 --n 40 --out "$G/task.json"
 # the base model's XSTest run is found in SELECTED's all-data folder, so only the new cell runs

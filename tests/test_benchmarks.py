@@ -183,6 +183,12 @@ def test_erosion_curve_mix_and_heldout_questions(tmp_path, monkeypatch):
     assert len(questions) == len(set(questions)) == 5
     assert not set(questions) & trained
     assert all(q.startswith("How do I break into house") for q in questions)
+    # --data-only: the same mix for a selection to run on, and nothing trained
+    alone = tmp_path / "alone"
+    assert bench.main(["--finetune-data", str(data), "--rows", "12", "--harmful", "4",
+                       "--heldout", "5", "--data-only", "--output-dir", str(alone)]) == 0
+    assert sorted(p.name for p in alone.iterdir()) == ["heldout_harmful.jsonl", "train.json"]
+    assert json.loads((alone / "train.json").read_text()) == mix
 
 
 def test_erosion_curve_long_form_mix_hides_the_alpaca_wrapper(tmp_path, monkeypatch):
@@ -1306,7 +1312,12 @@ def test_keep_ratio_script_recuts_the_kept_selection_and_writes_only_its_own_roo
                                                                                  monkeypatch):
     """benchmarks/keep_ratio_cells.sh: its fine-tuning reads the named selection at the new cut
     and writes under the output root alone; its XSTest step finds the base model in the
-    selection's all-data folder (not redone) and evaluates the new cell."""
+    selection's all-data folder (not redone) and evaluates the new cell. METHOD=random runs the
+    control, a random selection of the same share, on the seed's own mix."""
+    from sealft.cli import build_parser
+    from sealft.config import from_namespace
+    from sealft.select import SelectArgs
+
     curve, overrefusal = _load("erosion_curve"), _load("erosion_overrefusal")
     selected, root, benign = tmp_path / "kept", tmp_path / "new", tmp_path / "alpaca.json"
     benign.write_text("[]")
@@ -1333,3 +1344,20 @@ def test_keep_ratio_script_recuts_the_kept_selection_and_writes_only_its_own_roo
     cells = dict(c.split("=", 1) for c in parsed.cell)
     assert cells == {"base": f"{selected}/lr1e-4-s{{seed}}-all",
                      "seal-keep0.4": f"{root}/lr1e-4-s{{seed}}-seal-keep0.4"}
+    monkeypatch.undo()
+    # the control: a random selection of the same share over the same seed's mix
+    control = _script_calls(REPO / "benchmarks" / "keep_ratio_cells.sh", "4", str(selected),
+                            str(root), str(benign), cwd=tmp_path,
+                            env={"KEEP_RATIO": "0.4", "METHOD": "random"})
+    assert [c[1] for c in control[:3]] == ["benchmarks/erosion_curve.py", "select",
+                                           "benchmarks/erosion_curve.py"]
+    mix, cell = (curve.parse_args(control[i][2:]) for i in (0, 2))
+    assert mix.data_only and not cell.data_only and mix.output_dir == cell.output_dir
+    assert Path(cell.output_dir) == root / "lr1e-4-s4-random-keep0.4"
+    namespace = build_parser("select").parse_args(control[1][1:])
+    select = from_namespace(SelectArgs, namespace)
+    assert (select.method, select.keep_ratio, select.seed) == ("random", 0.4, 4)
+    assert Path(select.finetune_data) == Path(cell.output_dir) / "train.json"
+    assert Path(cell.keep_scores) == Path(select.output_dir) / "scores.jsonl"
+    assert cell.keep_ratio is None  # the random selection's own cut
+    assert control[-1][-1] == f"random-keep0.4={root}/lr1e-4-s{{seed}}-random-keep0.4"
