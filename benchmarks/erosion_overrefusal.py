@@ -76,12 +76,16 @@ def main(argv: list[str] | None = None) -> None:
                    help="held-out rows of the fine-tuning task: also their answers' loss "
                         "and token accuracy")
     p.add_argument("--task-max-length", type=int, default=256)
+    p.add_argument("--base", action="append", default=[], metavar="PATTERN",
+                   help="other run folders ({seed} in the pattern) whose base-model evaluation "
+                        "stands for this one; read, never evaluated or written")
     a = p.parse_args(argv)
     patterns = [c.split("=", 1)[1] for c in a.cell]
     # The base model is the same in every seed: an evaluation of it in a folder of any seed
     # a pattern names stands for all (as erosion_cells.py reads it), so that a call per seed
     # does not redo it.
-    done = [Path(found) for pattern in patterns for found in glob.glob(pattern.format(seed="*"))]
+    done = [Path(found) for pattern in patterns + a.base
+            for found in glob.glob(pattern.format(seed="*"))]
     if not any(evaluated(folder / "eval" / "xstest-step-0", a) for folder in done):
         evaluate_xstest(Path(patterns[0].format(seed=a.seeds[0])), 0, None, a)
     for seed in a.seeds:

@@ -42,7 +42,7 @@ case $METHOD in
 esac
 [ -f "$G/task.json" ] || python benchmarks/heldout_task_rows.py --benign-data "$BEN" --rows 96 \
     --harmful 32 --n 40 --out "$G/task.json"
-# the base model's XSTest run is found in SELECTED's all-data folder, so only the new cell runs
+# the base model's XSTest run is read from SELECTED's all-data folders (any seed's), never redone there
 python benchmarks/erosion_overrefusal.py --seeds "$S" --epochs 1 --threads 1 --task-data "$G/task.json" \
-    --model "$MODEL" --cell base="$SEL/lr1e-4-s{seed}-all" --cell "$CELL=$G/lr1e-4-s{seed}-$CELL"
+    --model "$MODEL" --base "$SEL/lr1e-4-s{seed}-all" --cell "$CELL=$G/lr1e-4-s{seed}-$CELL"
 echo "keep-ratio cell $CELL, seed $S: done"

@@ -413,6 +413,20 @@ def test_erosion_overrefusal_evaluates_the_base_model_once_across_calls(tmp_path
                      ("all-1/eval/xstest-step-4", str(tmp_path / "all-1" / "finetune" / "adapter"))]
     over.main(cell + ["--seeds", "0", "1"])  # everything there: nothing evaluated again
     assert len(calls) == 3
+    # a new cell whose base model was evaluated in other runs' folders (--base): read there,
+    # and neither those runs nor their base evaluation is redone
+    new = tmp_path / "new-1"
+    (new / "finetune" / "adapter").mkdir(parents=True)
+    (new / "train.json").write_text(json.dumps([{"flag": "safe"}] * 8))
+    (new / "finetune" / "summary.json").write_text(json.dumps({"steps": 4, "usable": 8}))
+    over.main(["--cell", f"cut={tmp_path}/new-{{seed}}", "--base", f"{tmp_path}/all-{{seed}}",
+               "--batch-size", "4", "--epochs", "2", "--seeds", "1"])
+    assert calls[3:] == [("new-1/eval/xstest-step-4", str(new / "finetune" / "adapter"))]
+    # without --base the base model is evaluated into the new cell's folder
+    (new / "eval" / "xstest-step-4" / "metrics.json").unlink()
+    over.main(["--cell", f"cut={tmp_path}/new-{{seed}}", "--batch-size", "4", "--epochs", "2",
+               "--seeds", "1"])
+    assert [c[0] for c in calls[4:]] == ["new-1/eval/xstest-step-0", "new-1/eval/xstest-step-4"]
 
 
 def test_erosion_cells_give_each_stage_its_seconds(tmp_path):
@@ -1341,9 +1355,8 @@ def test_keep_ratio_script_recuts_the_kept_selection_and_writes_only_its_own_roo
         overrefusal.main(calls[2][2:])
     parsed = stop.value.args[0]
     assert parsed.seeds == [4] and Path(parsed.task_data) == root / "task.json"
-    cells = dict(c.split("=", 1) for c in parsed.cell)
-    assert cells == {"base": f"{selected}/lr1e-4-s{{seed}}-all",
-                     "seal-keep0.4": f"{root}/lr1e-4-s{{seed}}-seal-keep0.4"}
+    assert parsed.cell == [f"seal-keep0.4={root}/lr1e-4-s{{seed}}-seal-keep0.4"]
+    assert parsed.base == [f"{selected}/lr1e-4-s{{seed}}-all"]  # read there, never evaluated
     monkeypatch.undo()
     # the control: a random selection of the same share over the same seed's mix
     control = _script_calls(REPO / "benchmarks" / "keep_ratio_cells.sh", "4", str(selected),
