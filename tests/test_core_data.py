@@ -260,7 +260,9 @@ def test_runs_started_together_each_assemble_the_offline_model(tmp_path, monkeyp
     """Two fine-tuning runs launched side by side on a new machine both find the multi-part
     GGUF unassembled; each must end with the verified file, not a rename of the other's copy
     from under it."""
+    import dataclasses
     import hashlib
+    import os
     import threading
 
     import sealft.models as models
@@ -276,15 +278,15 @@ def test_runs_started_together_each_assemble_the_offline_model(tmp_path, monkeyp
     monkeypatch.setattr(models, "CACHE_DIR", tmp_path / "cache")
     monkeypatch.setattr(models, "_package_file", lambda package, relative: parts[int(relative)])
     callers = 3
-    # every caller has written its copy before any checks and moves it into place
+    # every caller has written its copy before any moves it into place
     written = threading.Barrier(callers, timeout=30)
-    real_sha256 = models.file_sha256
+    real_replace = os.replace
 
-    def sha256_after_all_wrote(path):
+    def replace_after_all_wrote(source, target):
         written.wait()
-        return real_sha256(path)
+        return real_replace(source, target)
 
-    monkeypatch.setattr(models, "file_sha256", sha256_after_all_wrote)
+    monkeypatch.setattr(os, "replace", replace_after_all_wrote)
     found, failed = [], []
 
     def assemble():
@@ -300,4 +302,11 @@ def test_runs_started_together_each_assemble_the_offline_model(tmp_path, monkeyp
         t.join()
     assert failed == [] and len(found) == callers
     assert {p.read_bytes() for p in found} == {whole}
+    assert sorted(p.name for p in (tmp_path / "cache" / "gguf").iterdir()) == ["toy.gguf"]
+    # parts that do not add up to the recorded digest: an error, and no file left behind
+    monkeypatch.setattr(models, "OFFLINE_MODELS", {"toy/model": dataclasses.replace(
+        spec, gguf_name="bad.gguf", sha256="0" * 64)})
+    monkeypatch.setattr(os, "replace", real_replace)
+    with pytest.raises(models.ModelError, match="reinstall the packages"):
+        models.offline_gguf("toy/model")
     assert sorted(p.name for p in (tmp_path / "cache" / "gguf").iterdir()) == ["toy.gguf"]

