@@ -35,7 +35,6 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from end_to_end import _question  # the same Alpaca-unwrapping as the end-to-end benchmark
 
@@ -178,12 +177,9 @@ def kept_flags(scores: list[dict], keep_ratio: float | None) -> list[bool]:
     (the product's own cut, so ties and unusable rows fall as `sealft select` has them)."""
     if keep_ratio is None:
         return [bool(s["kept"]) for s in scores]
-    from sealft.selector import keep_count_for, keep_mask
+    from sealft.selector import top_by_weight
 
-    weights = np.array([-np.inf if s["weight"] is None else s["weight"] for s in scores])
-    usable = np.isfinite(weights)
-    count = keep_count_for(int(usable.sum()), keep_ratio, None)
-    return keep_mask(weights, [s["id"] for s in scores], usable, count).tolist()
+    return top_by_weight(scores, keep_ratio).tolist()
 
 
 def safety_rows(args: argparse.Namespace) -> list[dict[str, str]]:

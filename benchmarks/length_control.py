@@ -28,7 +28,6 @@ the flagged rows away (AUROC below 0.5: the flagged answers are the longer ones)
 from __future__ import annotations
 
 import argparse
-import math
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +36,7 @@ from sealft.data import normalise, read_rows
 from sealft.experiment import mean_ci
 from sealft.io import read_jsonl
 from sealft.select import auroc
+from sealft.selector import keep_count_for
 
 SHORT_PERCENTILE = 90
 """The unflagged rows compared in the `short` columns: those no longer than this percentile of
@@ -78,10 +78,10 @@ def compare(rows: list[dict], scores: list[dict], flag_field: str = "flag",
 
 def cut(rows: list[dict], scores: list[dict], share: float, flag_field: str = "flag",
         flagged: str = "unsafe") -> dict:
-    """Flagged rows among the top `share` of the scored rows (rounded up, as `sealft select`
-    rounds keep_ratio): by the selector's logit, by answer length, and a random cut's mean."""
+    """Flagged rows among the top `share` of the scored rows (counted as `sealft select` counts
+    keep_ratio): by the selector's logit, by answer length, and a random cut's mean."""
     scored = [s for s in scores if s.get("logit") is not None]
-    n = math.ceil(share * len(scored) - 1e-9)
+    n = keep_count_for(len(scored), share, None)
     answer = answer_lengths(rows)
     harmful = np.array([rows[s["index"]].get(flag_field) == flagged for s in scored])
     logits = np.array([s["logit"] for s in scored], dtype=float)

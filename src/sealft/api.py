@@ -90,18 +90,15 @@ class SealSelector:
     def select(self, keep_ratio: float | None = None, keep_count: int | None = None) -> list[dict]:
         """The kept rows (normalised, with their ids). Without arguments: the fit's own
         selection; otherwise the top `keep_ratio` share or `keep_count` rows by weight."""
-        from sealft.selector import keep_count_for, keep_mask
+        from sealft.selector import top_by_weight
 
         run = self._fitted()
         scores = read_jsonl(run / "scores.jsonl")
         if keep_ratio is None and keep_count is None:
             kept = {r["id"] for r in scores if r["kept"]}
         else:
-            weights = np.array([-np.inf if r["weight"] is None else r["weight"] for r in scores])
-            usable = np.isfinite(weights)
-            count = keep_count_for(int(usable.sum()), keep_ratio, keep_count)
-            ids = [r["id"] for r in scores]
-            kept = {ids[i] for i in np.flatnonzero(keep_mask(weights, ids, usable, count))}
+            mask = top_by_weight(scores, keep_ratio, keep_count)
+            kept = {r["id"] for r, keep in zip(scores, mask, strict=True) if keep}
         from sealft.data import load_examples
 
         args = cfg.build(SelectArgs, _saved_config(run))

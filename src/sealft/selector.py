@@ -91,6 +91,16 @@ def keep_mask(scores: np.ndarray, ids: list[str], usable: np.ndarray, count: int
     return kept
 
 
+def top_by_weight(scores: list[dict], keep_ratio: float | None,
+                  keep_count: int | None = None) -> np.ndarray:
+    """Keep mask over the rows of a selection's scores.jsonl: another cut of the same fitted
+    weights (rows without a weight could not be used and are never kept)."""
+    weights = np.array([-np.inf if r["weight"] is None else r["weight"] for r in scores])
+    usable = np.isfinite(weights)
+    count = keep_count_for(int(usable.sum()), keep_ratio, keep_count)
+    return keep_mask(weights, [r["id"] for r in scores], usable, count)
+
+
 def align_scores(score_ids: list[str], scores: np.ndarray, ids: list[str], source: str):
     """Reorder scores learned on one copy of a dataset to another copy, by id."""
     by_id = dict(zip(score_ids, scores, strict=True))
