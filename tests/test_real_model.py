@@ -49,3 +49,34 @@ def test_seal_selection_and_finetune_on_real_data(shared_data, tmp_path, monkeyp
         show_progress=False))
     assert result["steps"] == 2
     assert (tmp_path / "ft" / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_a_copied_gguf_makes_the_model_load_without_its_package(tmp_path, monkeypatch):
+    """A lent GPU has no packages and no hub: a copy of the GGUF, checked by its digest, is
+    cached so that the hub id then loads there offline; a copy with another digest is refused
+    and caches nothing."""
+    import dataclasses
+    import hashlib
+
+    import sealft.models as models
+
+    gguf = models.offline_gguf(SMOL)
+    digest = hashlib.sha256(gguf.read_bytes()).hexdigest()
+    # the same model as it would be on the GPU machine: its package cannot be found
+    missing = dataclasses.replace(models.OFFLINE_MODELS[SMOL], packages=("not_installed",),
+                                  sha256=digest)
+    monkeypatch.setattr(models, "OFFLINE_MODELS", {SMOL: missing})
+    monkeypatch.setattr(models, "CACHE_DIR", tmp_path / "cache")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(models.ModelError, match="not installed"):
+        resolve_model(SMOL)
+    monkeypatch.setattr(models, "OFFLINE_MODELS", {SMOL: dataclasses.replace(
+        missing, sha256="0" * 64)})
+    with pytest.raises(models.ModelError, match="copy the file again"):
+        models.cache_from_gguf(SMOL, gguf)
+    assert not (tmp_path / "cache" / "models").exists()
+    monkeypatch.setattr(models, "OFFLINE_MODELS", {SMOL: missing})
+    folder = models.cache_from_gguf(SMOL, gguf)
+    assert resolve_model(SMOL).path == str(folder) and resolve_model(SMOL).gguf_file is None
+    model, tokenizer = load_model_and_tokenizer(SMOL)
+    assert model.config.num_hidden_layers == 30 and tokenizer.chat_template

@@ -266,13 +266,13 @@ def _drop_gguf_quantizer(model) -> None:
         del model.config.quantization_config
 
 
-def _cache_snapshot(name: str, model) -> None:
+def _cache_snapshot(name: str, model, source: ModelSource | None = None) -> None:
     from transformers import AutoTokenizer
 
     target = _snapshot_dir(name)
     if (target / "config.json").exists():
         return
-    source = resolve_model(name)
+    source = source or resolve_model(name)
     tmp = target.with_name(target.name + f".partial-{os.getpid()}")
     model.save_pretrained(tmp, safe_serialization=True)
     AutoTokenizer.from_pretrained(source.path, gguf_file=source.gguf_file).save_pretrained(tmp)
@@ -282,6 +282,31 @@ def _cache_snapshot(name: str, model) -> None:
         import shutil
 
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def cache_from_gguf(name: str, gguf: str | Path) -> Path:
+    """Cache an offline model from a copy of its GGUF file, for a machine that lacks the
+    model's packages and the hub (a lent GPU): `name` then loads offline there as it does
+    here. The copy must be the file the packages assemble, checked by its digest."""
+    spec = OFFLINE_MODELS.get(name)
+    if spec is None:
+        raise ModelError(f"model {name!r}: not one of the offline models "
+                         f"({', '.join(OFFLINE_MODELS)})")
+    path = Path(gguf).expanduser()
+    if not path.is_file():
+        raise ModelError(f"{path}: no such GGUF file")
+    if spec.sha256:
+        digest = hashlib.sha256()
+        with open(path, "rb") as source:
+            while block := source.read(1 << 22):
+                digest.update(block)
+        if digest.hexdigest() != spec.sha256:
+            raise ModelError(f"{path}: sha256 {digest.hexdigest()}, but {name} is "
+                             f"{spec.sha256}; copy the file again")
+    source = ModelSource(str(path.parent), path.name)
+    if not (_snapshot_dir(name) / "config.json").exists():
+        _cache_snapshot(name, load_model(str(path)), source)
+    return _snapshot_dir(name)
 
 
 def load_model_and_tokenizer(
