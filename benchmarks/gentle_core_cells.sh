@@ -2,24 +2,19 @@
 # One seed of the gentle regime's core cells (docs/baselines.md#gentle-regime and
 # #gentle-regime-seven-seeds): all data (with the base model at step 0), the oracle, SEAL and
 # SEAL + SafeInstr, then XSTest over-refusal and the held-out task answers' loss and token
-# accuracy of all four. Every step resumes, so rerun the same line after a stop.
+# accuracy of all four. Every step resumes, so rerun the same line after a stop. The regime's
+# settings are in gentle_regime.sh.
 #
 #   bash benchmarks/gentle_core_cells.sh 7                 # -> runs/gentle/lr1e-4-s7-{all,oracle,seal,...}
 #   BENIGN_DATA=../shared/data/benign/alpaca_en_demo.json \
 #       bash benchmarks/gentle_core_cells.sh 0 runs/gentle-alpaca   # another benign file, its own root
-#   MODEL=/tmp/qwen-hf bash benchmarks/gentle_core_cells.sh 3    # another copy of the model (GPU runs)
 #
 # One thread per run: two seeds side by side fill a 2-core machine (each fine-tuning process
 # peaks near 12 GB; a third does not fit in 24 GB).
 set -euo pipefail
 S=${1:?usage: gentle_core_cells.sh SEED [OUTPUT_ROOT]}
 G=${2:-runs/gentle}
-export HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1
-BEN=${BENIGN_DATA:-../shared/data/benign/alpaca_eval_gpt4_outputs.json}
-SAFE=../shared/data/safe/safetyllamas_safety_only.json
-MODEL=${MODEL:-Qwen/Qwen2.5-Coder-0.5B-Instruct}
-ec() { python benchmarks/erosion_curve.py --threads 1 --epochs 1 --seed "$S" --benign-data $BEN --model "$MODEL" \
-    --rows 96 --harmful 32 --lr 1e-4 --max-length 256 --sst2 0 "$@"; }
+source "$(dirname "$0")/gentle_regime.sh"
 
 ec --eval-steps 0,12 --output-dir "$G/lr1e-4-s$S-all"
 ec --oracle --eval-steps 8 --output-dir "$G/lr1e-4-s$S-oracle"
@@ -32,11 +27,7 @@ ec --keep-scores "$G/s$S-select/scores.jsonl" --eval-steps 8 --output-dir "$G/lr
 ec --keep-scores "$G/s$S-select/scores.jsonl" --safeinstr-k 10 --safe-data $SAFE --eval-steps "" \
     --output-dir "$G/lr1e-4-s$S-seal-safeinstr"
 
-# the 40 held-out benign answers that no mix of seeds 0-2 trains on (the same file for every seed)
-[ -f "$G/task.json" ] || python benchmarks/heldout_task_rows.py --benign-data $BEN --rows 96 \
-    --harmful 32 --n 40 --out "$G/task.json"
-python benchmarks/erosion_overrefusal.py --seeds "$S" --epochs 1 --threads 1 --task-data "$G/task.json" \
-    --model "$MODEL" \
-    --cell all="$G/lr1e-4-s{seed}-all" --cell oracle="$G/lr1e-4-s{seed}-oracle" \
+task_rows "$G"
+overrefusal "$G" --cell all="$G/lr1e-4-s{seed}-all" --cell oracle="$G/lr1e-4-s{seed}-oracle" \
     --cell seal="$G/lr1e-4-s{seed}-seal" --cell seal+safeinstr="$G/lr1e-4-s{seed}-seal-safeinstr"
 echo "gentle core cells, seed $S: done"

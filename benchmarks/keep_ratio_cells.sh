@@ -3,6 +3,7 @@
 #   METHOD=seal (default)  the SEAL selection that gentle_core_cells.sh already fitted, its
 #                          weights cut at the top KEEP_RATIO (default 0.5) instead of its own 2/3;
 #                          no selection is refitted, so the cut is the only change;
+#   METHOD=seal+safeinstr  the same cut plus SafeInstr's 10 safety rows, as the core cells add them;
 #   METHOD=random          the control: a seeded random selection keeping the same share.
 # Each is fine-tuned and evaluated as the core cells are (held-out refusal at the end of the
 # epoch, then XSTest and the held-out task answers). Every step resumes: rerun the same line.
@@ -18,31 +19,28 @@ set -euo pipefail
 S=${1:?usage: keep_ratio_cells.sh SEED SELECTED OUTPUT_ROOT [BENIGN_DATA]}
 SEL=${2:?usage: keep_ratio_cells.sh SEED SELECTED OUTPUT_ROOT [BENIGN_DATA]}
 G=${3:?usage: keep_ratio_cells.sh SEED SELECTED OUTPUT_ROOT [BENIGN_DATA]}
-BEN=${4:-../shared/data/benign/alpaca_eval_gpt4_outputs.json}
+BENIGN_DATA=${4:-${BENIGN_DATA:-}}
 RATIO=${KEEP_RATIO:-0.5}
 METHOD=${METHOD:-seal}
-MODEL=${MODEL:-Qwen/Qwen2.5-Coder-0.5B-Instruct}
-export HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1
+source "$(dirname "$0")/gentle_regime.sh"
 CELL="$METHOD-keep$RATIO"
-OUT="$G/lr1e-4-s$S-$CELL"
-ec() { python benchmarks/erosion_curve.py --threads 1 --epochs 1 --seed "$S" --benign-data "$BEN" \
-    --model "$MODEL" --rows 96 --harmful 32 --lr 1e-4 --max-length 256 --sst2 0 \
-    --output-dir "$OUT" "$@"; }
+OUT="$G/lr1e-4-s$S-${CELL/+/-}"  # a folder name without '+', like the core cells' seal-safeinstr
 
 case $METHOD in
-  seal) ec --keep-scores "$SEL/s$S-select/scores.jsonl" --keep-ratio "$RATIO" --eval-steps "" ;;
+  seal) ec --keep-scores "$SEL/s$S-select/scores.jsonl" --keep-ratio "$RATIO" --eval-steps "" \
+      --output-dir "$OUT" ;;
+  seal+safeinstr) ec --keep-scores "$SEL/s$S-select/scores.jsonl" --keep-ratio "$RATIO" \
+      --safeinstr-k 10 --safe-data "$SAFE" --eval-steps "" --output-dir "$OUT" ;;
   random)
-    ec --data-only  # the seed's mix, for the random selection to run on
+    ec --data-only --output-dir "$OUT"  # the seed's mix, for the random selection to run on
     # sealft select refuses to overwrite a finished selection, so a rerun skips it
     [ -f "$G/s$S-$CELL-select/summary.json" ] || sealft select --method random \
         --finetune-data "$OUT/train.json" --output-dir "$G/s$S-$CELL-select" seed="$S" \
         keep_ratio="$RATIO" max_length=256 label_field=flag
-    ec --keep-scores "$G/s$S-$CELL-select/scores.jsonl" --eval-steps "" ;;
-  *) echo "keep_ratio_cells.sh: METHOD=$METHOD: use seal or random" >&2; exit 2 ;;
+    ec --keep-scores "$G/s$S-$CELL-select/scores.jsonl" --eval-steps "" --output-dir "$OUT" ;;
+  *) echo "keep_ratio_cells.sh: METHOD=$METHOD: use seal, seal+safeinstr or random" >&2; exit 2 ;;
 esac
-[ -f "$G/task.json" ] || python benchmarks/heldout_task_rows.py --benign-data "$BEN" --rows 96 \
-    --harmful 32 --n 40 --out "$G/task.json"
+task_rows "$G"
 # the base model's XSTest run is read from SELECTED's all-data folders (any seed's), never redone there
-python benchmarks/erosion_overrefusal.py --seeds "$S" --epochs 1 --threads 1 --task-data "$G/task.json" \
-    --model "$MODEL" --base "$SEL/lr1e-4-s{seed}-all" --cell "$CELL=$G/lr1e-4-s{seed}-$CELL"
+overrefusal "$G" --base "$SEL/lr1e-4-s{seed}-all" --cell "$CELL=$G/lr1e-4-s{seed}-${CELL/+/-}"
 echo "keep-ratio cell $CELL, seed $S: done"

@@ -1374,3 +1374,13 @@ def test_keep_ratio_script_recuts_the_kept_selection_and_writes_only_its_own_roo
     assert Path(cell.keep_scores) == Path(select.output_dir) / "scores.jsonl"
     assert cell.keep_ratio is None  # the random selection's own cut
     assert control[-1][-1] == f"random-keep0.4={root}/lr1e-4-s{{seed}}-random-keep0.4"
+    # SEAL + SafeInstr: the same re-cut plus the core cells' 10 safety rows, in a folder
+    # named without '+'
+    mixed = _script_calls(REPO / "benchmarks" / "keep_ratio_cells.sh", "4", str(selected),
+                          str(root), str(benign), cwd=tmp_path, env={"METHOD": "seal+safeinstr"})
+    cell = curve.parse_args(mixed[0][2:])
+    assert (cell.keep_ratio, cell.safeinstr_k) == (0.5, 10)
+    assert Path(cell.keep_scores) == selected / "s4-select" / "scores.jsonl"
+    assert cell.safe_data == "../shared/data/safe/safetyllamas_safety_only.json"
+    assert Path(cell.output_dir) == root / "lr1e-4-s4-seal-safeinstr-keep0.5"
+    assert mixed[-1][-1] == f"seal+safeinstr-keep0.5={root}/lr1e-4-s{{seed}}-seal-safeinstr-keep0.5"
