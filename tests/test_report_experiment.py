@@ -83,3 +83,25 @@ def test_long_form_grid_with_token_accuracy_plots_against_it(tmp_path):
     assert "Held-out token acc. % ↑ | Δ token acc. vs all, paired (pts) |" in markdown
     assert "| seal | 0.8 | 2/3 | 54.0 ± 10.1 | 1.550 ± 0.004 | 45.9 ± 0.4 | -0.9 ± 0.6 |" in markdown
     assert (tmp_path / "rep" / "tradeoff_grid.png").stat().st_size > 10_000
+
+
+def test_each_keep_ratio_of_a_method_has_its_own_marker(tmp_path, monkeypatch):
+    """A method cut at two ratios shares its colour, so the ratio must show in the marker:
+    ratio-free methods are circles, each cut a shape of its own."""
+    import matplotlib.axes
+
+    from sealft.report import plot_refusal_vs_task
+
+    drawn = {}
+    real = matplotlib.axes.Axes.errorbar
+
+    def record(self, *args, **kwargs):
+        drawn[kwargs["label"]] = kwargs["fmt"]
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "errorbar", record)
+    rows = [{k: None if v == "" else v for k, v in r.items()} for r in SUMMARY]  # as parsed
+    half = dict(rows[2], keep_ratio=0.5, safety_refusal_rate_mean=0.6)
+    assert plot_refusal_vs_task([*rows, half], tmp_path / "t.png").stat().st_size > 10_000
+    assert drawn["base"] == drawn["all"] == "o"
+    assert len({drawn["seal 0.8"], drawn["seal 0.5"], "o"}) == 3

@@ -542,6 +542,10 @@ def plot_refusal_vs_task(summary: list[dict[str, Any]], path: Path,
     points = [s for s in summary if s.get(f"{x_key}_mean") is not None]
     if not panels or not points:
         return None
+    # one colour per method and one marker per keep ratio, so that a method cut at two
+    # ratios shows as two points that can be told apart
+    ratios = sorted({g["keep_ratio"] for g in points if g["keep_ratio"] != 1}, reverse=True)
+    marker = {1: "o"} | {r: "s^Dvp"[i % 5] for i, r in enumerate(ratios)}
     plt = _pyplot()
     fig, axes = plt.subplots(1, len(panels), figsize=(6.2 * len(panels), 4.8), squeeze=False)
     for ax, (key, title) in zip(axes[0], panels, strict=True):
@@ -554,7 +558,8 @@ def plot_refusal_vs_task(summary: list[dict[str, Any]], path: Path,
             x_half = group.get(f"{x_key}_ci95")
             ax.errorbar(x_scale * group[f"{x_key}_mean"], 100 * y,
                         xerr=None if x_half is None else x_scale * x_half,
-                        yerr=_bar(group.get(f"{key}_ci95")), fmt="o", markersize=7,
+                        yerr=_bar(group.get(f"{key}_ci95")),
+                        fmt=marker[group["keep_ratio"]], markersize=7,
                         capsize=4, elinewidth=1.2, label=label, zorder=3,
                         color=colour(group["method"]) if colour else f"C{k % 10}")
         ax.grid(True, axis="both")
