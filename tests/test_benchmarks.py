@@ -1384,3 +1384,43 @@ def test_keep_ratio_script_recuts_the_kept_selection_and_writes_only_its_own_roo
     assert cell.safe_data == "../shared/data/safe/safetyllamas_safety_only.json"
     assert Path(cell.output_dir) == root / "lr1e-4-s4-seal-safeinstr-keep0.5"
     assert mixed[-1][-1] == f"seal+safeinstr-keep0.5={root}/lr1e-4-s{{seed}}-seal-safeinstr-keep0.5"
+
+
+def test_gpu_experiment_runs_one_part_per_seed_and_stops_each_at_the_next_seed(tmp_path):
+    """benchmarks/gpu_experiment.sh: every part lists all seeds, its own first (the held-out
+    rows depend on the list), and is stopped once it starts another seed's cells, before a
+    third; the parts' results come back in one archive. A stand-in `sealft` takes 3 s a seed."""
+    import tarfile
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    fake = bin_dir / "sealft"
+    fake.write_text("""#!/bin/bash
+for a in "$@"; do case $a in seeds=*) seeds=${a#seeds=};; esac; done
+while [ $# -gt 0 ]; do [ "$1" = --output-dir ] && out=$2; shift; done
+mkdir -p "$out/cells"; echo "seeds=$seeds" > "$out/config.yaml"
+for s in ${seeds//,/ }; do
+  mkdir "$out/cells/all-keep1-seed$s"; sleep 3; echo "all,1.0,$s,ok" >> "$out/results.csv"
+done
+""")
+    fake.chmod(0o755)
+    setup = tmp_path / "setup.sh"
+    setup.write_text('gpu_setup() { mkdir -p "$1"; }\n')
+    out, root = tmp_path / "out", tmp_path / "root"
+    env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "GPU_SETUP": str(setup), "CONFIG": "c.yaml",
+           "SEEDS": "0 1 2", "OUT": str(out), "ROOT": str(root), "DEADLINE": "60"}
+    run = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_experiment.sh")], cwd=REPO,
+                         env=env, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert sorted(line.split()[1] for line in run.stdout.splitlines()
+                  if line.startswith("part ")) == ["s0", "s1", "s2"]
+    firsts = {"0": "0,1,2", "1": "1,0,2", "2": "2,0,1"}
+    for s, order in firsts.items():
+        part = root / f"part-s{s}"
+        assert (part / "config.yaml").read_text().strip() == f"seeds={order}"
+        started = sorted(p.name for p in (part / "cells").iterdir())
+        assert f"all-keep1-seed{s}" in started and len(started) == 2  # stopped at the second seed
+        assert (part / "results.csv").read_text() == f"all,1.0,{s},ok\n"
+    with tarfile.open(out / "parts.tgz") as archive:
+        names = set(archive.getnames())
+    assert {f"./part-s{s}/results.csv" for s in firsts} <= names
