@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from sealft.errors import ModelError
-from sealft.io import atomic_write
+from sealft.io import atomic_write, file_sha256
 
 CACHE_DIR = Path(os.environ.get("SEALFT_CACHE", Path.home() / ".cache" / "sealft"))
 
@@ -295,16 +295,11 @@ def cache_from_gguf(name: str, gguf: str | Path) -> Path:
     path = Path(gguf).expanduser()
     if not path.is_file():
         raise ModelError(f"{path}: no such GGUF file")
-    if spec.sha256:
-        digest = hashlib.sha256()
-        with open(path, "rb") as source:
-            while block := source.read(1 << 22):
-                digest.update(block)
-        if digest.hexdigest() != spec.sha256:
-            raise ModelError(f"{path}: sha256 {digest.hexdigest()}, but {name} is "
-                             f"{spec.sha256}; copy the file again")
+    if spec.sha256 and (digest := file_sha256(path)) != spec.sha256:
+        raise ModelError(f"{path}: sha256 {digest}, but {name} is {spec.sha256}; copy the "
+                         "file again")
     source = ModelSource(str(path.parent), path.name)
-    if not (_snapshot_dir(name) / "config.json").exists():
+    if not (_snapshot_dir(name) / "config.json").exists():  # else no need to load the model
         _cache_snapshot(name, load_model(str(path)), source)
     return _snapshot_dir(name)
 
