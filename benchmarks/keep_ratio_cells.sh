@@ -24,7 +24,8 @@ RATIO=${KEEP_RATIO:-0.5}
 METHOD=${METHOD:-seal}
 source "$(dirname "$0")/gentle_regime.sh"
 CELL="$METHOD-keep$RATIO"
-OUT="$G/lr1e-4-s$S-${CELL/+/-}"  # a folder name without '+', like the core cells' seal-safeinstr
+NAME=${CELL/+/-}  # a folder name without '+', like the core cells' seal-safeinstr
+OUT="$G/lr1e-4-s$S-$NAME"
 
 case $METHOD in
   seal) ec --keep-scores "$SEL/s$S-select/scores.jsonl" --keep-ratio "$RATIO" --eval-steps "" \
@@ -42,5 +43,5 @@ case $METHOD in
 esac
 task_rows "$G"
 # the base model's XSTest run is read from SELECTED's all-data folders (any seed's), never redone there
-overrefusal "$G" --base "$SEL/lr1e-4-s{seed}-all" --cell "$CELL=$G/lr1e-4-s{seed}-${CELL/+/-}"
+overrefusal "$G" --base "$SEL/lr1e-4-s{seed}-all" --cell "$CELL=$G/lr1e-4-s{seed}-$NAME"
 echo "keep-ratio cell $CELL, seed $S: done"

@@ -56,12 +56,12 @@ def test_a_copied_gguf_makes_the_model_load_without_its_package(tmp_path, monkey
     cached so that the hub id then loads there offline; a copy with another digest is refused
     and caches nothing."""
     import dataclasses
-    import hashlib
 
     import sealft.models as models
+    from sealft.io import file_sha256
 
     gguf = models.offline_gguf(SMOL)
-    digest = hashlib.sha256(gguf.read_bytes()).hexdigest()
+    digest = file_sha256(gguf)
     # the same model as it would be on the GPU machine: its package cannot be found
     missing = dataclasses.replace(models.OFFLINE_MODELS[SMOL], packages=("not_installed",),
                                   sha256=digest)
