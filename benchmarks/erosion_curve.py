@@ -38,7 +38,7 @@ from typing import Any
 import torch
 from end_to_end import _question  # the same Alpaca-unwrapping as the end-to-end benchmark
 
-from sealft.data import load_examples, sample_rows
+from sealft.data import load_examples, read_rows, sample_rows
 from sealft.evaluate import EvaluateArgs, evaluate
 from sealft.io import append_jsonl, read_jsonl, write_jsonl
 
@@ -204,12 +204,12 @@ def build_data(args: argparse.Namespace, out: Path) -> tuple[Path, Path]:
     train, heldout = out / "train.json", out / "heldout_harmful.jsonl"
     if train.exists() and heldout.exists():
         return train, heldout
-    rows = json.loads(Path(args.finetune_data).read_text(encoding="utf-8"))
+    rows = read_rows(args.finetune_data)  # JSON or JSONL, as the product reads it
     unsafe = [r for r in rows if r.get("flag") == "unsafe"]
     benign = [r for r in rows if r.get("flag") != "unsafe"]
     if args.benign_data:
         benign = [{**r, "flag": "benign"}
-                  for r in json.loads(Path(args.benign_data).read_text(encoding="utf-8"))]
+                  for r in read_rows(args.benign_data)]
         unsafe = [{**r, "instruction": _question(r["instruction"])} for r in unsafe]
     if not args.sample and (args.harmful > len(unsafe)
                             or args.rows - args.harmful > len(benign)):

@@ -42,7 +42,11 @@ done
 for s in "${!part[@]}"; do kill -- -"${part[$s]}" 2>/dev/null; echo "part s$s: DEADLINE"; done
 sleep 2
 grep -h "cells finished\|finished in\|failed" "$ROOT"/part-s*.log | tail -n 20
+files=$(mktemp)
 (cd "$ROOT" && find . -type f \( -name '*.json' -o -name '*.jsonl' -o -name '*.yaml' \
   -o -name '*.csv' -o -name '*.md' -o -name '*.log' \) -size -5M -not -path '*/adapter/*' \
-  -not -path '*/checkpoint*' -not -path '*/snapshots/*' > /tmp/experiment-files) \
-  && tar czf "$OUT/parts.tgz" -C "$ROOT" -T /tmp/experiment-files
+  -not -path '*/checkpoint*' -not -path '*/snapshots/*' > "$files") \
+  && tar czf "$OUT/parts.tgz" -C "$ROOT" -T "$files"
+status=$?
+rm -f "$files"
+exit $status

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Seeds of the gentle regime's core cells (benchmarks/gentle_core_cells.sh) side by side on one
 # lent GPU, float32 like the CPU runs. What to carry: benchmarks/gpu_setup.sh, plus
-#   .gpu/task.json   the held-out task answers the CPU seeds were scored on (same rows)
+#   .gpu/task.json   the held-out task answers the CPU seeds were scored on (same rows; TASK
+#                    names another file)
 # and writes OUT/gentle.tgz: every seed's JSON, JSONL, YAML and log files (no weights).
 #
 #   SEEDS="0 3 4" BENIGN_DATA=../shared/data/benign/alpaca_en_demo.json DEADLINE=420 \
@@ -13,22 +14,27 @@ set -uo pipefail
 OUT=${OUT:-gpu_out}; ROOT=${ROOT:-/tmp/gentle}; DEADLINE=${DEADLINE:-420}
 SEEDS=${SEEDS:?set SEEDS, e.g. SEEDS="0 3 4"}
 mkdir -p "$ROOT"
-source benchmarks/gpu_setup.sh
+source "${GPU_SETUP:-benchmarks/gpu_setup.sh}"  # a test sources a stand-in without a GPU
 gpu_setup "$OUT" || exit 1
-[ -f "$ROOT/task.json" ] || cp .gpu/task.json "$ROOT/task.json"
+[ -f "$ROOT/task.json" ] || cp "${TASK:-.gpu/task.json}" "$ROOT/task.json"
+start=$SECONDS
 pids=()
 for s in $SEEDS; do
-  bash benchmarks/gentle_core_cells.sh "$s" "$ROOT" >> "$ROOT/core-s$s.log" 2>&1 &
+  # a process group of its own, so that the deadline stops this seed's steps and nothing else
+  setsid bash benchmarks/gentle_core_cells.sh "$s" "$ROOT" >> "$ROOT/core-s$s.log" 2>&1 &
   pids+=($!)
 done
-( sleep "$DEADLINE"; pkill -f -- "gentle_core_cells.sh"
-  pkill -f -- "benchmarks/(erosion_|heldout_)|-m sealft" ) &
-watchdog=$!
-wait "${pids[@]}"
-kill "$watchdog" 2>/dev/null
+running() { local p; for p in "${pids[@]}"; do kill -0 "$p" 2>/dev/null && return 0; done; return 1; }
+while running && ((SECONDS - start < DEADLINE)); do sleep 2; done
+for p in "${pids[@]}"; do kill -- -"$p" 2>/dev/null; done
+sleep 1
 grep -h "gentle core cells, seed .*: done" "$ROOT"/core-s*.log | tee "$OUT/done.txt"
 # results and logs only: the fine-tuning folders' adapters, checkpoints and snapshots come to
 # hundreds of MB a seed, past what a call brings back
+files=$(mktemp)
 (cd "$ROOT" && find . -type f \( -name '*.json' -o -name '*.jsonl' -o -name '*.yaml' -o -name '*.log' \
   -o -name '*.md' \) -size -5M -not -path '*/adapter/*' -not -path '*/checkpoint*' \
-  -not -path '*/snapshots/*' > /tmp/gentle-files) && tar czf "$OUT/gentle.tgz" -C "$ROOT" -T /tmp/gentle-files
+  -not -path '*/snapshots/*' > "$files") && tar czf "$OUT/gentle.tgz" -C "$ROOT" -T "$files"
+status=$?
+rm -f "$files"
+exit $status

@@ -5,7 +5,7 @@
 # and writes the sweep's JSONL and logs under $OUT.
 set -uo pipefail
 OUT=${OUT:-gpu_out}
-source benchmarks/gpu_setup.sh
+source "${GPU_SETUP:-benchmarks/gpu_setup.sh}"  # a test sources a stand-in without a GPU
 gpu_setup "$OUT" || exit 1
 sweep() {  # budget-seconds, variants, then file arguments
   local budget=$1 variants=$2; shift 2

@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 from collections import Counter
@@ -648,6 +649,33 @@ def test_heldout_task_rows_lie_outside_every_seeds_training_mix(tmp_path):
     assert len(held) == 5 and not held & trained
 
 
+@pytest.mark.skipif(not (REPO.parent / "shared" / "data" / "finetune").is_dir(),
+                    reason="needs ../shared/data")
+def test_heldout_task_rows_from_one_flagged_file_are_unflagged_and_outside_every_mix(tmp_path):
+    """--finetune-data: the mixes draw both kinds of rows from one JSONL file with a `flag`
+    column (as dev_mixes.py writes it); the held-out rows are its unflagged rows no seed trains."""
+    rows_tool, curve = _load("heldout_task_rows"), _load("erosion_curve")
+    mix = tmp_path / "mix.jsonl"
+    write_jsonl(mix, [{"instruction": f"task {i}", "input": "", "output": f"answer {i}",
+                       "flag": "unsafe" if i % 3 == 0 else "benign"} for i in range(150)])
+    out = tmp_path / "held.json"
+    assert rows_tool.main(["--finetune-data", str(mix), "--rows", "9", "--harmful", "3",
+                           "--seeds", "0", "1", "--n", "6", "--out", str(out)]) == 0
+    held = json.loads(out.read_text())
+    trained = set()
+    for seed in (0, 1):
+        args = curve.parse_args(["--finetune-data", str(mix), "--rows", "9", "--harmful", "3",
+                                 "--heldout", "2", "--seed", str(seed)])
+        train, _ = curve.build_data(args, tmp_path / f"s{seed}")
+        rows = json.loads(train.read_text())
+        assert sum(r["flag"] == "unsafe" for r in rows) == 3 and len(rows) == 9
+        trained |= {r["instruction"] for r in rows}
+    assert len(held) == 6 and {r["flag"] for r in held} == {"benign"}
+    assert not {r["instruction"] for r in held} & trained
+    with pytest.raises(SystemExit):  # one source or the other, not both
+        rows_tool.main(["--finetune-data", str(mix), "--benign-data", str(mix), "--out", str(out)])
+
+
 def test_interference_probe_caches_the_lower_layers_and_pairs_the_two_fits(tiny_model):
     import argparse
 
@@ -1255,6 +1283,12 @@ def test_gentle_core_cells_script_passes_only_flags_its_tools_accept(tmp_path, m
                           cwd=tmp_path, env={"BENIGN_DATA": "alpaca.json"})
     benign = [c[c.index("--benign-data") + 1] for c in other if "--benign-data" in c]
     assert benign == ["alpaca.json"] * 5  # four cells and heldout_task_rows
+    # one flagged file (FINETUNE_DATA) replaces both sources in the same five places
+    flagged = _script_calls(REPO / "benchmarks" / "gentle_core_cells.sh", "0", str(tmp_path / "x"),
+                            cwd=tmp_path, env={"FINETUNE_DATA": "mix.jsonl"})
+    assert not any("--benign-data" in c for c in flagged)
+    assert [c[c.index("--finetune-data") + 1] for c in flagged if c[0] == "python"
+            and "--finetune-data" in c] == ["mix.jsonl"] * 5
     # the default model is each tool's own default; another copy (a GPU machine's dequantised
     # folder) reaches every step that loads the model
     models = {c[c.index("--model") + 1] for c in calls if "--model" in c}
@@ -1424,3 +1458,104 @@ done
     with tarfile.open(out / "parts.tgz") as archive:
         names = set(archive.getnames())
     assert {f"./part-s{s}/results.csv" for s in firsts} <= names
+
+
+def test_gpu_gentle_stops_a_late_seed_at_the_deadline_and_only_its_own_processes(tmp_path):
+    """benchmarks/gpu_gentle.sh: seeds run side by side; one still running at DEADLINE is
+    stopped with every step it started (its process group), while a process the script did not
+    start, with the same command line, lives on; finished seeds are listed, and the archive
+    brings back results and logs without adapters. Stand-ins: `python`, `sealft`, gpu_setup."""
+    import tarfile
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "python").write_text("""#!/bin/bash
+out=; seed=; script=$1
+while [ $# -gt 0 ]; do case $1 in --output-dir|--out) out=$2;; --seed|--seeds) seed=$2;; esac; shift; done
+case $script in
+  benchmarks/erosion_curve.py)
+    [ "$seed" = 1 ] && { echo $$ > "$PIDS/s1-$(basename "$out")"; sleep 60; }
+    mkdir -p "$out/finetune/adapter"; echo '{"step": 12}' > "$out/curve.jsonl"
+    echo weights > "$out/finetune/adapter/adapter_model.safetensors" ;;
+  benchmarks/heldout_task_rows.py) echo '[]' > "$out" ;;
+esac
+""")
+    (bin_dir / "sealft").write_text("""#!/bin/bash
+while [ $# -gt 0 ]; do [ "$1" = --output-dir ] && out=$2; shift; done
+mkdir -p "$out"; echo '{}' > "$out/summary.json"
+""")
+    for stand_in in bin_dir.iterdir():
+        stand_in.chmod(0o755)
+    setup = tmp_path / "setup.sh"
+    setup.write_text('gpu_setup() { mkdir -p "$1"; }\n')
+    task, pids, out, root = (tmp_path / n for n in ("task.json", "pids", "out", "root"))
+    task.write_text("[]")
+    pids.mkdir()
+    # the old watchdog's pattern, `pkill -f benchmarks/(erosion_|heldout_)`, matched this one too
+    bystander = subprocess.Popen(["bash", "-c", "sleep 30", "benchmarks/erosion_curve.py"])
+    env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "GPU_SETUP": str(setup), "SEEDS": "0 1",
+           "OUT": str(out), "ROOT": str(root), "DEADLINE": "4", "TASK": str(task),
+           "PIDS": str(pids)}
+    try:
+        run = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_gentle.sh")], cwd=REPO,
+                             env=env, capture_output=True, text=True, timeout=60)
+        assert bystander.poll() is None  # not the script's to stop
+    finally:
+        bystander.kill()
+    assert run.returncode == 0, run.stderr
+    assert (out / "done.txt").read_text() == "gentle core cells, seed 0: done\n"
+    late = int((pids / "s1-lr1e-4-s1-all").read_text())
+    with pytest.raises(ProcessLookupError):  # seed 1's fine-tuning was stopped with its seed
+        os.kill(late, 0)
+    assert not (root / "lr1e-4-s1-all" / "curve.jsonl").exists()
+    with tarfile.open(out / "gentle.tgz") as archive:
+        names = set(archive.getnames())
+    assert {"./lr1e-4-s0-all/curve.jsonl", "./s0-select/summary.json", "./task.json",
+            "./core-s0.log", "./core-s1.log"} <= names
+    assert not any("adapter" in n for n in names)
+
+
+def test_gpu_sweep_runs_its_three_sweeps_with_variants_the_sweep_knows(tmp_path, monkeypatch):
+    """benchmarks/gpu_sweep.sh: each of its three `selection_sweep.py` calls parses with the
+    sweep's own parser, names only variants it defines and the carried files, and its tables
+    (not its JSON lines) are kept in tables.md. Stand-ins: `python3` and gpu_setup."""
+    sweep = _load("selection_sweep")
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "python3").write_text("""#!/bin/bash
+printf '%s\\x1f' "$@" >> "$CALLS"; printf '\\x1e' >> "$CALLS"
+echo '{"variant": "default"}'; echo "| table of $4 |"
+""")
+    (bin_dir / "python3").chmod(0o755)
+    setup = tmp_path / "setup.sh"
+    setup.write_text('gpu_setup() { mkdir -p "$1"; }\n')
+    (tmp_path / ".gpu" / "dev").mkdir(parents=True)
+    for name in ("a_s0.jsonl", "a_s1.jsonl"):
+        (tmp_path / ".gpu" / "dev" / name).write_text("")
+    calls_log, out = tmp_path / "calls", tmp_path / "out"
+    subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_sweep.sh")], cwd=tmp_path, check=True,
+                   env={"PATH": f"{bin_dir}:/usr/bin:/bin", "GPU_SETUP": str(setup),
+                        "OUT": str(out), "CALLS": str(calls_log), "B1": "7"},
+                   capture_output=True, timeout=60)
+    calls = [c.split("\x1f")[:-1] for c in calls_log.read_text().split("\x1e")[:-1]]
+    assert [c[0] for c in calls] == ["benchmarks/selection_sweep.py"] * 3
+
+    def parse_and_stop(self, argv=None, namespace=None):
+        raise _Parsed(original(self, argv, namespace))
+
+    original = argparse.ArgumentParser.parse_args
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", parse_and_stop)
+    parsed = []
+    for call in calls:
+        with pytest.raises(_Parsed) as stop:
+            sweep.main(call[1:])
+        parsed.append(stop.value.args[0])
+    assert [a.budget_seconds for a in parsed] == [7, 90, 90]
+    for a in parsed:
+        assert set(a.variants.split(",")) <= set(sweep.VARIANTS)
+        assert a.results == str(out / "sweep.jsonl") and not a.overrides
+    assert parsed[0].mixes == [".gpu/dev/a_s0.jsonl", ".gpu/dev/a_s1.jsonl"]
+    assert len(parsed[0].sst2) == 3 and parsed[0].seeds == [0, 1, 2]
+    assert parsed[2].mixes == [".gpu/dev/a_s0.jsonl"]
+    tables = (out / "tables.md").read_text()
+    assert "{" not in tables and tables.count("| table of") == 3
