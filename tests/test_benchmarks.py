@@ -6,7 +6,6 @@ import argparse
 import dataclasses
 import importlib.util
 import json
-import os
 import subprocess
 import sys
 from collections import Counter
@@ -1460,6 +1459,14 @@ done
     assert {f"./part-s{s}/results.csv" for s in firsts} <= names
 
 
+def _process_state(pid: int) -> str | None:
+    """The kernel's one-letter state of a process ("Z": exited, not yet reaped), None if gone."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return None
+
+
 def test_gpu_gentle_stops_a_late_seed_at_the_deadline_and_only_its_own_processes(tmp_path):
     """benchmarks/gpu_gentle.sh: seeds run side by side; one still running at DEADLINE is
     stopped with every step it started (its process group), while a process the script did not
@@ -1492,7 +1499,8 @@ mkdir -p "$out"; echo '{}' > "$out/summary.json"
     task.write_text("[]")
     pids.mkdir()
     # the old watchdog's pattern, `pkill -f benchmarks/(erosion_|heldout_)`, matched this one too
-    bystander = subprocess.Popen(["bash", "-c", "sleep 30", "benchmarks/erosion_curve.py"])
+    bystander = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)",
+                                  "benchmarks/erosion_curve.py"])
     env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "GPU_SETUP": str(setup), "SEEDS": "0 1",
            "OUT": str(out), "ROOT": str(root), "DEADLINE": "4", "TASK": str(task),
            "PIDS": str(pids)}
@@ -1505,8 +1513,7 @@ mkdir -p "$out"; echo '{}' > "$out/summary.json"
     assert run.returncode == 0, run.stderr
     assert (out / "done.txt").read_text() == "gentle core cells, seed 0: done\n"
     late = int((pids / "s1-lr1e-4-s1-all").read_text())
-    with pytest.raises(ProcessLookupError):  # seed 1's fine-tuning was stopped with its seed
-        os.kill(late, 0)
+    assert _process_state(late) in (None, "Z")  # seed 1's fine-tuning was stopped with its seed
     assert not (root / "lr1e-4-s1-all" / "curve.jsonl").exists()
     with tarfile.open(out / "gentle.tgz") as archive:
         names = set(archive.getnames())
