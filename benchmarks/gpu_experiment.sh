@@ -17,6 +17,7 @@ OUT=${OUT:-gpu_out}; ROOT=${ROOT:-/tmp/experiment}; DEADLINE=${DEADLINE:-480}
 CONFIG=${CONFIG:?set CONFIG, e.g. configs/experiment_alpaca_gentle.yaml}
 SEEDS=${SEEDS:?set SEEDS, e.g. SEEDS="0 1 2"}
 source "${GPU_SETUP:-benchmarks/gpu_setup.sh}"  # a test sources a stand-in without a GPU
+source "$(dirname "$0")/gpu_archive.sh"
 gpu_setup "$OUT" || exit 1
 mkdir -p "$ROOT"
 start=$SECONDS
@@ -42,11 +43,4 @@ done
 for s in "${!part[@]}"; do kill -- -"${part[$s]}" 2>/dev/null; echo "part s$s: DEADLINE"; done
 sleep 2
 grep -h "cells finished\|finished in\|failed" "$ROOT"/part-s*.log | tail -n 20
-files=$(mktemp)
-(cd "$ROOT" && find . -type f \( -name '*.json' -o -name '*.jsonl' -o -name '*.yaml' \
-  -o -name '*.csv' -o -name '*.md' -o -name '*.log' \) -size -5M -not -path '*/adapter/*' \
-  -not -path '*/checkpoint*' -not -path '*/snapshots/*' > "$files") \
-  && tar czf "$OUT/parts.tgz" -C "$ROOT" -T "$files"
-status=$?
-rm -f "$files"
-exit $status
+gpu_archive "$ROOT" "$OUT/parts.tgz" json jsonl yaml csv md log

@@ -15,6 +15,7 @@ OUT=${OUT:-gpu_out}; ROOT=${ROOT:-/tmp/gentle}; DEADLINE=${DEADLINE:-420}
 SEEDS=${SEEDS:?set SEEDS, e.g. SEEDS="0 3 4"}
 mkdir -p "$ROOT"
 source "${GPU_SETUP:-benchmarks/gpu_setup.sh}"  # a test sources a stand-in without a GPU
+source "$(dirname "$0")/gpu_archive.sh"
 gpu_setup "$OUT" || exit 1
 [ -f "$ROOT/task.json" ] || cp "${TASK:-.gpu/task.json}" "$ROOT/task.json"
 start=$SECONDS
@@ -29,12 +30,4 @@ while running && ((SECONDS - start < DEADLINE)); do sleep 2; done
 for p in "${pids[@]}"; do kill -- -"$p" 2>/dev/null; done
 sleep 1
 grep -h "gentle core cells, seed .*: done" "$ROOT"/core-s*.log | tee "$OUT/done.txt"
-# results and logs only: the fine-tuning folders' adapters, checkpoints and snapshots come to
-# hundreds of MB a seed, past what a call brings back
-files=$(mktemp)
-(cd "$ROOT" && find . -type f \( -name '*.json' -o -name '*.jsonl' -o -name '*.yaml' -o -name '*.log' \
-  -o -name '*.md' \) -size -5M -not -path '*/adapter/*' -not -path '*/checkpoint*' \
-  -not -path '*/snapshots/*' > "$files") && tar czf "$OUT/gentle.tgz" -C "$ROOT" -T "$files"
-status=$?
-rm -f "$files"
-exit $status
+gpu_archive "$ROOT" "$OUT/gentle.tgz" json jsonl yaml log md

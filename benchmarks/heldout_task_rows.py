@@ -39,10 +39,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n", type=int, default=40, help="rows to hold out")
     p.add_argument("--out", required=True)
     a = p.parse_args(argv)
+    source = (["--benign-data", a.benign_data] if a.benign_data
+              else ["--finetune-data", a.finetune_data])
     trained: set[str] = set()
     for seed in a.seeds:
-        source = (["--benign-data", a.benign_data] if a.benign_data
-                  else ["--finetune-data", a.finetune_data])
         mix_args = erosion_curve.parse_args([*source, "--rows", str(a.rows),
                                              "--harmful", str(a.harmful), "--seed", str(seed)])
         with tempfile.TemporaryDirectory() as folder:

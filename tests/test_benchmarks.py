@@ -1419,6 +1419,13 @@ def test_keep_ratio_script_recuts_the_kept_selection_and_writes_only_its_own_roo
     assert mixed[-1][-1] == f"seal+safeinstr-keep0.5={root}/lr1e-4-s{{seed}}-seal-safeinstr-keep0.5"
 
 
+def _stand_in_gpu_setup(tmp_path: Path) -> Path:
+    """A GPU_SETUP file for the GPU scripts on a machine without one: gpu_setup only makes OUT."""
+    setup = tmp_path / "setup.sh"
+    setup.write_text('gpu_setup() { mkdir -p "$1"; }\n')
+    return setup
+
+
 def test_gpu_experiment_runs_one_part_per_seed_and_stops_each_at_the_next_seed(tmp_path):
     """benchmarks/gpu_experiment.sh: every part lists all seeds, its own first (the held-out
     rows depend on the list), and is stopped once it starts another seed's cells, before a
@@ -1437,8 +1444,7 @@ for s in ${seeds//,/ }; do
 done
 """)
     fake.chmod(0o755)
-    setup = tmp_path / "setup.sh"
-    setup.write_text('gpu_setup() { mkdir -p "$1"; }\n')
+    setup = _stand_in_gpu_setup(tmp_path)
     out, root = tmp_path / "out", tmp_path / "root"
     env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "GPU_SETUP": str(setup), "CONFIG": "c.yaml",
            "SEEDS": "0 1 2", "OUT": str(out), "ROOT": str(root), "DEADLINE": "60"}
@@ -1493,8 +1499,7 @@ mkdir -p "$out"; echo '{}' > "$out/summary.json"
 """)
     for stand_in in bin_dir.iterdir():
         stand_in.chmod(0o755)
-    setup = tmp_path / "setup.sh"
-    setup.write_text('gpu_setup() { mkdir -p "$1"; }\n')
+    setup = _stand_in_gpu_setup(tmp_path)
     task, pids, out, root = (tmp_path / n for n in ("task.json", "pids", "out", "root"))
     task.write_text("[]")
     pids.mkdir()
@@ -1534,8 +1539,7 @@ printf '%s\\x1f' "$@" >> "$CALLS"; printf '\\x1e' >> "$CALLS"
 echo '{"variant": "default"}'; echo "| table of $4 |"
 """)
     (bin_dir / "python3").chmod(0o755)
-    setup = tmp_path / "setup.sh"
-    setup.write_text('gpu_setup() { mkdir -p "$1"; }\n')
+    setup = _stand_in_gpu_setup(tmp_path)
     (tmp_path / ".gpu" / "dev").mkdir(parents=True)
     for name in ("a_s0.jsonl", "a_s1.jsonl"):
         (tmp_path / ".gpu" / "dev" / name).write_text("")
